@@ -1,0 +1,478 @@
+# -*- test-case-name: tests.test_config -*-
+"""The configuration file: attrs models, and a loader that checks every rule.
+
+A bad file must stop the daemon before it listens, so every problem is a
+``ConfigError`` naming the file, the dotted field path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+from attrs import field, frozen
+
+KINDS: Final = ("tts", "stt", "llm", "image")
+GPU_SOURCES: Final = ("auto", "nvml", "nvidia-smi", "none")
+HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used, and exactly why."""
+
+    def __init__(self, source: str, field: str, reason: str) -> None:
+        super().__init__(source, field, reason)
+        self.source = source
+        self.field = field
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.source}: {self.field}" if self.field else self.source
+        return f"{where}: {self.reason}"
+
+
+def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
+
+
+@frozen
+class Route:
+    """An HTTP call the broker makes to a consumer: health, load or unload."""
+
+    method: str
+    path: str
+    body: Mapping[str, Any] | None = None
+
+
+@frozen
+class HoldUntil:
+    """Poll ``path`` (``{field}`` from the consumer's JSON answer) until the GPU work ends."""
+
+    path: str
+    interval_s: float = 0.5
+
+
+@frozen
+class KindPath:
+    """The consumer route that serves one facade kind."""
+
+    method: str
+    path: str
+    hold_until: HoldUntil | None = None
+
+
+@frozen
+class ConsumerConfig:
+    """One local inference service behind the broker."""
+
+    name: str
+    url: str
+    paths: Mapping[str, KindPath] = field(converter=_frozen_mapping)
+    vram_resident_mib: int
+    health: Route = Route("GET", "/")
+    unload: Route | None = None
+    load: Route | None = None
+    can_coexist_with: frozenset[str] = frozenset()
+    vram_managed: bool = False
+    priority: int = 2
+    max_concurrency: int = 1
+    timeout_s: float = 300.0
+
+    def coexists_with(self, other: ConsumerConfig) -> bool:
+        """Whether the two may be resident together; declared on either side is enough."""
+        return other.name in self.can_coexist_with or self.name in other.can_coexist_with
+
+
+@frozen
+class AuthConfig:
+    token_file: str | None = None
+
+
+@frozen
+class GpuConfig:
+    source: str = "auto"
+    index: int = 0
+    nvidia_smi: str = "nvidia-smi"
+    cushion_mib: int = 256
+    poll_interval_s: float = 2.0
+    total_mib: int | None = None
+
+
+@frozen
+class SchedulerConfig:
+    max_queue: int = 256
+    aging_s: float = 30.0
+    queue_timeout_s: float = 600.0
+    max_evictions: int = 5
+    free_wait_s: float = 10.0
+
+
+@frozen
+class HealthConfig:
+    interval_s: float = 5.0
+    timeout_s: float = 3.0
+
+
+@frozen
+class LimitsConfig:
+    max_body_mib: int = 512
+
+
+@frozen
+class Config:
+    """The whole configuration file, checked."""
+
+    consumers: Mapping[str, ConsumerConfig] = field(converter=_frozen_mapping)
+    routing: Mapping[str, str] = field(converter=_frozen_mapping, factory=dict)
+    audio_proxy: str | None = None
+    listen: str = DEFAULT_LISTEN
+    auth: AuthConfig = AuthConfig()
+    gpu: GpuConfig = GpuConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    health: HealthConfig = HealthConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    def consumer_for(self, kind: str) -> ConsumerConfig | None:
+        """The consumer that serves a facade kind, if routing names one."""
+        name = self.routing.get(kind)
+        return None if name is None else self.consumers[name]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a YAML configuration file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read the file: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
+    return parse_config(data, source)
+
+
+def parse_config(data: object, source: str = "<config>") -> Config:
+    """Check an already parsed document; ``source`` names it in errors."""
+    return _Parser(source).config(data)
+
+
+class _Parser:
+    """Walks the document, checking each value against its field path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, reason: str) -> ConfigError:
+        return ConfigError(self.source, where, reason)
+
+    # -- generic checks --------------------------------------------------
+
+    def mapping(self, value: object, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.fail(where or "(top level)", f"must be a mapping, not {_kind_of(value)}")
+        for key in value:
+            if not isinstance(key, str):
+                raise self.fail(where or "(top level)", f"keys must be strings, not {key!r}")
+            if key not in allowed:
+                raise self.fail(
+                    _join(where, key), f"unknown key; expected one of: {', '.join(allowed)}"
+                )
+        return value
+
+    def string(self, value: object, where: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"must be a non-empty string, not {_kind_of(value)}")
+        return value
+
+    def integer(self, value: object, where: str, minimum: int, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"must be an integer, not {_kind_of(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.fail(where, f"must be {bound}, not {value}")
+        return value
+
+    def seconds(self, value: object, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(where, f"must be a number of seconds, not {_kind_of(value)}")
+        if not math.isfinite(value) or value <= 0:
+            raise self.fail(where, f"must be a positive number of seconds, not {value}")
+        return float(value)
+
+    def boolean(self, value: object, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(where, f"must be true or false, not {_kind_of(value)}")
+        return value
+
+    def method(self, value: object, where: str) -> str:
+        text = self.string(value, where)
+        if text.upper() not in HTTP_METHODS:
+            raise self.fail(where, f"must be an HTTP method ({', '.join(HTTP_METHODS)})")
+        return text.upper()
+
+    def path(self, value: object, where: str) -> str:
+        text = self.string(value, where)
+        if not text.startswith("/") or any(c.isspace() for c in text):
+            raise self.fail(where, f"must be a path starting with '/' and without spaces: {text!r}")
+        return text
+
+    def route(self, value: object, where: str, default_method: str) -> Route:
+        data = self.mapping(value, where, ("method", "path", "body"))
+        if "path" not in data:
+            raise self.fail(_join(where, "path"), "is required")
+        body = data.get("body")
+        if body is not None and not isinstance(body, dict):
+            raise self.fail(_join(where, "body"), f"must be a mapping, not {_kind_of(body)}")
+        return Route(
+            method=self.method(data.get("method", default_method), _join(where, "method")),
+            path=self.path(data["path"], _join(where, "path")),
+            body=MappingProxyType(body) if body is not None else None,
+        )
+
+    # -- sections --------------------------------------------------------
+
+    def config(self, data: object) -> Config:
+        top = self.mapping(
+            data,
+            "",
+            (
+                "listen", "auth", "gpu", "scheduler", "health",
+                "limits", "routing", "audio_proxy", "consumers",
+            ),
+        )  # fmt: skip
+        if "consumers" not in top:
+            raise self.fail("consumers", "is required")
+        consumers = self.consumers(top["consumers"])
+        routing = self.routing(top.get("routing"), consumers)
+        audio_proxy = top.get("audio_proxy")
+        if audio_proxy is not None:
+            audio_proxy = self.declared(audio_proxy, "audio_proxy", consumers)
+        return Config(
+            consumers=consumers,
+            routing=routing,
+            audio_proxy=audio_proxy,
+            listen=self.string(top.get("listen", DEFAULT_LISTEN), "listen"),
+            auth=self.auth(top.get("auth")),
+            gpu=self.gpu(top.get("gpu")),
+            scheduler=self.scheduler(top.get("scheduler")),
+            health=self.health(top.get("health")),
+            limits=self.limits(top.get("limits")),
+        )
+
+    def auth(self, value: object) -> AuthConfig:
+        data = self.mapping(value, "auth", ("token_file",))
+        token_file = data.get("token_file")
+        if token_file is not None:
+            token_file = self.string(token_file, "auth.token_file")
+        return AuthConfig(token_file=token_file)
+
+    def gpu(self, value: object) -> GpuConfig:
+        d = GpuConfig()
+        data = self.mapping(
+            value,
+            "gpu",
+            ("source", "index", "nvidia_smi", "cushion_mib", "poll_interval_s", "total_mib"),
+        )
+        source = self.string(data.get("source", d.source), "gpu.source")
+        if source not in GPU_SOURCES:
+            raise self.fail("gpu.source", f"must be one of {', '.join(GPU_SOURCES)}, not {source!r}")
+        total = data.get("total_mib")
+        if total is not None:
+            total = self.integer(total, "gpu.total_mib", 1)
+        elif source == "none":
+            raise self.fail("gpu.total_mib", "is required when gpu.source is none")
+        return GpuConfig(
+            source=source,
+            index=self.integer(data.get("index", d.index), "gpu.index", 0),
+            nvidia_smi=self.string(data.get("nvidia_smi", d.nvidia_smi), "gpu.nvidia_smi"),
+            cushion_mib=self.integer(data.get("cushion_mib", d.cushion_mib), "gpu.cushion_mib", 0),
+            poll_interval_s=self.seconds(
+                data.get("poll_interval_s", d.poll_interval_s), "gpu.poll_interval_s"
+            ),
+            total_mib=total,
+        )
+
+    def scheduler(self, value: object) -> SchedulerConfig:
+        d = SchedulerConfig()
+        data = self.mapping(
+            value,
+            "scheduler",
+            ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s"),
+        )
+        return SchedulerConfig(
+            max_queue=self.integer(data.get("max_queue", d.max_queue), "scheduler.max_queue", 1),
+            aging_s=self.seconds(data.get("aging_s", d.aging_s), "scheduler.aging_s"),
+            queue_timeout_s=self.seconds(
+                data.get("queue_timeout_s", d.queue_timeout_s), "scheduler.queue_timeout_s"
+            ),
+            max_evictions=self.integer(
+                data.get("max_evictions", d.max_evictions), "scheduler.max_evictions", 0
+            ),
+            free_wait_s=self.seconds(
+                data.get("free_wait_s", d.free_wait_s), "scheduler.free_wait_s"
+            ),
+        )
+
+    def health(self, value: object) -> HealthConfig:
+        d = HealthConfig()
+        data = self.mapping(value, "health", ("interval_s", "timeout_s"))
+        return HealthConfig(
+            interval_s=self.seconds(data.get("interval_s", d.interval_s), "health.interval_s"),
+            timeout_s=self.seconds(data.get("timeout_s", d.timeout_s), "health.timeout_s"),
+        )
+
+    def limits(self, value: object) -> LimitsConfig:
+        data = self.mapping(value, "limits", ("max_body_mib",))
+        return LimitsConfig(
+            max_body_mib=self.integer(
+                data.get("max_body_mib", LimitsConfig().max_body_mib), "limits.max_body_mib", 1
+            )
+        )
+
+    def declared(self, value: object, where: str, consumers: Mapping[str, object]) -> str:
+        name = self.string(value, where)
+        if name not in consumers:
+            raise self.fail(where, f"names no declared consumer: {name!r}")
+        return name
+
+    def routing(self, value: object, consumers: Mapping[str, ConsumerConfig]) -> dict[str, str]:
+        data = self.mapping(value, "routing", KINDS)
+        routing = {}
+        for kind, name in data.items():
+            where = f"routing.{kind}"
+            routing[kind] = self.declared(name, where, consumers)
+            if kind not in consumers[routing[kind]].paths:
+                raise self.fail(where, f"consumer {name!r} has no paths.{kind}")
+        return routing
+
+    def consumers(self, value: object) -> dict[str, ConsumerConfig]:
+        data = self.mapping(value, "consumers", tuple(value) if isinstance(value, dict) else ())
+        if not data:
+            raise self.fail("consumers", "must declare at least one consumer")
+        consumers = {name: self.consumer(name, spec) for name, spec in data.items()}
+        for consumer in consumers.values():
+            for other in consumer.can_coexist_with:
+                if other not in consumers:
+                    raise self.fail(
+                        f"consumers.{consumer.name}.can_coexist_with",
+                        f"names no declared consumer: {other!r}",
+                    )
+                if other == consumer.name:
+                    raise self.fail(
+                        f"consumers.{consumer.name}.can_coexist_with", "names the consumer itself"
+                    )
+        return consumers
+
+    def consumer(self, name: str, value: object) -> ConsumerConfig:
+        where = f"consumers.{name}"
+        d = ConsumerConfig(name=name, url="http://x", paths={}, vram_resident_mib=0)
+        data = self.mapping(
+            value,
+            where,
+            (
+                "url", "health", "paths", "vram_resident_mib", "unload", "load",
+                "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
+            ),
+        )  # fmt: skip
+        for required in ("url", "paths", "vram_resident_mib"):
+            if required not in data:
+                raise self.fail(f"{where}.{required}", "is required")
+        coexist = data.get("can_coexist_with", [])
+        if not isinstance(coexist, list):
+            raise self.fail(f"{where}.can_coexist_with", f"must be a list, not {_kind_of(coexist)}")
+        return ConsumerConfig(
+            name=name,
+            url=self.url(data["url"], f"{where}.url"),
+            paths=self.paths(data["paths"], f"{where}.paths"),
+            vram_resident_mib=self.integer(
+                data["vram_resident_mib"], f"{where}.vram_resident_mib", 0
+            ),
+            health=(
+                self.route(data["health"], f"{where}.health", "GET")
+                if data.get("health") is not None
+                else d.health
+            ),
+            unload=self.optional_route(data.get("unload"), f"{where}.unload"),
+            load=self.optional_route(data.get("load"), f"{where}.load"),
+            can_coexist_with=frozenset(
+                self.string(other, f"{where}.can_coexist_with[{i}]")
+                for i, other in enumerate(coexist)
+            ),
+            vram_managed=self.boolean(
+                data.get("vram_managed", d.vram_managed), f"{where}.vram_managed"
+            ),
+            priority=self.integer(data.get("priority", d.priority), f"{where}.priority", 0, 4),
+            max_concurrency=self.integer(
+                data.get("max_concurrency", d.max_concurrency), f"{where}.max_concurrency", 1
+            ),
+            timeout_s=self.seconds(data.get("timeout_s", d.timeout_s), f"{where}.timeout_s"),
+        )
+
+    def optional_route(self, value: object, where: str) -> Route | None:
+        return None if value is None else self.route(value, where, "POST")
+
+    def url(self, value: object, where: str) -> str:
+        text = self.string(value, where)
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as e:
+            raise self.fail(where, f"is not a usable URL: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(where, f"must be an http:// or https:// URL with a host: {text!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise self.fail(where, f"must have no path, query or fragment: {text!r}")
+        del port
+        return text.rstrip("/")
+
+    def paths(self, value: object, where: str) -> dict[str, KindPath]:
+        data = self.mapping(value, where, KINDS)
+        if not data:
+            raise self.fail(where, f"must map at least one of: {', '.join(KINDS)}")
+        paths = {}
+        for kind, spec in data.items():
+            at = f"{where}.{kind}"
+            entry = self.mapping(spec, at, ("method", "path", "hold_until"))
+            if "path" not in entry:
+                raise self.fail(f"{at}.path", "is required")
+            hold = entry.get("hold_until")
+            paths[kind] = KindPath(
+                method=self.method(entry.get("method", "POST"), f"{at}.method"),
+                path=self.path(entry["path"], f"{at}.path"),
+                hold_until=None if hold is None else self.hold_until(hold, f"{at}.hold_until"),
+            )
+        return paths
+
+    def hold_until(self, value: object, where: str) -> HoldUntil:
+        data = self.mapping(value, where, ("path", "interval_s"))
+        if "path" not in data:
+            raise self.fail(f"{where}.path", "is required")
+        return HoldUntil(
+            path=self.path(data["path"], f"{where}.path"),
+            interval_s=self.seconds(data.get("interval_s", 0.5), f"{where}.interval_s"),
+        )
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _kind_of(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+        list: "a list", dict: "a mapping",
+    }.get(type(value), type(value).__name__)  # fmt: skip
