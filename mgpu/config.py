@@ -8,7 +8,8 @@ A bad file must stop the daemon before it listens, so every problem is a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import string
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -151,14 +152,44 @@ def load_config(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(source, "", f"cannot read the file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"is not UTF-8 text: {e.reason} at byte {e.start}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
     return parse_config(data, source)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys; a second ``mvoice:`` block would
+    silently replace the first, so a duplicate is a syntax error with its line.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_config(data: object, source: str = "<config>") -> Config:
@@ -233,13 +264,32 @@ class _Parser:
         if "path" not in data:
             raise self.fail(_join(where, "path"), "is required")
         body = data.get("body")
-        if body is not None and not isinstance(body, dict):
-            raise self.fail(_join(where, "body"), f"must be a mapping, not {_kind_of(body)}")
+        if body is not None:
+            if not isinstance(body, dict):
+                raise self.fail(_join(where, "body"), f"must be a mapping, not {_kind_of(body)}")
+            body = MappingProxyType(self.json_value(body, _join(where, "body")))
         return Route(
             method=self.method(data.get("method", default_method), _join(where, "method")),
             path=self.path(data["path"], _join(where, "path")),
-            body=MappingProxyType(body) if body is not None else None,
+            body=body,
         )
+
+    def json_value(self, value: Any, where: str) -> Any:
+        """A copy of ``value``, checked to be sent as JSON exactly as written."""
+        if isinstance(value, dict):
+            copy = {}
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise self.fail(where, f"JSON object keys must be strings, not {key!r}")
+                copy[key] = self.json_value(item, f"{where}.{key}")
+            return copy
+        if isinstance(value, list):
+            return [self.json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(where, f"cannot be sent as JSON: {value}")
+        if value is None or isinstance(value, str | bool | int | float):
+            return value
+        raise self.fail(where, f"cannot be sent as JSON: {_kind_of(value)}")
 
     # -- sections --------------------------------------------------------
 
@@ -287,7 +337,9 @@ class _Parser:
         )
         source = self.string(data.get("source", d.source), "gpu.source")
         if source not in GPU_SOURCES:
-            raise self.fail("gpu.source", f"must be one of {', '.join(GPU_SOURCES)}, not {source!r}")
+            raise self.fail(
+                "gpu.source", f"must be one of {', '.join(GPU_SOURCES)}, not {source!r}"
+            )
         total = data.get("total_mib")
         if total is not None:
             total = self.integer(total, "gpu.total_mib", 1)
@@ -460,9 +512,23 @@ class _Parser:
         if "path" not in data:
             raise self.fail(f"{where}.path", "is required")
         return HoldUntil(
-            path=self.path(data["path"], f"{where}.path"),
+            path=self.template(data["path"], f"{where}.path"),
             interval_s=self.seconds(data.get("interval_s", 0.5), f"{where}.interval_s"),
         )
+
+    def template(self, value: object, where: str) -> str:
+        """A path whose ``{field}`` placeholders name fields of a JSON answer."""
+        text = self.path(value, where)
+        try:
+            parts = list(string.Formatter().parse(text))
+        except ValueError as e:
+            raise self.fail(where, f"is not a valid template ({e}): {text!r}") from None
+        for _, name, spec, conversion in parts:
+            if name is not None and (not name.isidentifier() or spec or conversion):
+                raise self.fail(
+                    where, f"placeholders must be {{field}} with a simple identifier: {text!r}"
+                )
+        return text
 
 
 def _join(where: str, key: str) -> str:

@@ -1,0 +1,314 @@
+# -*- test-case-name: tests.test_control -*-
+"""The broker's own calls to consumers: health probes, load, unload, JSON polls.
+
+Every call goes through an injected treq ``HTTPClient`` and is bounded as a whole
+(headers *and* body) by a ``clock.callLater`` that cancels it: treq's own timeout
+only covers the wait for the headers. Bodies are read by a small protocol with a
+size cap whose canceller closes the connection, so a response is always either
+read to its end (the connection goes back to the pool) or its connection closed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Final, cast
+from typing import Protocol as TypingProtocol
+
+from attrs import frozen
+from treq.client import HTTPClient
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+
+from mgpu.config import ConsumerConfig, Route
+from mgpu.errors import BrokerError
+
+PROBE_BODY_LIMIT: Final = 64 * 1024
+"""At most this much of a probe's (or a load or unload call's) answer is read."""
+
+JSON_BODY_LIMIT: Final = 8 * 1024 * 1024
+"""At most this much of a ``get_json`` answer is read (ComfyUI histories carry the workflow)."""
+
+
+class _DelayedCall(TypingProtocol):
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class _Timer(TypingProtocol):
+    """``IReactorTime.callLater`` as a structural type.
+
+    The casts to it keep mypy working with or without the mypy-zope plugin.
+    """
+
+    def callLater(
+        self, delay: float, f: Callable[..., object], /, *args: object, **kw: object
+    ) -> _DelayedCall: ...
+
+
+@frozen
+class ProbeResult:
+    """What one health probe found."""
+
+    healthy: bool
+    loaded: bool | None
+    """The boolean top-level ``loaded`` of a JSON answer; None when not reported."""
+    error: str | None
+
+
+@frozen
+class _Answer:
+    """A consumer's status code and (at most ``limit`` bytes of) its body."""
+
+    status: int
+    body: bytes
+    truncated: bool
+
+
+class _TimedOut(Exception):
+    """The whole exchange took longer than its bound."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"timed out after {float(timeout_s)} s")
+
+
+class _BodyReader(Protocol):
+    """Collects a response body up to ``limit`` bytes; past it, closes the connection.
+
+    ``done`` fires with ``(body, truncated)``. Cancelling ``done`` closes the
+    connection too, so a cancelled read never leaves a half-read response on a
+    pooled connection.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.done: Deferred[tuple[bytes, bool]] = Deferred(self._cancel)
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._finished = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        room = self._limit - self._size
+        if len(data) > room:
+            self._chunks.append(data[:room])
+            self._finished = True
+            self._close()
+            self.done.callback((b"".join(self._chunks), True))
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback((b"".join(self._chunks), False))
+        else:
+            self.done.errback(reason)
+
+    def _cancel(self, d: Deferred[tuple[bytes, bool]]) -> None:
+        self._finished = True
+        self._close()
+
+    def _close(self) -> None:
+        # The response's transport proxy closes the connection: it will not be reused.
+        if self.transport is not None:
+            cast(Any, self.transport).loseConnection()
+
+
+def _read_body(response: IResponse, limit: int) -> Deferred[_Answer]:
+    """Read at most ``limit`` bytes of ``response``'s body."""
+    reader = _BodyReader(limit)
+    cast(Any, response).deliverBody(reader)
+    return reader.done.addCallback(lambda got: _Answer(response.code, got[0], got[1]))
+
+
+def _plain(value: object) -> object:
+    """Config mappings are read-only proxies, which ``json`` cannot encode: copy them to dicts."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe(failure: Failure) -> str:
+    """A short human text for why a call to a consumer failed ("connection refused")."""
+    return _describe(failure.value) if failure.value is not None else "unknown error"
+
+
+def _describe(e: BaseException) -> str:
+    # ResponseFailed, ResponseNeverReceived, RequestTransmissionFailed: the first reason.
+    reasons = getattr(e, "reasons", None)
+    if isinstance(reasons, list) and reasons and isinstance(reasons[0], Failure):
+        first = reasons[0].value
+        if first is not None:
+            return _describe(first)
+    if isinstance(e, _TimedOut):
+        return str(e)
+    if isinstance(e, error.ConnectionRefusedError | ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, error.DNSLookupError):
+        return "DNS lookup failed"
+    if isinstance(e, error.TCPTimedOutError | error.TimeoutError):
+        return "connect timed out"
+    if isinstance(e, error.ConnectionLost | ConnectionResetError):
+        return "connection reset"
+    if isinstance(e, error.ConnectionDone):
+        return "connection closed"
+    if isinstance(e, CancelledError):
+        return "cancelled"
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_2xx(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def _json_or_none(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _probe_result(answer: _Answer) -> ProbeResult:
+    if not _is_2xx(answer.status):
+        return ProbeResult(healthy=False, loaded=None, error=f"HTTP {answer.status}")
+    data = None if answer.truncated else _json_or_none(answer.body)
+    loaded = data.get("loaded") if isinstance(data, dict) else None
+    return ProbeResult(
+        healthy=True, loaded=loaded if isinstance(loaded, bool) else None, error=None
+    )
+
+
+class ConsumerControl:
+    """The broker's own HTTP calls to consumers, through one treq client."""
+
+    def __init__(self, http: HTTPClient, clock: IReactorTime) -> None:
+        self._http = http
+        self._clock = cast(_Timer, clock)
+
+    def probe(self, consumer: ConsumerConfig, timeout_s: float) -> Deferred[ProbeResult]:
+        """Call the health route; never errbacks: a failure is an unhealthy result."""
+        d = self._exchange(consumer, consumer.health, timeout_s, PROBE_BODY_LIMIT)
+        return d.addCallbacks(
+            _probe_result,
+            lambda f: ProbeResult(healthy=False, loaded=None, error=describe(f)),
+        )
+
+    def load(self, consumer: ConsumerConfig) -> Deferred[None]:
+        """Call the load route; any failure is a ``scheduler_error``."""
+        return self._admin("load", consumer, consumer.load)
+
+    def unload(self, consumer: ConsumerConfig) -> Deferred[None]:
+        """Call the unload route; any failure is a ``scheduler_error``."""
+        return self._admin("unload", consumer, consumer.unload)
+
+    def get_json(
+        self, consumer: ConsumerConfig, path: str, timeout_s: float
+    ) -> Deferred[tuple[int, object]]:
+        """GET ``consumer.url + path``: (status, parsed JSON or None); failures are
+        ``consumer_unreachable``."""
+
+        def parsed(answer: _Answer) -> tuple[int, object]:
+            if answer.truncated:
+                raise BrokerError(
+                    "consumer_unreachable",
+                    f"upstream {consumer.name}: GET {path} answered more than "
+                    f"{JSON_BODY_LIMIT // (1024 * 1024)} MiB",
+                    consumer.name,
+                )
+            return answer.status, _json_or_none(answer.body)
+
+        def failed(f: Failure) -> Failure:
+            if f.check(BrokerError):
+                return f
+            return Failure(
+                BrokerError(
+                    "consumer_unreachable",
+                    f"upstream {consumer.name}: GET {path} failed: {describe(f)}",
+                    consumer.name,
+                )
+            )
+
+        d = self._exchange(consumer, Route("GET", path), timeout_s, JSON_BODY_LIMIT)
+        return d.addCallback(parsed).addErrback(failed)
+
+    def _admin(self, action: str, consumer: ConsumerConfig, route: Route | None) -> Deferred[None]:
+        if route is None:
+            return fail(
+                BrokerError(
+                    "scheduler_error",
+                    f"{action} of {consumer.name} failed: it has no {action} route",
+                    consumer.name,
+                )
+            )
+
+        def why(text: str) -> BrokerError:
+            return BrokerError(
+                "scheduler_error", f"{action} of {consumer.name} failed: {text}", consumer.name
+            )
+
+        def checked(answer: _Answer) -> None:
+            if not _is_2xx(answer.status):
+                raise why(f"HTTP {answer.status}")
+
+        def failed(f: Failure) -> Failure:
+            if f.check(BrokerError):
+                return f
+            return Failure(why(describe(f)))
+
+        d = self._exchange(consumer, route, consumer.timeout_s, PROBE_BODY_LIMIT)
+        return d.addCallback(checked).addErrback(failed)
+
+    def _exchange(
+        self, consumer: ConsumerConfig, route: Route, timeout_s: float, limit: int
+    ) -> Deferred[_Answer]:
+        """One request and its body, the whole bounded by ``timeout_s``."""
+        kwargs: dict[str, Any] = {}
+        if route.body is not None:
+            kwargs["json"] = _plain(route.body)
+        try:
+            d = self._http.request(
+                route.method,
+                consumer.url + route.path,
+                headers=Headers({b"Accept": [b"application/json"]}),
+                allow_redirects=False,
+                unbuffered=True,
+                # treq imports the global reactor when given none; it is only
+                # used for treq's own timeout, which is not used here.
+                reactor=cast(Any, self._clock),
+                **kwargs,
+            )
+        except Exception:
+            return fail()
+        answer = d.addCallback(_read_body, limit)
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            answer.cancel()
+
+        timer = self._clock.callLater(timeout_s, expire)
+
+        def settle(result: _Answer | Failure) -> _Answer | Failure:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure):
+                return Failure(_TimedOut(timeout_s))
+            return result
+
+        return answer.addBoth(settle)
