@@ -1,0 +1,602 @@
+# -*- test-case-name: tests.test_gpu -*-
+"""Live GPU memory: readers (NVML, nvidia-smi, none, auto) and the poller.
+
+The scheduler makes room against what the card really has free, and
+``/v1/status`` shows the same figures, so every reader answers with one
+``GpuSnapshot`` shape.  A reader never errbacks: a failure is a snapshot with
+``ok=False`` and the reason, because the broker must say why it has no reading
+rather than crash a timer or a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from mgpu.config import GpuConfig
+
+MIB: Final = 2**20
+SMI_QUERY: Final = "--query-gpu=index,name,memory.total,memory.used,memory.free"
+SMI_FORMAT: Final = "--format=csv,noheader,nounits"
+NO_SOURCE_ERROR: Final = "no GPU source configured (gpu.source: none)"
+NOT_READ_YET: Final = "not read yet"
+_MAX_OUTPUT: Final = 64 * 1024
+
+_log = Logger()
+
+
+@frozen
+class GpuSnapshot:
+    """One reading of one GPU's memory, or why there is none."""
+
+    source: str
+    ok: bool
+    error: str | None
+    index: int
+    name: str | None
+    total_mib: int | None
+    used_mib: int | None
+    free_mib: int | None
+    read_at: datetime | None
+
+    def to_json(self) -> dict[str, object]:
+        """The ``gpu`` object of the status document (SPEC section 6)."""
+        return {
+            "source": self.source,
+            "ok": self.ok,
+            "error": self.error,
+            "index": self.index,
+            "name": self.name,
+            "total_mib": self.total_mib,
+            "used_mib": self.used_mib,
+            "free_mib": self.free_mib,
+            "read_at": None if self.read_at is None else _iso(self.read_at),
+        }
+
+
+def failed_snapshot(source: str, index: int, error: str, read_at: datetime | None) -> GpuSnapshot:
+    """A reading that could not be had, with the reason."""
+    return GpuSnapshot(
+        source=source,
+        ok=False,
+        error=error,
+        index=index,
+        name=None,
+        total_mib=None,
+        used_mib=None,
+        free_mib=None,
+        read_at=read_at,
+    )
+
+
+def _iso(when: datetime) -> str:
+    """``2026-11-26T22:00:00Z``: UTC, whole seconds, as the status document shows it."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ReactorTime(Protocol):
+    """What this module needs of ``IReactorTime``: the reactor, a ``Clock``.
+
+    A structural type, because mypy here has no zope plugin: any provider of
+    ``IReactorTime`` fits.
+    """
+
+    def seconds(self) -> float: ...
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall: ...
+
+
+class ReactorProcess(ReactorTime, Protocol):
+    """The reactor's ``IReactorTime`` and ``IReactorProcess`` (structural, as above)."""
+
+    def spawnProcess(
+        self,
+        processProtocol: Any,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Mapping[Any, Any] | None = None,
+        path: Any = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Any = None,
+    ) -> Any: ...
+
+
+def _now(clock: ReactorTime) -> datetime:
+    """The clock's time as an aware UTC datetime (a test ``Clock`` gives 1970)."""
+    return datetime.fromtimestamp(clock.seconds(), tz=UTC)
+
+
+def _describe(exc: BaseException | None) -> str:
+    """An exception's message, or its type's name when the message is empty."""
+    return str(exc) or type(exc).__name__
+
+
+class GpuReader(Protocol):
+    """Reads one GPU's memory; ``read`` never errbacks."""
+
+    @property
+    def source(self) -> str:
+        """``nvml``, ``nvidia-smi``, ``sim`` or ``none``: what the readings come from."""
+        ...
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """Take a reading now."""
+        ...
+
+
+class NvmlMemory(Protocol):
+    """What ``nvmlDeviceGetMemoryInfo`` returns: sizes in bytes."""
+
+    @property
+    def total(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def free(self) -> int: ...
+
+
+class Nvml(Protocol):
+    """The part of the ``pynvml`` module this reader uses (the demo fakes it)."""
+
+    def nvmlInit(self) -> None: ...
+    def nvmlShutdown(self) -> None: ...
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
+    def nvmlDeviceGetName(self, handle: Any) -> str | bytes: ...
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> NvmlMemory: ...
+
+
+def _import_pynvml() -> Nvml:
+    """NVIDIA's own bindings (package ``nvidia-ml-py``), imported only when first needed."""
+    import pynvml
+
+    module: Nvml = pynvml
+    return module
+
+
+class NvmlReader:
+    """Reads through NVML: initialised lazily, once, on the reactor thread.
+
+    NVML calls are quick C calls, so they run inline; ``nvmlInit`` can take a
+    moment on a card without persistence mode, which happens once.  A failed
+    init is retried on the next read (the driver may come back).
+    """
+
+    def __init__(
+        self,
+        index: int,
+        clock: ReactorTime,
+        nvml: Nvml | None = None,
+        *,
+        source: str = "nvml",
+    ) -> None:
+        self.index = index
+        self.source = source
+        self._clock = clock
+        self._nvml = nvml
+        self._initialised = False
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """Take a reading now; the Deferred has already fired."""
+        return succeed(self._read_now())
+
+    def _read_now(self) -> GpuSnapshot:
+        at = _now(self._clock)
+        try:
+            nvml = self._init()
+        except Exception as exc:
+            return failed_snapshot(
+                self.source, self.index, f"NVML init failed: {_describe(exc)}", at
+            )
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
+            raw_name = nvml.nvmlDeviceGetName(handle)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            total, used, free = int(memory.total), int(memory.used), int(memory.free)
+        except Exception as exc:
+            error = f"NVML read of GPU {self.index} failed: {_describe(exc)}"
+            return failed_snapshot(self.source, self.index, error, at)
+        name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
+        return GpuSnapshot(
+            source=self.source,
+            ok=True,
+            error=None,
+            index=self.index,
+            name=name,
+            total_mib=total // MIB,
+            used_mib=used // MIB,
+            free_mib=free // MIB,
+            read_at=at,
+        )
+
+    def _init(self) -> Nvml:
+        """The NVML module, initialised; raises what the import or ``nvmlInit`` raised."""
+        if self._nvml is None:
+            self._nvml = _import_pynvml()
+        if not self._initialised:
+            self._nvml.nvmlInit()
+            self._initialised = True
+        return self._nvml
+
+    def shutdown(self) -> None:
+        """Release NVML if this reader initialised it."""
+        if self._initialised and self._nvml is not None:
+            self._initialised = False
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:
+                _log.failure("nvmlShutdown failed")
+
+
+SmiResult = tuple[bytes, bytes, int]
+"""What a runner gives: stdout, stderr, exit code (minus the signal number if killed)."""
+
+SmiRunner = Callable[[str, Sequence[str]], "Deferred[SmiResult]"]
+"""Runs ``executable`` with ``args`` (argv[0] excluded) without blocking."""
+
+
+class SmiTimeout(Exception):
+    """The process did not finish in time; it was killed and reaped."""
+
+
+class _Collect(ProcessProtocol):
+    """Gathers a process's output and fires once the process is reaped."""
+
+    def __init__(self, done: Deferred[SmiResult], timeout_s: float) -> None:
+        self.done = done
+        self.timeout_s = timeout_s
+        self.timed_out = False
+        # Any: zope interfaces (IDelayedCall, IProcessTransport) confuse mypy
+        # without its zope plugin.
+        self.timer: Any = None
+        self.out = bytearray()
+        self.err = bytearray()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data[: _MAX_OUTPUT - len(self.out)]
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data[: _MAX_OUTPUT - len(self.err)]
+
+    def kill(self) -> None:
+        """Kill the process; ``processEnded`` still follows once it is reaped."""
+        process: Any = self.transport
+        if process is None:
+            return
+        with contextlib.suppress(ProcessExitedAlready):
+            process.signalProcess("KILL")
+        process.loseConnection()
+
+    def expire(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        self.kill()
+
+    def processEnded(self, reason: Failure) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.done.called:  # cancelled by the caller
+            return
+        if self.timed_out:
+            self.done.errback(SmiTimeout(f"did not answer within {self.timeout_s:g}s (killed)"))
+            return
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        if code is None:
+            code = -signal if isinstance(signal, int) else -1
+        self.done.callback((bytes(self.out), bytes(self.err), code))
+
+
+class ProcessRunner:
+    """An ``SmiRunner`` that spawns a real process, killing it after ``timeout_s``.
+
+    The result fires only after the process has been reaped, killed or not.
+    ``env`` defaults to this process's environment at the time of the call.
+    """
+
+    def __init__(
+        self,
+        reactor: ReactorProcess,
+        timeout_s: float = 5.0,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._timeout_s = timeout_s
+        self._env = env
+
+    def __call__(self, executable: str, args: Sequence[str]) -> Deferred[SmiResult]:
+        env = dict(os.environ if self._env is None else self._env)
+        path = shutil.which(executable, path=env.get("PATH", os.defpath))
+        if path is None:
+            return fail(FileNotFoundError(f"{executable!r} not found or not executable"))
+        protocol: _Collect
+
+        def cancel(_: Deferred[SmiResult]) -> None:
+            protocol.kill()
+
+        done: Deferred[SmiResult] = Deferred(cancel)
+        protocol = _Collect(done, self._timeout_s)
+        try:
+            self._reactor.spawnProcess(protocol, path, [executable, *args], env=env)
+        except OSError as exc:
+            return fail(exc)
+        protocol.timer = self._reactor.callLater(self._timeout_s, protocol.expire)
+        return done
+
+
+def _first_line(*texts: str) -> str:
+    """The first non-blank line of the first text that has one, shortened."""
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                return line.strip()[:200]
+    return ""
+
+
+def parse_smi_line(stdout: str, index: int) -> tuple[str, int, int, int]:
+    """Name, total, used and free MiB from nvidia-smi's CSV; ``ValueError`` if unreadable."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"expected one line, got {len(lines)}")
+    fields = [field.strip() for field in lines[0].split(",")]
+    if len(fields) < 5:
+        raise ValueError(f"expected 5 fields, got {len(fields)}")
+    # A name could hold a comma; the numbers are the first and the last three fields.
+    first, total, used, free = (int(fields[i]) for i in (0, -3, -2, -1))
+    name = ", ".join(fields[1:-3])
+    if first != index:
+        raise ValueError(f"answered for GPU {first}, not {index}")
+    if min(total, used, free) < 0:
+        raise ValueError("negative memory figure")
+    return name, total, used, free
+
+
+class SmiReader:
+    """Reads by running ``nvidia-smi --query-gpu=...`` through ``runner``."""
+
+    source = "nvidia-smi"
+
+    def __init__(
+        self,
+        index: int,
+        clock: ReactorTime,
+        runner: SmiRunner,
+        nvidia_smi: str = "nvidia-smi",
+    ) -> None:
+        self.index = index
+        self._clock = clock
+        self._runner = runner
+        self._nvidia_smi = nvidia_smi
+
+    @property
+    def arguments(self) -> list[str]:
+        """The arguments after the executable's name."""
+        return [SMI_QUERY, SMI_FORMAT, "-i", str(self.index)]
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """Run nvidia-smi once; any failure becomes a snapshot with ``ok=False``."""
+        try:
+            running = self._runner(self._nvidia_smi, self.arguments)
+        except Exception:
+            running = fail()
+        return running.addCallbacks(self._parsed, self._failed)
+
+    def _fail(self, why: str) -> GpuSnapshot:
+        return failed_snapshot(
+            self.source, self.index, f"{self._nvidia_smi} {why}", _now(self._clock)
+        )
+
+    def _parsed(self, result: SmiResult) -> GpuSnapshot:
+        stdout, stderr = (part.decode("utf-8", "replace") for part in result[:2])
+        code = result[2]
+        if code != 0:
+            what = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            line = _first_line(stderr, stdout)
+            return self._fail(f"{what}: {line}" if line else what)
+        try:
+            name, total, used, free = parse_smi_line(stdout, self.index)
+        except ValueError as exc:
+            shown = _first_line(stdout)
+            return self._fail(f"gave unreadable output ({exc}): {shown!r}")
+        return GpuSnapshot(
+            source=self.source,
+            ok=True,
+            error=None,
+            index=self.index,
+            name=name,
+            total_mib=total,
+            used_mib=used,
+            free_mib=free,
+            read_at=_now(self._clock),
+        )
+
+    def _failed(self, reason: Failure) -> GpuSnapshot:
+        if reason.check(SmiTimeout):
+            return self._fail(reason.getErrorMessage())
+        if reason.check(OSError):
+            return self._fail(f"could not be run: {_describe(reason.value)}")
+        _log.failure("nvidia-smi runner failed", reason)
+        return self._fail(f"failed: {_describe(reason.value)}")
+
+
+class NoReader:
+    """``gpu.source: none``: never a reading, and says so."""
+
+    source = "none"
+
+    def __init__(self, index: int, clock: ReactorTime) -> None:
+        self.index = index
+        self._clock = clock
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """A snapshot with ``ok=False`` naming the configuration."""
+        return succeed(failed_snapshot(self.source, self.index, NO_SOURCE_ERROR, _now(self._clock)))
+
+
+class AutoReader:
+    """``gpu.source: auto``: NVML first, nvidia-smi if NVML gives no reading.
+
+    The first reader that works is kept; when it later fails, that failure is
+    reported and the next read tries NVML then nvidia-smi again.
+    """
+
+    def __init__(self, nvml: GpuReader, smi: GpuReader) -> None:
+        self._nvml = nvml
+        self._smi = smi
+        self._chosen: GpuReader | None = None
+
+    @property
+    def source(self) -> str:
+        """The source in use, or ``none`` while neither has worked."""
+        return "none" if self._chosen is None else self._chosen.source
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """A reading from the kept source, or from the first of NVML, nvidia-smi that works."""
+        if self._chosen is not None:
+            return self._chosen.read().addCallback(self._kept)
+        return self._nvml.read().addCallback(self._after_nvml)
+
+    def _kept(self, snapshot: GpuSnapshot) -> GpuSnapshot:
+        if not snapshot.ok:
+            _log.warn("GPU source {source} failed: {e}", source=self.source, e=snapshot.error)
+            self._chosen = None
+        return snapshot
+
+    def _after_nvml(self, first: GpuSnapshot) -> GpuSnapshot | Deferred[GpuSnapshot]:
+        if first.ok:
+            return self._choose(self._nvml, first)
+        return self._smi.read().addCallback(self._after_smi, first)
+
+    def _after_smi(self, second: GpuSnapshot, first: GpuSnapshot) -> GpuSnapshot:
+        if second.ok:
+            return self._choose(self._smi, second)
+        error = f"no GPU reading: nvml: {first.error}; nvidia-smi: {second.error}"
+        return failed_snapshot("none", second.index, error, second.read_at)
+
+    def _choose(self, reader: GpuReader, snapshot: GpuSnapshot) -> GpuSnapshot:
+        self._chosen = reader
+        _log.info("GPU memory read through {source}", source=reader.source)
+        return snapshot
+
+    def shutdown(self) -> None:
+        """Release NVML if it was initialised."""
+        shutdown = getattr(self._nvml, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def reader_for(config: GpuConfig, reactor: ReactorProcess) -> GpuReader:
+    """The reader ``gpu.source`` asks for, reading time and spawning through ``reactor``."""
+    clock = reactor
+
+    def smi() -> SmiReader:
+        return SmiReader(config.index, clock, ProcessRunner(reactor), config.nvidia_smi)
+
+    if config.source == "nvml":
+        return NvmlReader(config.index, clock)
+    if config.source == "nvidia-smi":
+        return smi()
+    if config.source == "none":
+        return NoReader(config.index, clock)
+    if config.source == "auto":
+        return AutoReader(NvmlReader(config.index, clock), smi())
+    raise ValueError(f"unknown gpu.source {config.source!r}")
+
+
+class GpuPoller(Service):
+    """Keeps ``latest`` fresh every ``interval_s``, and reads on demand.
+
+    ``/v1/status`` serves ``latest`` without waiting; the scheduler calls
+    ``fresh()`` to see memory freed after an unload.  Callers that arrive while
+    a read is in flight share it, so at most one read runs at a time.
+    """
+
+    def __init__(
+        self, reader: GpuReader, clock: ReactorTime, interval_s: float, *, index: int = 0
+    ) -> None:
+        self._reader = reader
+        self._clock = clock
+        self._interval_s = interval_s
+        self._loop: LoopingCall | None = None
+        self._waiters: list[Deferred[GpuSnapshot]] = []
+        self._reading = False
+        self.latest: GpuSnapshot = failed_snapshot(reader.source, index, NOT_READ_YET, None)
+
+    def fresh(self) -> Deferred[GpuSnapshot]:
+        """A reading taken now (or the one in flight); updates ``latest``; never errbacks.
+
+        Cancelling the returned Deferred only drops this caller's interest.
+        """
+        waiter = self._join()
+        if not self._reading:
+            self._reading = True
+            try:
+                reading = self._reader.read()
+            except Exception:
+                reading = fail()
+            reading.addErrback(self._crashed).addCallback(self._finished)
+        return waiter
+
+    def _join(self) -> Deferred[GpuSnapshot]:
+        waiter: Deferred[GpuSnapshot] = Deferred(self._waiters.remove)
+        self._waiters.append(waiter)
+        return waiter
+
+    def _crashed(self, reason: Failure) -> GpuSnapshot:
+        _log.failure("GPU reader failed", reason)
+        error = f"GPU reader failed: {_describe(reason.value)}"
+        return failed_snapshot(self._reader.source, self.latest.index, error, _now(self._clock))
+
+    def _finished(self, snapshot: GpuSnapshot) -> None:
+        before, self.latest = self.latest, snapshot
+        if (before.ok, before.error) != (snapshot.ok, snapshot.error):
+            if snapshot.ok:
+                _log.info("GPU reading ok from {source}", source=snapshot.source)
+            else:
+                _log.warn("GPU reading failed: {error}", error=snapshot.error)
+        waiters, self._waiters = self._waiters, []
+        self._reading = False
+        for waiter in waiters:
+            waiter.callback(snapshot)
+
+    def _poll(self) -> Deferred[None]:
+        return self.fresh().addCallback(lambda _: None)
+
+    def startService(self) -> None:
+        """Read now, then every ``interval_s``."""
+        super().startService()
+        loop = self._loop = LoopingCall(self._poll)
+        loop.clock = cast(IReactorTime, self._clock)
+        loop.start(self._interval_s, now=True).addErrback(
+            lambda reason: _log.failure("GPU poll loop stopped", reason)
+        )
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop polling; the Deferred fires once a read in flight has finished."""
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if not self._reading:
+            return None
+        return self._join().addCallback(lambda _: None)

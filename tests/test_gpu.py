@@ -1,0 +1,837 @@
+"""Tests for mgpu.gpu: readers, the poller, the status shape and the fake nvidia-smi."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pynvml
+from attrs import define, evolve, field
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+
+from mgpu.config import GpuConfig
+from mgpu.gpu import (
+    MIB,
+    NO_SOURCE_ERROR,
+    SMI_FORMAT,
+    SMI_QUERY,
+    AutoReader,
+    GpuPoller,
+    GpuSnapshot,
+    NoReader,
+    NvmlReader,
+    ProcessRunner,
+    SmiReader,
+    SmiResult,
+    SmiTimeout,
+    reader_for,
+)
+
+FAKE_SMI = str(Path(__file__).with_name("fake_nvidia_smi.py"))
+START = 1_795_000_000.0  # 2026-11-17T..., any fixed instant will do
+RTX_4090 = "NVIDIA GeForce RTX 4090"
+
+
+def at(seconds: float) -> datetime:
+    """The aware UTC datetime a reader stamps at clock time ``seconds``."""
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def started_clock() -> Clock:
+    """A Clock set to a plausible present."""
+    clock = Clock()
+    clock.advance(START)
+    return clock
+
+
+def snapshot(
+    used: int = 1000, *, source: str = "nvml", ok: bool = True, error: str = "boom"
+) -> GpuSnapshot:
+    """A reading of a 24 GiB card with ``used`` MiB taken, or a failed one saying ``error``."""
+    if not ok:
+        return GpuSnapshot(source, False, error, 0, None, None, None, None, at(START))
+    return GpuSnapshot(source, True, None, 0, RTX_4090, 24564, used, 24564 - used, at(START))
+
+
+class GpuSnapshotTests(SynchronousTestCase):
+    """The ``gpu`` object of the status document."""
+
+    def test_to_json_shape(self) -> None:
+        """An ok reading renders exactly the SPEC section 6 fields, read_at as ``...Z``."""
+        reading = GpuSnapshot(
+            source="nvml",
+            ok=True,
+            error=None,
+            index=0,
+            name=RTX_4090,
+            total_mib=24564,
+            used_mib=16012,
+            free_mib=8552,
+            read_at=datetime(2026, 11, 26, 22, 0, 0, 123456, tzinfo=UTC),
+        )
+        self.assertEqual(
+            reading.to_json(),
+            {
+                "source": "nvml",
+                "ok": True,
+                "error": None,
+                "index": 0,
+                "name": RTX_4090,
+                "total_mib": 24564,
+                "used_mib": 16012,
+                "free_mib": 8552,
+                "read_at": "2026-11-26T22:00:00Z",
+            },
+        )
+
+    def test_to_json_failure_and_never_read(self) -> None:
+        """A failed reading keeps every key, with nulls; an unread one has a null read_at."""
+        rendered = NoReader(1, started_clock()).read()
+        shape = self.successResultOf(rendered).to_json()
+        self.assertEqual(list(shape), list(snapshot().to_json()))
+        self.assertEqual(shape["name"], None)
+        self.assertEqual(shape["free_mib"], None)
+        poller = GpuPoller(NoReader(0, Clock()), Clock(), 2.0)
+        self.assertIsNone(poller.latest.to_json()["read_at"])
+
+    def test_to_json_converts_to_utc(self) -> None:
+        """A read_at in another timezone is shown in UTC."""
+        from datetime import timedelta, timezone
+
+        local = datetime(2026, 11, 26, 23, 0, 0, tzinfo=timezone(timedelta(hours=1)))
+        reading = evolve(snapshot(), read_at=local)
+        self.assertEqual(reading.to_json()["read_at"], "2026-11-26T22:00:00Z")
+
+
+@define
+class FakeMemory:
+    total: int
+    used: int
+    free: int
+
+
+@define
+class FakeNvml:
+    """A stand-in for the pynvml module that records its calls."""
+
+    name: str | bytes = RTX_4090
+    memory: FakeMemory = field(
+        factory=lambda: FakeMemory(24564 * MIB + 5, 1000 * MIB + MIB - 1, 23564 * MIB)
+    )
+    init_error: Exception | None = None
+    call_error: Exception | None = None
+    calls: list[object] = field(factory=list)
+
+    def nvmlInit(self) -> None:
+        self.calls.append("init")
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None:
+        self.calls.append("shutdown")
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        self.calls.append(("handle", index))
+        if self.call_error is not None:
+            raise self.call_error
+        return ("handle", index)
+
+    def nvmlDeviceGetName(self, handle: Any) -> str | bytes:
+        return self.name
+
+    def nvmlDeviceGetMemoryInfo(self, handle: Any) -> FakeMemory:
+        return self.memory
+
+
+class NvmlReaderTests(SynchronousTestCase):
+    """NvmlReader against a fake pynvml module."""
+
+    def setUp(self) -> None:
+        self.clock = started_clock()
+
+    def test_reading(self) -> None:
+        """A working NVML gives an ok snapshot with name, MiB figures and the clock's time."""
+        nvml = FakeNvml()
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertEqual(
+            reading,
+            GpuSnapshot("nvml", True, None, 0, RTX_4090, 24564, 1000, 23564, at(START)),
+        )
+
+    def test_mib_conversion_floors(self) -> None:
+        """Bytes become whole MiB, rounded down, each figure on its own."""
+        nvml = FakeNvml(memory=FakeMemory(2 * MIB - 1, MIB, 0))
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertEqual((reading.total_mib, reading.used_mib, reading.free_mib), (1, 1, 0))
+
+    def test_bytes_name_decoded(self) -> None:
+        """Older bindings return the name as bytes; it is decoded to text."""
+        nvml = FakeNvml(name=b"NVIDIA GeForce RTX 4090")
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertEqual(reading.name, RTX_4090)
+
+    def test_index_and_source(self) -> None:
+        """The configured index is asked for and reported; the source can be renamed (the demo)."""
+        nvml = FakeNvml()
+        reading = self.successResultOf(NvmlReader(2, self.clock, nvml, source="sim").read())
+        self.assertIn(("handle", 2), nvml.calls)
+        self.assertEqual((reading.index, reading.source), (2, "sim"))
+
+    def test_init_once(self) -> None:
+        """NVML is initialised on the first read only."""
+        nvml = FakeNvml()
+        reader = NvmlReader(0, self.clock, nvml)
+        self.assertEqual(nvml.calls, [])
+        reader.read()
+        reader.read()
+        self.assertEqual(nvml.calls.count("init"), 1)
+
+    def test_init_failure(self) -> None:
+        """A failed init is a snapshot with ok False and NVML's message, stamped with the time."""
+        nvml = FakeNvml(init_error=pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED))
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.error, "NVML init failed: Driver Not Loaded")
+        self.assertEqual((reading.total_mib, reading.read_at), (None, at(START)))
+
+    def test_init_retried(self) -> None:
+        """After a failed init the next read tries again, and succeeds once NVML works."""
+        nvml = FakeNvml(init_error=RuntimeError("not yet"))
+        reader = NvmlReader(0, self.clock, nvml)
+        self.assertFalse(self.successResultOf(reader.read()).ok)
+        nvml.init_error = None
+        self.assertTrue(self.successResultOf(reader.read()).ok)
+        self.assertEqual(nvml.calls.count("init"), 2)
+
+    def test_call_failure(self) -> None:
+        """A failing device call is a snapshot with ok False naming the GPU and the error."""
+        nvml = FakeNvml(call_error=pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST))
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.error, "NVML read of GPU 0 failed: GPU is lost")
+
+    def test_missing_module(self) -> None:
+        """Without the pynvml module the read fails with ok False instead of raising."""
+        self.addCleanup(sys.modules.__setitem__, "pynvml", pynvml)
+        sys.modules["pynvml"] = None  # type: ignore[assignment]
+        reading = self.successResultOf(NvmlReader(0, self.clock).read())
+        self.assertFalse(reading.ok)
+        assert reading.error is not None
+        self.assertTrue(reading.error.startswith("NVML init failed: "), reading.error)
+
+    def test_shutdown(self) -> None:
+        """shutdown calls nvmlShutdown once, and only if NVML was initialised."""
+        unused = FakeNvml()
+        NvmlReader(0, self.clock, unused).shutdown()
+        self.assertEqual(unused.calls, [])
+        nvml = FakeNvml()
+        reader = NvmlReader(0, self.clock, nvml)
+        reader.read()
+        reader.shutdown()
+        reader.shutdown()
+        self.assertEqual(nvml.calls.count("shutdown"), 1)
+
+
+class RealNvmlTests(SynchronousTestCase):
+    """The real card, where NVML works on this machine."""
+
+    def test_real_card(self) -> None:
+        """NVML reads GPU 0: a name and figures that add up to the total."""
+        reader = NvmlReader(0, started_clock())
+        self.addCleanup(reader.shutdown)
+        reading = self.successResultOf(reader.read())
+        if reading.error is not None and reading.error.startswith("NVML init failed"):
+            raise SkipTest(f"no NVML here: {reading.error}")
+        self.assertTrue(reading.ok, reading.error)
+        assert reading.total_mib is not None and reading.used_mib is not None
+        assert reading.free_mib is not None
+        self.assertTrue(reading.name)
+        self.assertGreater(reading.total_mib, 0)
+        # Each figure is floored on its own, and newer drivers keep some memory reserved.
+        self.assertLessEqual(reading.used_mib + reading.free_mib, reading.total_mib + 2)
+
+
+@define
+class ScriptedRunner:
+    """An SmiRunner answering from a script, recording what it was asked to run."""
+
+    answer: Deferred[SmiResult] | SmiResult | Exception
+    calls: list[tuple[str, list[str]]] = field(factory=list)
+
+    def __call__(self, executable: str, args: Sequence[str]) -> Deferred[SmiResult]:
+        self.calls.append((executable, list(args)))
+        if isinstance(self.answer, Exception):
+            return fail(self.answer)
+        if isinstance(self.answer, Deferred):
+            return self.answer
+        return succeed(self.answer)
+
+
+def smi_line(index: int = 0, name: str = RTX_4090, used: int = 1000) -> bytes:
+    return f"{index}, {name}, 24564, {used}, {24564 - used}\n".encode()
+
+
+class SmiReaderTests(SynchronousTestCase):
+    """SmiReader with an injected runner."""
+
+    def setUp(self) -> None:
+        self.clock = started_clock()
+
+    def read(self, answer: Any, index: int = 0) -> GpuSnapshot:
+        reader = SmiReader(index, self.clock, ScriptedRunner(answer), "nvidia-smi")
+        return self.successResultOf(reader.read())
+
+    def test_arguments(self) -> None:
+        """The exact query, format and ``-i <index>`` are passed to the configured executable."""
+        runner = ScriptedRunner((smi_line(3), b"", 0))
+        self.successResultOf(SmiReader(3, self.clock, runner, "/opt/bin/nvidia-smi").read())
+        self.assertEqual(
+            runner.calls,
+            [
+                (
+                    "/opt/bin/nvidia-smi",
+                    [
+                        "--query-gpu=index,name,memory.total,memory.used,memory.free",
+                        "--format=csv,noheader,nounits",
+                        "-i",
+                        "3",
+                    ],
+                )
+            ],
+        )
+        self.assertEqual((SMI_QUERY, SMI_FORMAT), tuple(runner.calls[0][1][:2]))
+
+    def test_parse(self) -> None:
+        """One CSV line becomes an ok snapshot stamped with the clock's time."""
+        self.assertEqual(
+            self.read((smi_line(used=16012), b"", 0)),
+            GpuSnapshot("nvidia-smi", True, None, 0, RTX_4090, 24564, 16012, 8552, at(START)),
+        )
+
+    def test_name_with_comma(self) -> None:
+        """A comma inside the name does not shift the memory figures."""
+        reading = self.read((smi_line(name="Odd, Card"), b"", 0))
+        self.assertEqual(
+            (reading.name, reading.total_mib, reading.free_mib), ("Odd, Card", 24564, 23564)
+        )
+
+    def test_bad_output(self) -> None:
+        """Output that is not the expected line is ok False, quoting it."""
+        reading = self.read((b"0, RTX, [N/A], [N/A], [N/A]\n", b"", 0))
+        self.assertFalse(reading.ok)
+        assert reading.error is not None
+        self.assertIn("nvidia-smi gave unreadable output", reading.error)
+        self.assertIn("[N/A]", reading.error)
+
+    def test_empty_output(self) -> None:
+        """No output at all is ok False."""
+        reading = self.read((b"", b"", 0))
+        self.assertFalse(reading.ok)
+        self.assertIn("unreadable output", reading.error or "")
+
+    def test_wrong_gpu(self) -> None:
+        """An answer about another GPU than the one asked for is ok False."""
+        reading = self.read((smi_line(index=1), b"", 0), index=0)
+        self.assertFalse(reading.ok)
+        self.assertIn("answered for GPU 1, not 0", reading.error or "")
+
+    def test_nonzero_exit(self) -> None:
+        """A non-zero exit is ok False with the code and stderr's first line."""
+        reading = self.read((b"", b"\nNo devices were found\nmore\n", 6))
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.error, "nvidia-smi exited with code 6: No devices were found")
+        self.assertEqual(reading.read_at, at(START))
+
+    def test_nonzero_exit_stdout_message(self) -> None:
+        """With nothing on stderr, stdout's first line explains (the real tool prints there)."""
+        reading = self.read((b"NVIDIA-SMI has failed because it couldn't communicate\n", b"", 9))
+        self.assertEqual(
+            reading.error,
+            "nvidia-smi exited with code 9: NVIDIA-SMI has failed because it couldn't communicate",
+        )
+
+    def test_killed(self) -> None:
+        """A process killed by a signal is ok False naming the signal."""
+        reading = self.read((b"", b"", -9))
+        self.assertEqual(reading.error, "nvidia-smi killed by signal 9")
+
+    def test_missing_executable(self) -> None:
+        """A runner that cannot start the executable gives ok False, not an errback."""
+        reading = self.read(FileNotFoundError("'nvidia-smi' not found or not executable"))
+        self.assertFalse(reading.ok)
+        self.assertEqual(
+            reading.error,
+            "nvidia-smi could not be run: 'nvidia-smi' not found or not executable",
+        )
+
+    def test_timeout(self) -> None:
+        """A runner timeout gives ok False saying it did not answer."""
+        reading = self.read(SmiTimeout("did not answer within 5s (killed)"))
+        self.assertEqual(reading.error, "nvidia-smi did not answer within 5s (killed)")
+
+    def test_runner_raises(self) -> None:
+        """Even a runner that raises synchronously gives a snapshot with ok False."""
+
+        def broken(executable: str, args: Sequence[str]) -> Deferred[SmiResult]:
+            raise RuntimeError("bug")
+
+        reading = self.successResultOf(SmiReader(0, self.clock, broken).read())
+        self.assertFalse(reading.ok)
+        self.assertIn("bug", reading.error or "")
+        self.flushLoggedErrors(RuntimeError)
+
+
+class FakeProcess:
+    """The transport of a spawned process, recording signals."""
+
+    def __init__(self) -> None:
+        self.signals: list[str] = []
+        self.lost = False
+        self.exited = False
+
+    def signalProcess(self, signal: str) -> None:
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(signal)
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+
+class FakeProcessReactor(Clock):
+    """A Clock that also records spawnProcess calls instead of running anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[ProcessProtocol, str, list[str], Any, FakeProcess]] = []
+
+    def spawnProcess(
+        self,
+        processProtocol: Any,
+        executable: bytes | str,
+        args: Sequence[bytes | str],
+        env: Any = None,
+        path: Any = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,
+        childFDs: Any = None,
+    ) -> FakeProcess:
+        process = FakeProcess()
+        self.spawned.append(
+            (processProtocol, str(executable), [str(a) for a in args], env, process)
+        )
+        processProtocol.makeConnection(process)
+        return process
+
+
+class ProcessRunnerTests(SynchronousTestCase):
+    """ProcessRunner's use of the reactor: output, exit codes, the timeout and reaping."""
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.runner = ProcessRunner(self.reactor, timeout_s=5.0, env={"PATH": "/nowhere", "X": "1"})
+
+    def spawn(self) -> tuple[Deferred[SmiResult], ProcessProtocol, FakeProcess]:
+        result = self.runner(sys.executable, ["--flag"])
+        protocol, executable, args, env, process = self.reactor.spawned[-1]
+        self.assertEqual((executable, args), (sys.executable, [sys.executable, "--flag"]))
+        self.assertEqual(env, {"PATH": "/nowhere", "X": "1"})
+        return result, protocol, process
+
+    def test_output_and_exit(self) -> None:
+        """Stdout, stderr and the exit code come back once the process has ended."""
+        result, protocol, _ = self.spawn()
+        protocol.outReceived(b"0, GPU")
+        protocol.outReceived(b", 1, 0, 1\n")
+        protocol.errReceived(b"warn\n")
+        self.assertNoResult(result)
+        protocol.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(self.successResultOf(result), (b"0, GPU, 1, 0, 1\n", b"warn\n", 0))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_nonzero_exit(self) -> None:
+        """A failing process gives its exit code as a result, not an errback."""
+        result, protocol, _ = self.spawn()
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=6)))
+        self.assertEqual(self.successResultOf(result), (b"", b"", 6))
+
+    def test_timeout_kills_then_waits_for_reaping(self) -> None:
+        """After timeout_s the process is killed, and the result waits until it has ended."""
+        result, protocol, process = self.spawn()
+        self.reactor.advance(4.9)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual((process.signals, process.lost), (["KILL"], True))
+        self.assertNoResult(result)
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.failureResultOf(result, SmiTimeout)
+
+    def test_cancel_kills(self) -> None:
+        """Cancelling the result kills the process and drops the timer once it ends."""
+        result, protocol, process = self.spawn()
+        result.cancel()
+        self.failureResultOf(result, CancelledError)
+        self.assertEqual(process.signals, ["KILL"])
+        protocol.processEnded(Failure(ProcessTerminated(signal=9)))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_missing_executable(self) -> None:
+        """An executable that is not on PATH fails at once and spawns nothing."""
+        result = self.runner("nvidia-smi", ["-L"])
+        self.failureResultOf(result, FileNotFoundError)
+        self.assertEqual(self.reactor.spawned, [])
+
+
+class StaticReader:
+    """A reader answering with a fixed snapshot, counting its reads."""
+
+    def __init__(self, answer: GpuSnapshot) -> None:
+        self.answer = answer
+        self.source = answer.source
+        self.reads = 0
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        self.reads += 1
+        return succeed(self.answer)
+
+
+class AutoReaderTests(SynchronousTestCase):
+    """AutoReader: NVML first, nvidia-smi as the fallback."""
+
+    def test_nvml_first(self) -> None:
+        """When NVML works it is used and nvidia-smi is never run."""
+        nvml, smi = StaticReader(snapshot()), StaticReader(snapshot(source="nvidia-smi"))
+        auto = AutoReader(nvml, smi)
+        self.assertEqual(self.successResultOf(auto.read()).source, "nvml")
+        self.assertEqual((smi.reads, auto.source), (0, "nvml"))
+
+    def test_fallback_remembered(self) -> None:
+        """When NVML fails nvidia-smi answers, and later reads go straight to nvidia-smi."""
+        nvml = StaticReader(snapshot(ok=False))
+        smi = StaticReader(snapshot(2000, source="nvidia-smi"))
+        auto = AutoReader(nvml, smi)
+        self.assertEqual(auto.source, "none")
+        first = self.successResultOf(auto.read())
+        self.assertEqual((first.source, first.used_mib), ("nvidia-smi", 2000))
+        self.successResultOf(auto.read())
+        self.assertEqual((nvml.reads, smi.reads, auto.source), (1, 2, "nvidia-smi"))
+
+    def test_both_fail(self) -> None:
+        """When both fail the snapshot is ok False and its error names both failures."""
+        nvml = StaticReader(snapshot(ok=False, error="NVML init failed: X"))
+        smi = StaticReader(
+            snapshot(ok=False, error="nvidia-smi could not be run: Y", source="nvidia-smi")
+        )
+        reading = self.successResultOf(AutoReader(nvml, smi).read())
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.source, "none")
+        self.assertEqual(
+            reading.error,
+            "no GPU reading: nvml: NVML init failed: X; nvidia-smi: nvidia-smi could not be run: Y",
+        )
+        self.assertEqual(reading.read_at, at(START))
+
+    def test_chosen_source_failing_starts_over(self) -> None:
+        """A kept source that fails is reported as such, and the next read tries NVML again."""
+        nvml = StaticReader(snapshot(ok=False))
+        smi = StaticReader(snapshot(source="nvidia-smi"))
+        auto = AutoReader(nvml, smi)
+        self.successResultOf(auto.read())
+        smi.answer = snapshot(ok=False, error="gone", source="nvidia-smi")
+        self.assertEqual(self.successResultOf(auto.read()).error, "gone")
+        self.assertEqual(nvml.reads, 1)
+        nvml.answer = snapshot()
+        self.assertEqual(self.successResultOf(auto.read()).source, "nvml")
+        self.assertEqual((nvml.reads, auto.source), (2, "nvml"))
+
+
+class NoReaderTests(SynchronousTestCase):
+    """NoReader: gpu.source none."""
+
+    def test_says_why(self) -> None:
+        """Every read is ok False, source none, naming the configuration, stamped with the time."""
+        reading = self.successResultOf(NoReader(1, started_clock()).read())
+        self.assertEqual(
+            reading,
+            GpuSnapshot("none", False, NO_SOURCE_ERROR, 1, None, None, None, None, at(START)),
+        )
+        self.assertEqual(NO_SOURCE_ERROR, "no GPU source configured (gpu.source: none)")
+
+
+class ReaderForTests(SynchronousTestCase):
+    """reader_for builds the reader gpu.source names."""
+
+    def test_sources(self) -> None:
+        """Each source value gives its reader, with the configured index."""
+        reactor = FakeProcessReactor()
+        for source, kind in [
+            ("nvml", NvmlReader),
+            ("nvidia-smi", SmiReader),
+            ("none", NoReader),
+            ("auto", AutoReader),
+        ]:
+            reader = reader_for(GpuConfig(source=source, index=1), reactor)
+            self.assertIsInstance(reader, kind)
+        self.assertRaises(ValueError, reader_for, GpuConfig(source="cuda"), reactor)
+
+    def test_nvidia_smi_executable(self) -> None:
+        """gpu.nvidia_smi names the executable that is run."""
+        reactor = FakeProcessReactor()
+        config = GpuConfig(source="nvidia-smi", nvidia_smi="/definitely/not/nvidia-smi")
+        reading = self.successResultOf(reader_for(config, reactor).read())
+        self.assertIn("/definitely/not/nvidia-smi could not be run", reading.error or "")
+
+    def test_global_reactor_fits(self) -> None:
+        """The real reactor is accepted as it is (this also type-checks the structural types)."""
+        from twisted.internet import reactor
+
+        self.assertIsInstance(reader_for(GpuConfig(source="auto"), reactor), AutoReader)
+
+
+class ControlledReader:
+    """A reader whose reads the test fires by hand."""
+
+    source = "nvml"
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[GpuSnapshot]] = []
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+
+class GpuPollerTests(SynchronousTestCase):
+    """GpuPoller with a Clock and a hand-driven reader."""
+
+    def setUp(self) -> None:
+        self.clock = started_clock()
+        self.reader = ControlledReader()
+        self.poller = GpuPoller(self.reader, self.clock, 2.0)
+
+    def start(self) -> None:
+        self.poller.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        if self.poller.running:
+            for pending in self.reader.pending:
+                if not pending.called:
+                    pending.callback(snapshot())
+            self.poller.stopService()
+
+    def test_not_read_yet(self) -> None:
+        """Before the first read, latest says so."""
+        self.assertEqual(
+            self.poller.latest,
+            GpuSnapshot("nvml", False, "not read yet", 0, None, None, None, None, None),
+        )
+
+    def test_polls_every_interval(self) -> None:
+        """Starting reads at once, then once per interval, updating latest each time."""
+        self.start()
+        self.assertEqual(len(self.reader.pending), 1)
+        self.reader.pending[0].callback(snapshot(1000))
+        self.assertEqual(self.poller.latest.used_mib, 1000)
+        self.clock.advance(1.9)
+        self.assertEqual(len(self.reader.pending), 1)
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.reader.pending), 2)
+        self.reader.pending[1].callback(snapshot(3000))
+        self.assertEqual(self.poller.latest.used_mib, 3000)
+
+    def test_slow_read_not_doubled(self) -> None:
+        """A read slower than the interval is not joined by a second concurrent read."""
+        self.start()
+        self.clock.advance(5.0)
+        self.assertEqual(len(self.reader.pending), 1)
+
+    def test_failed_reading_shown_and_loop_continues(self) -> None:
+        """A failed reading becomes latest, and the next interval reads again."""
+        self.start()
+        self.reader.pending[0].callback(snapshot(ok=False))
+        self.assertEqual((self.poller.latest.ok, self.poller.latest.error), (False, "boom"))
+        self.clock.advance(2.0)
+        self.reader.pending[1].callback(snapshot())
+        self.assertTrue(self.poller.latest.ok)
+
+    def test_errback_recorded_and_loop_continues(self) -> None:
+        """A reader that breaks its promise and errbacks is recorded in latest; polling goes on."""
+        self.start()
+        self.reader.pending[0].errback(RuntimeError("driver exploded"))
+        self.assertFalse(self.poller.latest.ok)
+        self.assertEqual(self.poller.latest.error, "GPU reader failed: driver exploded")
+        self.assertEqual(self.poller.latest.read_at, at(START))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.reader.pending), 2)
+
+    def test_raising_reader_recorded(self) -> None:
+        """A reader whose read raises is recorded in latest, and fresh still answers."""
+
+        class Raising:
+            source = "nvml"
+
+            def read(self) -> Deferred[GpuSnapshot]:
+                raise ValueError("bad")
+
+        poller = GpuPoller(Raising(), self.clock, 2.0)
+        reading = self.successResultOf(poller.fresh())
+        self.assertEqual(reading.error, "GPU reader failed: bad")
+        self.assertIs(poller.latest, reading)
+        self.flushLoggedErrors(ValueError)
+
+    def test_fresh_shares_in_flight_read(self) -> None:
+        """Callers arriving while a read is in flight share it: one read, same snapshot."""
+        first, second = self.poller.fresh(), self.poller.fresh()
+        self.assertEqual(len(self.reader.pending), 1)
+        self.assertNoResult(first)
+        reading = snapshot(4000)
+        self.reader.pending[0].callback(reading)
+        self.assertIs(self.successResultOf(first), reading)
+        self.assertIs(self.successResultOf(second), reading)
+        self.assertIs(self.poller.latest, reading)
+
+    def test_fresh_joins_poll(self) -> None:
+        """fresh() while a poll is in flight shares that poll's read."""
+        self.start()
+        result = self.poller.fresh()
+        self.assertEqual(len(self.reader.pending), 1)
+        self.reader.pending[0].callback(snapshot(500))
+        self.assertEqual(self.successResultOf(result).used_mib, 500)
+
+    def test_fresh_after_read_reads_again(self) -> None:
+        """Once a read has finished, the next fresh() takes a new one."""
+        self.poller.fresh()
+        self.reader.pending[0].callback(snapshot())
+        later = self.poller.fresh()
+        self.assertEqual(len(self.reader.pending), 2)
+        self.assertNoResult(later)
+
+    def test_cancel_one_caller(self) -> None:
+        """Cancelling one caller's Deferred leaves the shared read and the other caller alone."""
+        first, second = self.poller.fresh(), self.poller.fresh()
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.reader.pending[0].callback(snapshot(700))
+        self.assertEqual(self.successResultOf(second).used_mib, 700)
+        self.assertEqual(self.poller.latest.used_mib, 700)
+
+    def test_stop_stops_polling(self) -> None:
+        """After stopService no more reads are started."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.assertIsNone(self.poller.stopService())
+        self.clock.advance(60.0)
+        self.assertEqual(len(self.reader.pending), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_waits_for_in_flight_read(self) -> None:
+        """stopService's Deferred fires only once the read in flight has finished."""
+        self.start()
+        stopped = self.poller.stopService()
+        assert stopped is not None
+        self.assertNoResult(stopped)
+        self.reader.pending[0].callback(snapshot(900))
+        self.successResultOf(stopped)
+        self.assertEqual(self.poller.latest.used_mib, 900)
+
+    def test_index_for_unread(self) -> None:
+        """The not-yet-read placeholder carries the configured index."""
+        poller = GpuPoller(self.reader, self.clock, 2.0, index=3)
+        self.assertEqual(poller.latest.index, 3)
+
+
+class FakeSmiProcessTests(TestCase):
+    """SmiReader running tests/fake_nvidia_smi.py as a real process on the real reactor."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.state = self.mktemp()
+
+    def write_state(self, **state: object) -> None:
+        """Write the fake's state file atomically, as integration tests must."""
+        temp = self.state + ".tmp"
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump({"fail": None, **state}, f)
+        os.replace(temp, self.state)
+
+    def reader(self, index: int = 0, timeout_s: float = 10.0) -> SmiReader:
+        from twisted.internet import reactor
+
+        env = {**os.environ, "FAKE_NVIDIA_SMI_STATE": self.state}
+        return SmiReader(index, reactor, ProcessRunner(reactor, timeout_s, env), FAKE_SMI)
+
+    def gpus(self, used: int) -> list[dict[str, object]]:
+        return [{"index": 0, "name": RTX_4090, "total_mib": 24564, "used_mib": used}]
+
+    async def test_reads_and_sees_memory_freed(self) -> None:
+        """The fake answers like nvidia-smi, and a rewritten state file shows memory freed."""
+        self.write_state(gpus=self.gpus(16012))
+        reader = self.reader()
+        first = await reader.read()
+        self.assertEqual(
+            (first.ok, first.source, first.name, first.total_mib, first.used_mib, first.free_mib),
+            (True, "nvidia-smi", RTX_4090, 24564, 16012, 8552),
+        )
+        self.write_state(gpus=self.gpus(1000))
+        second = await reader.read()
+        self.assertEqual((second.used_mib, second.free_mib), (1000, 23564))
+
+    async def test_no_such_gpu(self) -> None:
+        """An index with no GPU exits 6 and the reading says "No devices were found"."""
+        self.write_state(gpus=self.gpus(0))
+        reading = await self.reader(index=1).read()
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.error, f"{FAKE_SMI} exited with code 6: No devices were found")
+
+    async def test_fail_text(self) -> None:
+        """A "fail" text in the state file comes back as the error, with exit code 9."""
+        self.write_state(gpus=self.gpus(0), fail="Unable to determine the device handle")
+        reading = await self.reader().read()
+        self.assertEqual(
+            reading.error, f"{FAKE_SMI} exited with code 9: Unable to determine the device handle"
+        )
+
+    async def test_missing_state_file(self) -> None:
+        """Without its state file the fake exits 9, and the reading fails."""
+        reading = await self.reader().read()
+        self.assertFalse(reading.ok)
+        self.assertIn(
+            "exited with code 9: fake nvidia-smi: cannot read state file", reading.error or ""
+        )
+
+    async def test_garbage_output(self) -> None:
+        """Garbage on stdout with exit 0 is an unreadable-output failure."""
+        self.write_state(raw="this is not csv\n")
+        reading = await self.reader().read()
+        self.assertIn("gave unreadable output", reading.error or "")
+
+    async def test_missing_executable(self) -> None:
+        """A nvidia_smi path that does not exist is a clear failure."""
+        from twisted.internet import reactor
+
+        reader = SmiReader(0, reactor, ProcessRunner(reactor), self.state + "-nvidia-smi")
+        reading = await reader.read()
+        self.assertFalse(reading.ok)
+        self.assertIn("could not be run", reading.error or "")
+        self.assertIn("not found or not executable", reading.error or "")
+
+    async def test_timeout_kills_and_reaps(self) -> None:
+        """A hung nvidia-smi is killed after the timeout and reaped (trial fails on leftovers)."""
+        self.write_state(gpus=self.gpus(0), delay_s=30)
+        reading = await self.reader(timeout_s=0.3).read()
+        self.assertFalse(reading.ok)
+        self.assertEqual(reading.error, f"{FAKE_SMI} did not answer within 0.3s (killed)")
