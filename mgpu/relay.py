@@ -1,0 +1,405 @@
+# -*- test-case-name: tests.test_relay -*-
+"""The streaming proxy of one client request to one consumer.
+
+Bytes flow both ways without buffering: the request body from
+``request.content`` through a ``FileBodyProducer``, the answer chunk by chunk
+with the consumer's connection registered as the client's producer, so a slow
+client slows the consumer down instead of filling memory.  One timer bounds the
+exchange; a cancel, a timeout or a lost client closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, cast
+
+from attrs import frozen
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Cooperator
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import NO_CONTENT, NOT_MODIFIED, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from mgpu.config import ConsumerConfig
+from mgpu.errors import BrokerError
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1), never relayed in either direction.
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"trailer",
+        b"trailers",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+# Also not forwarded upstream: Host and Content-Length are the Agent's to set,
+# X-Forwarded-For is rebuilt, and twisted.web has already answered Expect.
+_NOT_FORWARDED: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"expect"}
+_NO_BODY_CODES: Final = (NO_CONTENT, NOT_MODIFIED)
+_BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
+
+
+@implementer(IAgentEndpointFactory)
+class EndpointCache:
+    """One endpoint per (scheme, host, port), built once: the Agent asks on every request.
+
+    IP literals get a plain TCP endpoint (no name resolution), names a
+    ``HostnameEndpoint``; https is wrapped in TLS.  The keys come from the
+    configured consumers, so the cache stays small.
+    """
+
+    def __init__(self, reactor: IReactorTime, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._tls = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        """The endpoint for the URI's origin, built on first use."""
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoints[key] = self._build(*key)
+        return endpoint
+
+    def _build(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        if scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"unsupported scheme: {scheme!r}")
+        name = host.decode("ascii")  # UnicodeDecodeError is a ValueError: bad URL
+        if name.startswith("[") and name.endswith("]"):
+            name = name[1:-1]
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(name):
+            endpoint = TCP4ClientEndpoint(self._reactor, name, port, timeout=self._timeout)
+        elif isIPv6Address(name):
+            endpoint = TCP6ClientEndpoint(self._reactor, name, port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, name, port, timeout=self._timeout)
+        if scheme == b"https":
+            endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
+        return endpoint
+
+
+def make_agent(
+    reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float = 5.0
+) -> IAgent:
+    """A bare Agent for relaying: no cookies, redirects or gzip, and cached endpoints."""
+    agent: IAgent = Agent.usingEndpointFactory(
+        reactor, EndpointCache(reactor, connect_timeout), pool
+    )
+    return agent
+
+
+@frozen
+class RelayResult:
+    """What the caller needs once the consumer's answer reached the client."""
+
+    status: int
+    body_head: bytes
+
+
+class RelayBroken(BrokerError):
+    """The relay failed after the consumer's answer began reaching the client.
+
+    The status line is already sent, so the relay has aborted the client's
+    connection (a truncated answer, not a clean end).  The caller must not
+    write an error; it need not call ``request.finish()`` (harmless: nothing
+    more leaves an aborting transport).  Count the request as failed and
+    release what it holds.
+    """
+
+    response_started: Final = True
+
+
+class Relay:
+    """Forwards client requests to consumers through one shared ``IAgent``."""
+
+    def __init__(self, agent: IAgent, clock: IReactorTime) -> None:
+        self._agent = agent
+        self._clock = clock
+        # FileBodyProducer's default cooperator runs on the global reactor.
+        self._cooperator = Cooperator(scheduler=lambda step: clock.callLater(0, step))
+
+    def forward(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: bytes,
+        path: bytes,
+        *,
+        timeout_s: float,
+        idle_timeout: bool = False,
+        capture: int = 0,
+        drop_authorization: bool = False,
+    ) -> Deferred[RelayResult]:
+        """Relay ``request`` to ``consumer.url + path`` and stream the answer back.
+
+        Fires with a ``RelayResult`` once the whole body is written; the caller
+        finishes the request.  Fails with ``BrokerError`` (nothing written yet:
+        the caller answers with the error), ``RelayBroken`` (see there), or
+        ``CancelledError`` when cancelled or the client left; either way the
+        upstream request is closed and no timer is left behind.
+
+        ``timeout_s`` bounds the whole exchange, or with ``idle_timeout`` the
+        wait for the answer and then the silence between two body chunks.
+        ``capture`` keeps that many leading body bytes in the result.
+        """
+        headers = _upstream_headers(request, drop_authorization)
+        content = request.content
+        body = None
+        if content is not None:
+            content.seek(0, 2)
+            size = content.tell()
+            content.seek(0)
+            if size or method not in (b"GET", b"HEAD"):
+                body = FileBodyProducer(content, self._cooperator)
+        try:
+            upstream = self._agent.request(method, consumer.url.encode() + path, headers, body)
+        except ValueError as e:  # the Agent refuses an invalid URL before any I/O
+            return fail(_bad_url(consumer, e))
+        exchange = _Exchange(
+            request, consumer, method, self._clock, timeout_s, idle_timeout, capture
+        )
+        return exchange.start(upstream)
+
+
+def _upstream_headers(request: Request, drop_authorization: bool) -> Headers:
+    """The client's end-to-end headers, plus the client's address in X-Forwarded-For."""
+    source = request.requestHeaders
+    named = source.getRawHeaders(b"connection")
+    extra = {t.strip().lower() for v in named for t in v.split(b",")} if named else set()
+    if drop_authorization:
+        extra.add(b"authorization")
+    headers = Headers()
+    for name, values in source.getAllRawHeaders():
+        low = name.lower()
+        if low not in _NOT_FORWARDED and low not in extra and not low.startswith(b"proxy-"):
+            headers.setRawHeaders(name, values)
+    forwarded = source.getRawHeaders(b"x-forwarded-for", [])
+    host = getattr(request.getClientAddress(), "host", None)
+    if host is not None:
+        forwarded = [*forwarded, host.encode("ascii")]
+    if forwarded:
+        headers.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded)])
+    return headers
+
+
+def _bad_url(consumer: ConsumerConfig, reason: BaseException) -> BrokerError:
+    return BrokerError(
+        "bad_consumer_url",
+        f"consumer {consumer.name} has an unusable URL {consumer.url!r}: {reason}",
+        consumer.name,
+    )
+
+
+def _describe(reason: BaseException | None) -> str:
+    """The useful part of an Agent error: the first wrapped reason, if any."""
+    wrapped = getattr(reason, "reasons", None)
+    if wrapped:
+        reason = wrapped[0].value
+    return str(reason) or type(reason).__name__
+
+
+class _Exchange(Protocol):
+    """One relayed request: its timer, the upstream call, then the body pump.
+
+    It is the protocol ``response.deliverBody`` feeds.  ``_end`` runs exactly
+    once whatever ends the exchange; later events are ignored.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: bytes,
+        clock: IReactorTime,
+        timeout_s: float,
+        idle_timeout: bool,
+        capture: int,
+    ) -> None:
+        self._request = request
+        self._consumer = consumer
+        self._head_only = method == b"HEAD"
+        self._timeout_s = timeout_s
+        self._idle = idle_timeout
+        self._room = capture
+        self._head = b""
+        self._status = 0
+        self._done = False
+        self._upstream: Deferred[IResponse] | None = None
+        self._producer: IPushProducer | None = None
+        self._registered = False
+        self._timer: IDelayedCall | None = clock.callLater(timeout_s, self._timed_out)
+        self.result: Deferred[RelayResult] = Deferred(self._cancel)
+
+    def start(self, upstream: Deferred[IResponse]) -> Deferred[RelayResult]:
+        self._upstream = upstream
+        upstream.addCallbacks(self._answered, self._unanswered)
+        if not self._done:
+            self._request.notifyFinish().addErrback(self._client_gone)
+        return self.result
+
+    # -- upstream events ---------------------------------------------------
+
+    def _answered(self, response: IResponse) -> None:
+        """Send the consumer's status and headers now, then stream its body."""
+        self._upstream = None
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        for name, values in response.headers.getAllRawHeaders():
+            low = name.lower()
+            if low not in HOP_BY_HOP and not low.startswith(b"proxy-"):
+                out.setRawHeaders(name, values)
+        # A HEAD answer's Content-Length is in response.headers (length is 0);
+        # otherwise the Agent keeps it as response.length.
+        if (
+            response.length is not UNKNOWN_LENGTH
+            and not self._head_only
+            and response.code not in _NO_BODY_CODES
+        ):
+            out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+        request.defaultContentType = None  # no text/html the consumer did not send
+        self._status = response.code
+        request.write(b"")  # the status line and headers go out now
+        self._rearm()
+        response.deliverBody(self)
+
+    def _unanswered(self, failure: Failure) -> None:
+        self._upstream = None
+        reason = failure.value
+        if isinstance(reason, _BAD_URL):
+            self._end(_bad_url(self._consumer, reason))
+        else:
+            self._end(
+                BrokerError(
+                    "consumer_unreachable",
+                    f"consumer {self._consumer.name} unreachable: {_describe(reason)}",
+                    self._consumer.name,
+                )
+            )
+
+    def connectionMade(self) -> None:
+        self._producer = producer = cast(IPushProducer, self.transport)
+        if self._done:  # ended between the headers and the body
+            producer.stopProducing()
+        elif _channel(self._request) is None:  # the client left unnoticed
+            self._end(CancelledError())
+        else:
+            self._request.registerProducer(producer, True)
+            self._registered = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._done:
+            return
+        if self._room:
+            piece = data[: self._room]
+            self._head += piece
+            self._room -= len(piece)
+        self._request.write(data)
+        if self._idle:
+            self._rearm()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._done:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._end(None)
+        else:
+            name = self._consumer.name
+            message = f"consumer {name} broke off its answer: {_describe(reason.value)}"
+            self._end(RelayBroken("consumer_unreachable", message, name))
+
+    # -- other events ------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        name = self._consumer.name
+        if self._status:
+            what = "went silent for" if self._idle else "did not finish within"
+            self._end(RelayBroken("upstream_timeout", f"{name} {what} {self._timeout_s:g}s", name))
+        else:
+            message = f"{name} did not answer within {self._timeout_s:g}s"
+            self._end(BrokerError("upstream_timeout", message, name))
+
+    def _client_gone(self, failure: Failure) -> None:
+        self._end(CancelledError())
+
+    def _cancel(self, result: Deferred[RelayResult]) -> None:
+        self._end(CancelledError())
+
+    # -- the one way out ---------------------------------------------------
+
+    def _rearm(self) -> None:
+        if self._idle and self._timer is not None:
+            self._timer.reset(self._timeout_s)
+
+    def _end(self, error: Exception | None) -> None:
+        """Fire the result once: stop the timer and, on error, the upstream transfer."""
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._registered:
+            self._registered = False
+            if _channel(self._request) is not None:
+                self._request.unregisterProducer()
+        if error is None:
+            self.result.callback(RelayResult(self._status, self._head))
+            return
+        if self._upstream is not None:
+            self._upstream.cancel()  # its failure comes back to _unanswered, ignored
+        elif self._producer is not None:
+            self._producer.stopProducing()
+        if isinstance(error, RelayBroken):
+            _abort(self._request)
+        self.result.errback(error)
+
+
+def _channel(request: Request) -> object:
+    """The request's channel; None once the client left (or, deleted, once finished)."""
+    return getattr(request, "channel", None)
+
+
+def _abort(request: Request) -> None:
+    """Cut the client's connection so it sees a truncated answer, not a complete one."""
+    channel: Any = _channel(request)
+    # An HTTP/2 stream resets itself; an HTTP/1.1 channel's transport is the connection.
+    target = channel if hasattr(channel, "abortConnection") else getattr(channel, "transport", None)
+    if target is not None:
+        abort = getattr(target, "abortConnection", None) or target.loseConnection
+        abort()

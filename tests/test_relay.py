@@ -1,0 +1,526 @@
+# -*- test-case-name: tests.test_relay -*-
+"""Tests for mgpu.relay: a real Agent and real twisted.web on both sides, all in memory.
+
+The client is an ``HTTPChannel`` over a ``StringTransport``; the consumer is a
+``Site`` whose resource answers only when the test says, joined to the Agent's
+connection attempt on a ``MemoryReactorClock`` by an iosim pump.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, fail
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
+
+from mgpu.config import ConsumerConfig
+from mgpu.errors import BrokerError
+from mgpu.relay import EndpointCache, Relay, RelayBroken, RelayResult, make_agent
+
+CONSUMER = ConsumerConfig(
+    name="ollama", url="http://127.0.0.1:11434", paths={}, vram_resident_mib=0, timeout_s=30
+)
+CLIENT = IPv4Address("TCP", "10.0.0.7", 40000)
+
+
+class _Upstream(Resource):
+    """A consumer that keeps each request open until the test answers it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Request] = []
+
+    def render(self, request: Request) -> Any:
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class _Front(Resource):
+    """The broker side: hands each request to the test, which calls the relay."""
+
+    isLeaf = True
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+
+    def render(self, request: Request) -> Any:
+        self._handle(request)
+        return NOT_DONE_YET
+
+
+class _AgentEnd(FakeTransport):
+    """The Agent's end of the upstream connection, recording producer calls."""
+
+    state = "producing"
+
+    def pauseProducing(self) -> None:
+        self.state = "paused"
+
+    def resumeProducing(self) -> None:
+        self.state = "producing"
+
+    def stopProducing(self) -> None:
+        self.state = "stopped"
+        super().stopProducing()
+
+
+@implementer(IAgent)
+class _FailingAgent:
+    """An IAgent whose every request fails with one error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None):
+        return fail(self.error)
+
+
+def _hang_up(upstream: Request) -> None:
+    """The consumer closes its connection."""
+    transport = upstream.channel.transport
+    assert transport is not None
+    transport.loseConnection()
+
+
+def _parse(raw: bytes) -> tuple[bytes, dict[bytes, list[bytes]], bytes]:
+    """Status line, lower-cased headers and raw body of an HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    headers: dict[bytes, list[bytes]] = {}
+    for line in lines:
+        name, _, value = line.partition(b": ")
+        headers.setdefault(name.lower(), []).append(value)
+    return status, headers, body
+
+
+class RelayTests(SynchronousTestCase):
+    """Behaviour of Relay.forward against an in-memory consumer and client."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.relay = Relay(
+            make_agent(self.reactor, HTTPConnectionPool(self.reactor, False)), self.reactor
+        )
+        self.upstream = _Upstream()
+        self.upstream_site = Site(self.upstream, reactor=Clock())
+        self.pump: IOPump | None = None
+
+    def start(
+        self,
+        method: bytes = b"POST",
+        path: bytes = b"/api/generate?x=1",
+        headers: tuple[bytes, ...] = (),
+        body: bytes = b"",
+        consumer: ConsumerConfig = CONSUMER,
+        **options: Any,
+    ) -> None:
+        """Send a client request to the broker, which forwards it to ``consumer``."""
+        options.setdefault("timeout_s", 30.0)
+
+        def handle(request: Request) -> None:
+            self.request = request
+            self.result = self.relay.forward(request, consumer, method, request.uri, **options)
+
+        self.client = StringTransport(peerAddress=CLIENT)
+        channel = Site(_Front(handle), reactor=Clock()).buildProtocol(CLIENT)
+        assert channel is not None
+        self.channel = channel
+        channel.makeConnection(self.client)
+        lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: broker.local", *headers]
+        if body:
+            lines.append(b"Content-Length: %d" % len(body))
+        channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+
+    def connect(self) -> Request:
+        """Accept the Agent's connection and return the request the consumer received."""
+        host, port, factory, timeout, _ = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 11434, 5.0))
+        agent_side = factory.buildProtocol(None)
+        server = self.upstream_site.buildProtocol(None)
+        self.agent_end = _AgentEnd(agent_side, isServer=False)
+        self.pump = connect(
+            server, FakeTransport(server, isServer=True), agent_side, self.agent_end,
+            clock=self.reactor,
+        )  # fmt: skip
+        self.flush()
+        self.assertEqual(len(self.upstream.requests), 1)
+        return self.upstream.requests[0]
+
+    def flush(self) -> None:
+        assert self.pump is not None
+        self.pump.flush()
+
+    def answer(self, code: int = 200, headers: dict[bytes, bytes] | None = None) -> Request:
+        """Connect, and have the consumer send its status and headers."""
+        upstream = self.connect()
+        upstream.setResponseCode(code)
+        for name, value in (headers or {}).items():
+            upstream.setHeader(name, value)
+        upstream.write(b"")
+        self.flush()
+        return upstream
+
+    def assertNoTimers(self) -> None:
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def assertConsumerSawLoss(self, upstream: Request) -> None:
+        lost = upstream.notifyFinish()
+        self.flush()
+        self.failureResultOf(lost)
+
+    # -- streaming -------------------------------------------------------
+
+    def test_chunks_reach_client_before_upstream_finishes(self) -> None:
+        """Each chunk is written to the client as it arrives; the result fires at the end."""
+        self.start()
+        upstream = self.answer(headers={b"Content-Type": b"application/x-ndjson"})
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        upstream.write(b'{"t":"a"}\n')
+        self.flush()
+        self.assertIn(b'{"t":"a"}\n', self.client.value())
+        self.assertNoResult(self.result)
+        upstream.write(b'{"t":"b"}\n')
+        upstream.finish()
+        self.flush()
+        self.assertEqual(self.successResultOf(self.result), RelayResult(200, b""))
+        self.assertIsNone(self.request.producer)
+        self.request.finish()
+        _, headers, body = _parse(self.client.value())
+        self.assertEqual(headers[b"transfer-encoding"], [b"chunked"])
+        self.assertEqual(body, b'a\r\n{"t":"a"}\n\r\na\r\n{"t":"b"}\n\r\n0\r\n\r\n')
+        self.assertNoTimers()
+
+    def test_slow_client_pauses_and_resumes_upstream(self) -> None:
+        """A client transport that pauses pauses the consumer's transport, and resumes it."""
+        self.start()
+        self.answer()
+        self.assertEqual(self.agent_end.state, "producing")
+        assert self.client.producer is not None
+        self.client.producer.pauseProducing()
+        self.assertEqual(self.agent_end.state, "paused")
+        self.client.producer.resumeProducing()
+        self.assertEqual(self.agent_end.state, "producing")
+
+    def test_capture_keeps_head_and_streams_all(self) -> None:
+        """capture keeps the first bytes of the body while every byte reaches the client."""
+        self.start(capture=12)
+        upstream = self.answer()
+        upstream.write(b'{"prompt_id"')
+        upstream.write(b': "p1", "number": 3}')
+        upstream.finish()
+        self.flush()
+        self.assertEqual(self.successResultOf(self.result).body_head, b'{"prompt_id"')
+        self.assertIn(b': "p1", "number": 3}', self.client.value())
+
+    def test_request_body_and_query_reach_consumer(self) -> None:
+        """The request body, its length and the query string reach the consumer unchanged."""
+        self.start(body=b'{"model": "llama3"}', headers=(b"Content-Type: application/json",))
+        upstream = self.connect()
+        self.assertEqual(upstream.uri, b"/api/generate?x=1")
+        assert upstream.content is not None
+        self.assertEqual(upstream.content.read(), b'{"model": "llama3"}')
+        self.assertEqual(upstream.requestHeaders.getRawHeaders(b"content-length"), [b"19"])
+        self.assertEqual(
+            upstream.requestHeaders.getRawHeaders(b"content-type"), [b"application/json"]
+        )
+
+    def test_get_without_body_sends_no_body(self) -> None:
+        """A GET with no body reaches the consumer without a body or Content-Length."""
+        self.start(method=b"GET", path=b"/audio/a.wav")
+        upstream = self.connect()
+        self.assertEqual(upstream.method, b"GET")
+        self.assertIsNone(upstream.requestHeaders.getRawHeaders(b"content-length"))
+
+    # -- headers ---------------------------------------------------------
+
+    def test_request_headers_filtered_and_forwarded(self) -> None:
+        """Hop-by-hop headers stay behind, end-to-end ones pass, Host names the consumer."""
+        self.start(
+            headers=(
+                b"Connection: keep-alive, X-Secret",
+                b"Keep-Alive: timeout=5",
+                b"TE: trailers",
+                b"Upgrade: websocket",
+                b"Proxy-Authorization: Basic eDp5",
+                b"X-Secret: hidden",
+                b"X-Request-Id: r-1",
+                b"Authorization: Bearer t",
+                b"X-Forwarded-For: 192.0.2.1",
+            ),
+            body=b"{}",
+        )
+        seen = self.connect().requestHeaders
+        for gone in (b"keep-alive", b"te", b"upgrade", b"proxy-authorization", b"x-secret"):
+            self.assertFalse(seen.hasHeader(gone), gone)
+        self.assertEqual(seen.getRawHeaders(b"connection"), [b"close"])  # the Agent's own
+        self.assertEqual(seen.getRawHeaders(b"host"), [b"127.0.0.1:11434"])
+        self.assertEqual(seen.getRawHeaders(b"x-request-id"), [b"r-1"])
+        self.assertEqual(seen.getRawHeaders(b"authorization"), [b"Bearer t"])
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-for"), [b"192.0.2.1, 10.0.0.7"])
+
+    def test_drop_authorization(self) -> None:
+        """drop_authorization keeps the client's token from the consumer; X-Forwarded-For starts."""
+        self.start(headers=(b"Authorization: Bearer broker-token",), drop_authorization=True)
+        seen = self.connect().requestHeaders
+        self.assertFalse(seen.hasHeader(b"authorization"))
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.7"])
+
+    def test_response_headers_filtered_and_copied(self) -> None:
+        """The consumer's end-to-end headers reach the client; hop-by-hop ones do not."""
+        self.start()
+        upstream = self.connect()
+        upstream.defaultContentType = None
+        upstream.responseHeaders.setRawHeaders(b"Set-Cookie", [b"a=1", b"b=2"])
+        for name, value in (
+            (b"X-Model", b"llama3"),
+            (b"Proxy-Authenticate", b"Basic"),
+            (b"Trailer", b"X-Checksum"),
+            (b"Keep-Alive", b"timeout=5"),
+        ):
+            upstream.setHeader(name, value)
+        upstream.write(b"")
+        self.flush()
+        _, headers, _ = _parse(self.client.value())
+        self.assertEqual(headers[b"x-model"], [b"llama3"])
+        self.assertEqual(headers[b"set-cookie"], [b"a=1", b"b=2"])
+        for gone in (b"proxy-authenticate", b"trailer", b"keep-alive", b"content-type"):
+            self.assertNotIn(gone, headers)
+
+    def test_content_length_kept(self) -> None:
+        """A consumer's Content-Length reaches the client, which then gets no chunking."""
+        self.start(method=b"GET")
+        upstream = self.answer(headers={b"Content-Length": b"5"})
+        upstream.write(b"hello")
+        upstream.finish()
+        self.flush()
+        self.successResultOf(self.result)
+        self.request.finish()
+        _, headers, body = _parse(self.client.value())
+        self.assertEqual(headers[b"content-length"], [b"5"])
+        self.assertNotIn(b"transfer-encoding", headers)
+        self.assertEqual(body, b"hello")
+
+    def test_head_keeps_content_length(self) -> None:
+        """A HEAD answer keeps the consumer's Content-Length although no body follows."""
+        self.start(method=b"HEAD", path=b"/audio/a.wav")
+        upstream = self.connect()
+        self.assertEqual(upstream.method, b"HEAD")
+        upstream.setHeader(b"Content-Length", b"1234")
+        upstream.setHeader(b"Content-Type", b"audio/wav")
+        upstream.finish()
+        self.flush()
+        self.assertEqual(self.successResultOf(self.result).status, 200)
+        self.request.finish()
+        _, headers, body = _parse(self.client.value())
+        self.assertEqual(headers[b"content-length"], [b"1234"])
+        self.assertEqual(headers[b"content-type"], [b"audio/wav"])
+        self.assertEqual(body, b"")
+
+    def test_consumer_error_passed_through(self) -> None:
+        """A consumer's 418 reaches the client unchanged, phrase and body included."""
+        self.start()
+        upstream = self.connect()
+        upstream.setResponseCode(418, b"I'm a teapot")
+        upstream.write(b'{"error": "short and stout"}')
+        upstream.finish()
+        self.flush()
+        self.assertEqual(self.successResultOf(self.result).status, 418)
+        self.request.finish()
+        status, _, body = _parse(self.client.value())
+        self.assertEqual(status, b"HTTP/1.1 418 I'm a teapot")
+        self.assertIn(b'{"error": "short and stout"}', body)
+
+    # -- failures before the answer --------------------------------------
+
+    def assertBrokerError(self, code: str) -> BrokerError:
+        error = self.failureResultOf(self.result, BrokerError).value
+        assert isinstance(error, BrokerError)
+        self.assertNotIsInstance(error, RelayBroken)
+        self.assertEqual((error.code, error.consumer), (code, "ollama"))
+        self.assertFalse(self.client.disconnecting)
+        self.assertEqual(self.client.value(), b"")
+        self.assertNoTimers()
+        return error
+
+    def test_connection_refused(self) -> None:
+        """A refused connection is consumer_unreachable, naming the reason."""
+        self.start()
+        self.reactor.tcpClients[0][2].clientConnectionFailed(
+            self.reactor.connectors[0], Failure(ConnectionRefusedError())
+        )
+        self.assertIn("refused", self.assertBrokerError("consumer_unreachable").message)
+
+    def test_connection_lost_before_answer(self) -> None:
+        """A consumer that hangs up before answering is consumer_unreachable."""
+        self.start()
+        upstream = self.connect()
+        _hang_up(upstream)
+        self.flush()
+        self.assertBrokerError("consumer_unreachable")
+
+    def test_unsupported_scheme(self) -> None:
+        """A consumer URL with a scheme the Agent cannot use is bad_consumer_url."""
+        self.start(consumer=ConsumerConfig("ollama", "ftp://127.0.0.1", {}, 0))
+        self.assertBrokerError("bad_consumer_url")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_invalid_url(self) -> None:
+        """A consumer URL the Agent rejects outright is bad_consumer_url."""
+        self.start(consumer=ConsumerConfig("ollama", "http://bad host", {}, 0))
+        self.assertBrokerError("bad_consumer_url")
+
+    def test_dns_failure(self) -> None:
+        """A consumer host name that does not resolve is bad_consumer_url."""
+        self.relay = Relay(
+            cast(IAgent, _FailingAgent(DNSLookupError("no.such.host"))), self.reactor
+        )
+        self.start()
+        self.assertBrokerError("bad_consumer_url")
+
+    def test_timeout_before_answer(self) -> None:
+        """No answer within timeout_s is upstream_timeout, and the upstream request is closed."""
+        self.start()
+        upstream = self.connect()
+        self.reactor.advance(30)
+        self.assertBrokerError("upstream_timeout")
+        self.assertConsumerSawLoss(upstream)
+
+    def test_timeout_while_connecting(self) -> None:
+        """A timeout while still connecting stops the connection attempt."""
+        self.start()
+        connector = self.reactor.connectors[0]
+        self.reactor.advance(30)
+        self.assertBrokerError("upstream_timeout")
+        self.assertTrue(connector.stoppedConnecting)
+
+    # -- failures after the answer began -----------------------------------
+
+    def assertBroken(self, code: str) -> None:
+        error = self.failureResultOf(self.result, RelayBroken).value
+        assert isinstance(error, RelayBroken)
+        self.assertEqual((error.code, error.response_started), (code, True))
+        self.assertTrue(self.client.disconnecting)
+        self.assertIsNone(self.request.producer)
+        self.assertNoTimers()
+
+    def test_timeout_mid_body(self) -> None:
+        """A timeout after the answer began aborts the client and closes the upstream."""
+        self.start()
+        upstream = self.answer()
+        upstream.write(b"partial")
+        self.flush()
+        self.reactor.advance(30)
+        self.assertBroken("upstream_timeout")
+        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertConsumerSawLoss(upstream)
+
+    def test_chunks_do_not_extend_whole_timeout(self) -> None:
+        """Without idle_timeout, timeout_s bounds the whole exchange however busy the body."""
+        self.start(timeout_s=10.0)
+        upstream = self.answer()
+        self.reactor.advance(9)
+        upstream.write(b"tick")
+        self.flush()
+        self.reactor.advance(1)
+        self.assertBroken("upstream_timeout")
+
+    def test_idle_timeout_resets_per_chunk(self) -> None:
+        """With idle_timeout, each chunk restarts the timer; silence then times out."""
+        self.start(timeout_s=10.0, idle_timeout=True)
+        upstream = self.answer()
+        for _ in range(3):
+            self.reactor.advance(9)
+            upstream.write(b"tick")
+            self.flush()
+        self.assertNoResult(self.result)
+        self.reactor.advance(10)
+        self.assertBroken("upstream_timeout")
+
+    def test_upstream_lost_mid_body(self) -> None:
+        """A consumer that hangs up mid-body gets the client's connection aborted."""
+        self.start()
+        upstream = self.answer()
+        upstream.write(b"partial")
+        _hang_up(upstream)
+        self.flush()
+        self.assertBroken("consumer_unreachable")
+
+    # -- cancellation ------------------------------------------------------
+
+    def test_cancel_before_answer(self) -> None:
+        """Cancelling before the answer cancels the upstream request: CancelledError."""
+        self.start()
+        upstream = self.connect()
+        self.result.cancel()
+        self.failureResultOf(self.result, CancelledError)
+        self.assertConsumerSawLoss(upstream)
+        self.assertNoTimers()
+
+    def test_cancel_while_streaming(self) -> None:
+        """Cancelling mid-body stops the upstream transfer: CancelledError."""
+        self.start()
+        upstream = self.answer()
+        upstream.write(b"partial")
+        self.flush()
+        self.result.cancel()
+        self.failureResultOf(self.result, CancelledError)
+        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertIsNone(self.request.producer)
+        self.assertConsumerSawLoss(upstream)
+        self.assertNoTimers()
+
+    def test_client_disconnect_while_streaming(self) -> None:
+        """A client that goes away mid-body stops the upstream: CancelledError."""
+        self.start()
+        upstream = self.answer()
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(self.result, CancelledError)
+        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertConsumerSawLoss(upstream)
+        self.assertNoTimers()
+
+
+class EndpointCacheTests(SynchronousTestCase):
+    """The Agent's endpoint factory: one endpoint per origin, of the cheapest kind."""
+
+    def setUp(self) -> None:
+        self.cache = EndpointCache(MemoryReactorClock(), 5.0)
+
+    def endpoint(self, url: bytes) -> object:
+        return self.cache.endpointForURI(URI.fromBytes(url))
+
+    def test_same_origin_same_endpoint(self) -> None:
+        """The same host and port give the very same endpoint object; another port does not."""
+        first = self.endpoint(b"http://127.0.0.1:11434/api/generate")
+        self.assertIs(self.endpoint(b"http://127.0.0.1:11434/api/ps"), first)
+        self.assertIsNot(self.endpoint(b"http://127.0.0.1:8188/"), first)
+
+    def test_endpoint_kinds(self) -> None:
+        """IP literals get plain TCP endpoints, names a HostnameEndpoint, https a TLS wrapper."""
+        self.assertIsInstance(self.endpoint(b"http://127.0.0.1:1/"), TCP4ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://[::1]:1/"), TCP6ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://localhost:1/"), HostnameEndpoint)
+        tls = self.endpoint(b"https://127.0.0.1:1/")
+        self.assertNotIsInstance(tls, TCP4ClientEndpoint)
+        self.assertIsInstance(tls._wrappedEndpoint, TCP4ClientEndpoint)  # type: ignore[attr-defined]
+
+    def test_unsupported_scheme(self) -> None:
+        """A scheme other than http or https is refused with SchemeNotSupported."""
+        self.assertRaises(SchemeNotSupported, self.endpoint, b"ftp://127.0.0.1/")
