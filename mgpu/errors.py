@@ -19,11 +19,13 @@ STATUS_OF: Final[dict[str, int]] = {
     "queue_full": 503,
     "queue_timeout": 503,
     "upstream_timeout": 504,
+    # Not a contract code: a bug in the broker itself, still in the error schema.
+    "internal_error": 500,
 }
 
 
 class BrokerError(Exception):
-    """An error the broker produces itself, rendered as ``{error, message, consumer, retryable}``."""
+    """An error the broker produces itself: ``{error, message, consumer, retryable}``."""
 
     def __init__(
         self,

@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_api -*-
+"""The HTTP interface: the hot facade routes, ``/audio``, and the Klein app for the rest.
+
+``POST /v1/<kind>`` and ``/audio/*`` are dispatched on the raw request before
+Klein: the facade is the hot path, and ``/audio`` paths must be checked as the
+client sent them (werkzeug decodes ``%2F`` and merges ``//`` before routing).
+Everything else goes to a small Klein app whose 404 and 405 are rendered in
+the broker's error schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Coroutine
+from typing import Any, cast
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from mgpu.config import KINDS
+from mgpu.errors import BrokerError
+from mgpu.facade import Facade
+from mgpu.relay import RelayBroken
+from mgpu.status import StatusView
+
+log = Logger()
+
+_FACADE_PATHS = {f"/v1/{kind}".encode(): kind for kind in KINDS}
+_AUDIO_PREFIX = b"/audio/"
+#: ``..``, ``//``, backslashes, percent-encoded dots, slashes and backslashes, or a scheme.
+_UNSAFE_AUDIO = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00|^[a-z][a-z0-9+.-]*:", re.I)
+
+
+def audio_target(uri: bytes) -> bytes:
+    """The consumer path for a raw ``/audio/...`` request URI, or ``bad_request``."""
+    path, sep, query = uri.partition(b"?")
+    rest = path[len(_AUDIO_PREFIX) :]
+    if not path.startswith(_AUDIO_PREFIX) or not rest or _UNSAFE_AUDIO.search(rest):
+        raise BrokerError("bad_request", "the /audio path must stay under /audio/")
+    return path + sep + query
+
+
+def render_error(request: Request, error: BrokerError) -> bytes:
+    """Write ``error`` as the broker's JSON error response and return its body."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    return error.body()
+
+
+class BrokerResource(Resource):
+    """The root resource: every request of the daemon starts here."""
+
+    isLeaf = True
+
+    def __init__(self, facade: Facade, status: StatusView) -> None:
+        super().__init__()
+        self._facade = facade
+        self._app = BrokerApp(status)
+        self._rest = self._app.app.resource()
+
+    def render(self, request: Request) -> bytes | int:
+        path = request.path
+        kind = _FACADE_PATHS.get(path)
+        if kind is not None:
+            if request.method != b"POST":
+                return _not_allowed(request, "POST")
+            return self._respond(request, self._facade.serve_kind(request, kind))
+        if path.startswith(_AUDIO_PREFIX) or b"/audio/" in request.uri.split(b"?")[0]:
+            if request.method not in (b"GET", b"HEAD"):
+                return _not_allowed(request, "GET, HEAD")
+            try:
+                target = audio_target(request.uri)
+            except BrokerError as e:
+                return render_error(request, e)
+            return self._respond(request, self._facade.serve_audio(request, target))
+        return cast(bytes | int, self._rest.render(request))
+
+    def _respond(self, request: Request, work: Coroutine[Any, Any, None]) -> int:
+        """Run a proxied request; cancel it if the client leaves; render broker errors."""
+        done = Deferred.fromCoroutine(work)
+        client_gone = False
+
+        def left(_: Failure) -> None:
+            nonlocal client_gone
+            client_gone = True
+            done.cancel()
+
+        request.notifyFinish().addErrback(left)
+
+        def failed(failure: Failure) -> None:
+            if client_gone or failure.check(CancelledError):
+                return
+            if failure.check(RelayBroken):
+                return  # the answer had begun: the relay cut the connection
+            error = failure.value
+            if not isinstance(error, BrokerError):
+                log.failure("unexpected error serving {uri}", failure, uri=request.uri)
+                error = BrokerError("internal_error", "the broker failed; see its log")
+            request.write(render_error(request, error))
+
+        def finish(_: object) -> None:
+            if not client_gone and not request.finished:
+                request.finish()
+
+        done.addCallbacks(lambda _: None, failed).addCallback(finish)
+        return NOT_DONE_YET
+
+
+def _not_allowed(request: Request, allow: str) -> bytes:
+    request.setHeader(b"allow", allow.encode("ascii"))
+    return render_error(
+        request,
+        BrokerError("method_not_allowed", f"{request.uri.decode('latin-1')} allows {allow}"),
+    )
+
+
+class BrokerApp:
+    """The Klein routes that are not on the hot path."""
+
+    app = Klein()
+
+    def __init__(self, status: StatusView) -> None:
+        self._status = status
+
+    @app.route("/v1/status", methods=["GET", "HEAD"])
+    def status(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self._status.document()).encode("utf-8")
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"status":"ok"}'
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        path = cast(Request, request).path.decode("latin-1")
+        return render_error(cast(Request, request), BrokerError("not_found", f"no route {path}"))
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        return _not_allowed(cast(Request, request), ", ".join(allowed))

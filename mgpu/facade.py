@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_facade -*-
+"""One proxied request, from the health gate through the GPU lease to the relay.
+
+``/v1/<kind>`` requests are scheduled: they wait for the GPU lease, are relayed
+to the routed consumer, and release the lease when the consumer has answered
+(or, for ``hold_until`` routes, when the consumer's job is really over).
+``/audio/*`` requests go straight to the relay: they are file downloads, not
+GPU work.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping
+from urllib.parse import quote
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+
+from mgpu.config import Config, ConsumerConfig, HoldUntil
+from mgpu.control import ConsumerControl
+from mgpu.errors import BrokerError
+from mgpu.registry import HealthProber, Registry
+from mgpu.relay import Relay, RelayResult
+from mgpu.scheduler import GpuScheduler, Lease
+
+log = Logger()
+
+#: How much of a ``hold_until`` answer is kept to find the job's id in it.
+HOLD_CAPTURE_BYTES = 64 * 1024
+
+
+@frozen
+class Facade:
+    """Serves the facade routes with the broker's collaborators."""
+
+    config: Config
+    registry: Registry
+    prober: HealthProber
+    scheduler: GpuScheduler
+    relay: Relay
+    control: ConsumerControl
+    clock: IReactorTime
+
+    async def serve_kind(self, request: Request, kind: str) -> None:
+        """Schedule ``POST /v1/<kind>`` and relay it to the routed consumer."""
+        consumer = self.config.consumer_for(kind)
+        if consumer is None:
+            raise BrokerError("no_consumer", f"routing names no consumer for {kind!r}")
+        await self._admit(consumer)
+        route = consumer.paths[kind]
+        target = _with_query(route.path.encode("ascii"), request.uri)
+        hold = route.hold_until
+
+        def job(lease: Lease) -> Deferred[RelayResult]:
+            forwarded = self._forward(
+                request,
+                consumer,
+                route.method.encode("ascii"),
+                target,
+                capture=HOLD_CAPTURE_BYTES if hold else 0,
+            )
+            if hold is not None:
+                forwarded.addCallback(self._hold_lease, lease, consumer, hold)
+            return forwarded
+
+        await self.scheduler.run(consumer.name, job)
+
+    async def serve_audio(self, request: Request, target: bytes) -> None:
+        """Relay ``GET``/``HEAD /audio/...`` to the audio consumer, unscheduled."""
+        name = self.config.audio_proxy
+        if name is None:
+            raise BrokerError("no_consumer", "audio_proxy names no consumer")
+        consumer = self.config.consumers[name]
+        await self._admit(consumer)
+        await self._forward(request, consumer, request.method, target, idle_timeout=True)
+
+    async def _admit(self, consumer: ConsumerConfig) -> None:
+        """Refuse at once a consumer whose last probe failed; probe it first if never probed."""
+        state = self.registry[consumer.name]
+        if state.healthy is None:
+            await self.prober.probe(consumer.name)
+        if state.healthy is False:
+            self.scheduler.reject()
+            raise BrokerError(
+                "consumer_unreachable",
+                f"upstream {consumer.name} last probe failed: {state.last_error}",
+                consumer.name,
+            )
+
+    def _forward(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: bytes,
+        target: bytes,
+        *,
+        capture: int = 0,
+        idle_timeout: bool = False,
+    ) -> Deferred[RelayResult]:
+        d = self.relay.forward(
+            request,
+            consumer,
+            method,
+            target,
+            timeout_s=consumer.timeout_s,
+            idle_timeout=idle_timeout,
+            capture=capture,
+            drop_authorization=self.config.auth.token_file is not None,
+        )
+
+        def answered(result: RelayResult) -> RelayResult:
+            self.registry.mark_loaded(consumer.name)
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            error = failure.value
+            if isinstance(error, BrokerError) and error.code == "consumer_unreachable":
+                self.registry.mark_unreachable(consumer.name, error.message)
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+    def _hold_lease(
+        self, result: RelayResult, lease: Lease, consumer: ConsumerConfig, hold: HoldUntil
+    ) -> RelayResult:
+        """Keep the lease until the consumer's job shows as done, if it was accepted."""
+        if 200 <= result.status < 300:
+            path = _hold_path(hold.path, result.body_head)
+            if path is None:
+                log.warn(
+                    "{consumer}: cannot fill {path} from its answer; lease released",
+                    consumer=consumer.name,
+                    path=hold.path,
+                )
+            else:
+                lease.hold_until(Deferred.fromCoroutine(self._poll_done(consumer, hold, path)))
+        return result
+
+    async def _poll_done(self, consumer: ConsumerConfig, hold: HoldUntil, path: str) -> None:
+        """Poll ``path`` until it returns a non-empty JSON object, or ``timeout_s`` passes."""
+        deadline = self.clock.seconds() + consumer.timeout_s
+        while True:
+            try:
+                status, body = await self.control.get_json(consumer, path, hold.interval_s * 4)
+            except BrokerError as e:
+                log.warn("{consumer}: polling {path}: {error}", consumer=consumer.name,
+                         path=path, error=e.message)  # fmt: skip
+            else:
+                if status == 200 and isinstance(body, dict) and body:
+                    return
+            if self.clock.seconds() + hold.interval_s > deadline:
+                log.warn(
+                    "{consumer}: {path} not done after {timeout} s; lease released",
+                    consumer=consumer.name, path=path, timeout=consumer.timeout_s,
+                )  # fmt: skip
+                return
+            await deferLater(self.clock, hold.interval_s, lambda: None)
+
+
+def _with_query(path: bytes, uri: bytes) -> bytes:
+    """The consumer path with the client's query string, unchanged."""
+    _, sep, query = uri.partition(b"?")
+    return path + sep + query if sep else path
+
+
+def _hold_path(template: str, answer: bytes) -> str | None:
+    """``template`` with each ``{field}`` taken from the JSON answer, or None."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return None
+    if not isinstance(data, Mapping):
+        return None
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    values = {name: data.get(name) for name in fields}
+    if any(not isinstance(v, str | int) or isinstance(v, bool) for v in values.values()):
+        return None
+    return template.format_map({k: quote(str(v), safe="") for k, v in values.items()})

@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_tap -*-
+"""``twistd mgpumanager``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.server import Site
+
+from mgpu.api import BrokerResource
+from mgpu.config import Config, ConfigError, load_config
+from mgpu.control import ConsumerControl
+from mgpu.facade import Facade
+from mgpu.gpu import GpuPoller, GpuReader, reader_for
+from mgpu.registry import HealthProber, Registry
+from mgpu.relay import Relay, make_agent
+from mgpu.scheduler import GpuScheduler
+from mgpu.status import StatusView
+
+#: Idle upstream connections are closed before the consumers' own keep-alive
+#: (uvicorn's default is 5 s) so a reused connection is never one they just closed.
+CACHED_CONNECTION_TIMEOUT_S = 4
+
+
+class Options(usage.Options):
+    """``twistd mgpumanager [--config PATH | --demo] [--listen ENDPOINT]``."""
+
+    optParameters = [
+        ["config", "c", "config/consumers.yaml", "The configuration file (YAML)."],
+        ["listen", "l", None, "A Twisted server endpoint; overrides listen: in the file."],
+    ]
+    optFlags = [["demo", None, "Run simulated consumers and a simulated GPU inside the daemon."]]
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """Build the daemon's services, or exit with status 2 on a bad configuration."""
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        if options["demo"]:
+            config, gpu_reader, demo = _demo(reactor)
+        else:
+            config, gpu_reader, demo = load_config(options["config"]), None, None
+        listen = options["listen"] or config.listen
+        try:
+            endpoint = serverFromString(reactor, listen)
+        except (ValueError, KeyError, TypeError) as e:
+            field = "--listen" if options["listen"] else f"{options['config']}: listen"
+            raise ConfigError(field, "", f"not a usable endpoint {listen!r}: {e}") from None
+    except ConfigError as e:
+        sys.stderr.write(f"mgpumanager: {e}\n")
+        raise SystemExit(2) from None
+    return build_service(config, reactor, endpoint, gpu_reader, demo)
+
+
+def build_service(
+    config: Config,
+    reactor: Any,
+    endpoint: Any,
+    gpu_reader: GpuReader | None = None,
+    extra: IService | None = None,
+) -> MultiService:
+    """The daemon: web server, health prober and GPU poller, sharing one set of collaborators."""
+    relay_pool = _pool(reactor, max_per_host=32)
+    control_pool = _pool(reactor, max_per_host=4)
+
+    registry = Registry(config.consumers, reactor)
+    control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
+    prober = HealthProber(registry, control, reactor, config.health)
+    poller = GpuPoller(
+        gpu_reader or reader_for(config.gpu, reactor), reactor, config.gpu.poll_interval_s
+    )
+    scheduler = GpuScheduler(registry, reactor)
+    facade = Facade(
+        config=config,
+        registry=registry,
+        prober=prober,
+        scheduler=scheduler,
+        relay=Relay(make_agent(reactor, relay_pool), reactor),
+        control=control,
+        clock=reactor,
+    )
+    site = Site(
+        BrokerResource(facade, StatusView(poller, registry, scheduler)),
+        parsePOSTFormSubmission=False,
+    )
+    site.displayTracebacks = False
+
+    top = MultiService()
+    if extra is not None:
+        extra.setServiceParent(top)
+    _Cleanup(scheduler, (relay_pool, control_pool)).setServiceParent(top)
+    poller.setServiceParent(top)
+    prober.setServiceParent(top)
+    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    return top
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """Upstream connections come and go all day: do not log each one."""
+
+    noisy = False
+
+
+def _pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max_per_host
+    pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT_S
+    pool._factory = _QuietClientFactory
+    return pool
+
+
+class _Cleanup(Service):
+    """On shutdown: cancel detached GPU work and close the connection pools."""
+
+    def __init__(self, scheduler: GpuScheduler, pools: tuple[HTTPConnectionPool, ...]) -> None:
+        self._scheduler = scheduler
+        self._pools = pools
+
+    def stopService(self) -> Deferred[object]:
+        super().stopService()
+        self._scheduler.stop()
+        return gatherResults([pool.closeCachedConnections() for pool in self._pools])  # type: ignore[return-value]
+
+
+def _demo(reactor: Any) -> tuple[Config, GpuReader, IService]:
+    """Start the simulated consumers now, so the configuration can name their ports."""
+    from mgpu.sim import start_demo
+
+    started = start_demo(reactor)
+    result: list[Any] = []
+    started.addBoth(result.append)
+    if not result or isinstance(result[0], BaseException) or hasattr(result[0], "raiseException"):
+        raise ConfigError("--demo", "", f"the simulated consumers could not start: {result}")
+    demo = result[0]
+    return demo.config, demo.gpu_reader, demo.service()
