@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, cast
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -27,24 +27,36 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from mgpu.config import KINDS
 from mgpu.errors import BrokerError
 from mgpu.facade import Facade
-from mgpu.relay import RelayBroken
+from mgpu.relay import RelayBroken, abort_connection
 from mgpu.status import StatusView
 
 log = Logger()
 
 _FACADE_PATHS = {f"/v1/{kind}".encode(): kind for kind in KINDS}
 _AUDIO_PREFIX = b"/audio/"
-#: ``..``, ``//``, backslashes, percent-encoded dots, slashes and backslashes, or a scheme.
-_UNSAFE_AUDIO = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00|^[a-z][a-z0-9+.-]*:", re.I)
+#: ``.`` and ``..`` segments, ``//`` (absolute URLs too), backslashes, and
+#: percent-encoded dots, slashes, backslashes and NULs.
+_UNSAFE_AUDIO = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00", re.I)
 
 
 def audio_target(uri: bytes) -> bytes:
     """The consumer path for a raw ``/audio/...`` request URI, or ``bad_request``."""
     path, sep, query = uri.partition(b"?")
     rest = path[len(_AUDIO_PREFIX) :]
-    if not path.startswith(_AUDIO_PREFIX) or not rest or _UNSAFE_AUDIO.search(rest):
+    # ``rest`` starting with "/" is a ``//`` across the prefix: /audio//etc/passwd.
+    if (
+        not path.startswith(_AUDIO_PREFIX)
+        or not rest
+        or rest.startswith(b"/")
+        or _UNSAFE_AUDIO.search(rest)
+    ):
         raise BrokerError("bad_request", "the /audio path must stay under /audio/")
     return path + sep + query
+
+
+def _absolute_audio(uri: bytes) -> bool:
+    """An absolute-form request line for /audio (``GET http://host/audio/x``): refused."""
+    return not uri.startswith(b"/") and b"/audio/" in uri.partition(b"?")[0]
 
 
 def render_error(request: Request, error: BrokerError) -> bytes:
@@ -74,7 +86,7 @@ class BrokerResource(Resource):
             if request.method != b"POST":
                 return _not_allowed(request, "POST")
             return self._respond(request, self._facade.serve_kind(request, kind))
-        if path.startswith(_AUDIO_PREFIX) or b"/audio/" in request.uri.split(b"?")[0]:
+        if path.startswith(_AUDIO_PREFIX) or _absolute_audio(request.uri):
             if request.method not in (b"GET", b"HEAD"):
                 return _not_allowed(request, "GET, HEAD")
             try:
@@ -86,29 +98,47 @@ class BrokerResource(Resource):
 
     def _respond(self, request: Request, work: Coroutine[Any, Any, None]) -> int:
         """Run a proxied request; cancel it if the client leaves; render broker errors."""
-        done = Deferred.fromCoroutine(work)
         client_gone = False
+        done: Deferred[None] | None = None
 
         def left(_: Failure) -> None:
             nonlocal client_gone
             client_gone = True
-            done.cancel()
+            if done is not None:
+                done.cancel()
 
+        # Registered before the work starts: the relay watches the same
+        # request, and whichever hears of the loss first, client_gone is set
+        # by then (else finish() would run on a request whose connection is gone).
         request.notifyFinish().addErrback(left)
+        done = Deferred.fromCoroutine(work)
+        cut = False
 
         def failed(failure: Failure) -> None:
-            if client_gone or failure.check(CancelledError):
+            nonlocal cut
+            if client_gone:
                 return
             if failure.check(RelayBroken):
+                cut = True
                 return  # the answer had begun: the relay cut the connection
             error = failure.value
             if not isinstance(error, BrokerError):
+                # CancelledError included: the client is still here, so nothing
+                # of ours should have cancelled its request.
                 log.failure("unexpected error serving {uri}", failure, uri=request.uri)
                 error = BrokerError("internal_error", "the broker failed; see its log")
+            if request.startedWriting:
+                # The status line is out: an error body would be appended to the
+                # answer. Cut the connection so the client sees it truncated.
+                if error.code != "internal_error":
+                    log.warn("{uri}: {error} after the answer began", uri=request.uri, error=error)
+                cut = True
+                abort_connection(request)
+                return
             request.write(render_error(request, error))
 
         def finish(_: object) -> None:
-            if not client_gone and not request.finished:
+            if not client_gone and not cut and not request.finished:
                 request.finish()
 
         done.addCallbacks(lambda _: None, failed).addCallback(finish)

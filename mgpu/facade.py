@@ -66,6 +66,7 @@ class Facade:
                 target,
                 capture=HOLD_CAPTURE_BYTES if hold else 0,
             )
+            forwarded.addCallback(self._served, consumer)
             if hold is not None:
                 forwarded.addCallback(self._hold_lease, lease, consumer, hold)
             return forwarded
@@ -115,17 +116,22 @@ class Facade:
             drop_authorization=self.config.auth.token_file is not None,
         )
 
-        def answered(result: RelayResult) -> RelayResult:
-            self.registry.mark_loaded(consumer.name)
-            return result
-
         def failed(failure: Failure) -> Failure:
             error = failure.value
             if isinstance(error, BrokerError) and error.code == "consumer_unreachable":
                 self.registry.mark_unreachable(consumer.name, error.message)
             return failure
 
-        return d.addCallbacks(answered, failed)
+        return d.addErrback(failed)
+
+    def _served(self, result: RelayResult, consumer: ConsumerConfig) -> RelayResult:
+        """A scheduled request was answered: its consumer is loaded.
+
+        Only GPU requests say so; an ``/audio`` download is served from disk
+        whether or not the model is resident.
+        """
+        self.registry.mark_loaded(consumer.name)
+        return result
 
     def _hold_lease(
         self, result: RelayResult, lease: Lease, consumer: ConsumerConfig, hold: HoldUntil
@@ -147,8 +153,11 @@ class Facade:
         """Poll ``path`` until it returns a non-empty JSON object, or ``timeout_s`` passes."""
         deadline = self.clock.seconds() + consumer.timeout_s
         while True:
+            remaining = deadline - self.clock.seconds()
             try:
-                status, body = await self.control.get_json(consumer, path, hold.interval_s * 4)
+                status, body = await self.control.get_json(
+                    consumer, path, max(0.001, min(hold.interval_s * 4, remaining))
+                )
             except BrokerError as e:
                 log.warn("{consumer}: polling {path}: {error}", consumer=consumer.name,
                          path=path, error=e.message)  # fmt: skip
@@ -174,7 +183,7 @@ def _hold_path(template: str, answer: bytes) -> str | None:
     """``template`` with each ``{field}`` taken from the JSON answer, or None."""
     try:
         data = json.loads(answer)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, Mapping):
         return None

@@ -386,7 +386,7 @@ class _Exchange(Protocol):
         elif self._producer is not None:
             self._producer.stopProducing()
         if isinstance(error, RelayBroken):
-            _abort(self._request)
+            abort_connection(self._request)
         self.result.errback(error)
 
 
@@ -395,7 +395,7 @@ def _channel(request: Request) -> object:
     return getattr(request, "channel", None)
 
 
-def _abort(request: Request) -> None:
+def abort_connection(request: Request) -> None:
     """Cut the client's connection so it sees a truncated answer, not a complete one."""
     channel: Any = _channel(request)
     # An HTTP/2 stream resets itself; an HTTP/1.1 channel's transport is the connection.

@@ -1,0 +1,539 @@
+"""Tests for mgpu.api and mgpu.status: routing, the error schema, /audio paths, the status document.
+
+Requests are real HTTP/1.1 bytes fed to a ``Site`` around ``BrokerResource``
+over a ``StringTransport``; the facade is a stand-in whose behaviour each test
+sets, except where a test needs the real one (``tests.test_facade.Broker``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
+
+from mgpu.api import BrokerResource, audio_target
+from mgpu.config import KINDS
+from mgpu.errors import BrokerError
+from mgpu.facade import Facade
+from mgpu.gpu import GpuPoller, GpuSnapshot
+from mgpu.registry import Registry
+from mgpu.relay import RelayBroken
+from mgpu.scheduler import GpuScheduler
+from mgpu.status import StatusView
+from tests.test_facade import Broker, Client, make_config
+
+ERROR_KEYS = {"error", "message", "consumer", "retryable"}
+
+Behaviour = Callable[[Request], Awaitable[None]]
+
+
+async def _serve_ok(request: Request) -> None:
+    request.setResponseCode(200)
+    request.write(b"served")
+
+
+class FakeFacade:
+    """Records what BrokerResource hands it; does what ``behaviour`` says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str | bytes, bytes]] = []
+        self.requests: list[Request] = []
+        self.behaviour: Behaviour = _serve_ok
+
+    async def serve_kind(self, request: Request, kind: str) -> None:
+        assert request.content is not None
+        self.calls.append(("kind", kind, request.content.read()))
+        self.requests.append(request)
+        await self.behaviour(request)
+
+    async def serve_audio(self, request: Request, target: bytes) -> None:
+        self.calls.append(("audio", target, request.method))
+        self.requests.append(request)
+        await self.behaviour(request)
+
+
+class Recording:
+    """The real facade, with the requests it is handed recorded."""
+
+    def __init__(self, facade: Facade) -> None:
+        self.facade = facade
+        self.requests: list[Request] = []
+
+    async def serve_kind(self, request: Request, kind: str) -> None:
+        self.requests.append(request)
+        await self.facade.serve_kind(request, kind)
+
+
+class CountingReader:
+    """A GPU reader that counts its reads; the status document must never cause one."""
+
+    source = "nvml"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        self.reads += 1
+        return succeed(SNAPSHOT)
+
+
+SNAPSHOT = GpuSnapshot(
+    source="nvml",
+    ok=True,
+    error=None,
+    index=0,
+    name="NVIDIA GeForce RTX 4090",
+    total_mib=24564,
+    used_mib=16012,
+    free_mib=8552,
+    read_at=datetime(2026, 11, 26, 22, 0, 0, tzinfo=UTC),
+)
+
+
+class ApiTestCase(SynchronousTestCase):
+    """Shared set-up: a BrokerResource over a FakeFacade and a real StatusView."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.facade = FakeFacade()
+        self.registry = Registry(make_config().consumers, self.clock)
+        self.scheduler = GpuScheduler(self.registry, self.clock)
+        self.reader = CountingReader()
+        self.poller = GpuPoller(self.reader, self.clock, 2.0)
+        self.status = StatusView(self.poller, self.registry, self.scheduler)
+        self.resource = BrokerResource(cast(Facade, self.facade), self.status)
+
+    def send(
+        self, method: bytes, uri: bytes, body: bytes = b"", headers: tuple[bytes, ...] = ()
+    ) -> Client:
+        client = Client(self.resource)
+        client.send(method, uri, body, headers)
+        return client
+
+    def assertError(
+        self, client: Client, status: int, code: str, consumer: str | None = None
+    ) -> tuple[dict[bytes, list[bytes]], dict[str, Any]]:
+        """The answer is the broker's JSON error ``code`` with ``status``, and nothing else."""
+        got, headers, body = client.response()
+        self.assertEqual(got, status)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        document = json.loads(body)
+        self.assertEqual(set(document), ERROR_KEYS)
+        self.assertEqual(
+            (document["error"], document["consumer"], document["retryable"]),
+            (code, consumer, status >= 500),
+        )
+        self.assertIsInstance(document["message"], str)
+        self.assertTrue(document["message"])
+        return headers, document
+
+    def fail_with(self, error: BaseException) -> None:
+        async def behaviour(request: Request) -> None:
+            raise error
+
+        self.facade.behaviour = behaviour
+
+
+class RoutingTests(ApiTestCase):
+    """Which requests reach the facade, Klein, or an error."""
+
+    def test_post_kind_reaches_facade(self) -> None:
+        """POST /v1/tts hands the request and its body to serve_kind("tts"); the answer ends."""
+        client = self.send(b"POST", b"/v1/tts?voice=a", b'{"text": "hi"}')
+        self.assertEqual(self.facade.calls, [("kind", "tts", b'{"text": "hi"}')])
+        self.assertEqual(self.facade.requests[0].uri, b"/v1/tts?voice=a")
+        status, _, body = client.response()
+        self.assertEqual((status, body), (200, b"served"))
+        self.assertTrue(client.transport.value().endswith(b"0\r\n\r\n"))
+
+    def test_every_kind_routed(self) -> None:
+        """Each of the four kinds reaches serve_kind under its own name."""
+        for kind in KINDS:
+            self.send(b"POST", b"/v1/" + kind.encode())
+        self.assertEqual([kind for _, kind, _ in self.facade.calls], list(KINDS))
+
+    def test_kind_with_other_method(self) -> None:
+        """GET, PUT, DELETE or HEAD /v1/tts is 405 with Allow: POST; the facade is not called."""
+        for method in (b"GET", b"PUT", b"DELETE"):
+            client = self.send(method, b"/v1/tts")
+            headers, _ = self.assertError(client, 405, "method_not_allowed")
+            self.assertEqual(headers[b"allow"], [b"POST"])
+        head = self.send(b"HEAD", b"/v1/tts")
+        self.assertEqual(head.response()[0], 405)
+        self.assertEqual(self.facade.calls, [])
+
+    def test_unknown_path(self) -> None:
+        """Paths that are no route are 404 not_found, whatever the method."""
+        for method, path in (
+            (b"GET", b"/"),
+            (b"GET", b"/v1"),
+            (b"POST", b"/v1/video"),
+            (b"POST", b"/v1/tts/extra"),
+            (b"GET", b"/v1/status/x"),
+            (b"POST", b"/v2/tts"),
+        ):
+            client = self.send(method, path)
+            _, document = self.assertError(client, 404, "not_found")
+            self.assertIn(path.decode(), document["message"])
+        self.assertEqual(self.facade.calls, [])
+
+    def test_status(self) -> None:
+        """GET /v1/status is 200 JSON, not cached, and is the StatusView's document."""
+        self.scheduler.reject()
+        client = self.send(b"GET", b"/v1/status")
+        status, headers, body = client.response()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertEqual(headers[b"cache-control"], [b"no-store"])
+        self.assertEqual(json.loads(body), self.status.document())
+        self.assertEqual(json.loads(body)["scheduler"]["rejected"], 1)
+        self.assertEqual(self.reader.reads, 0)
+
+    def test_healthz(self) -> None:
+        """GET /healthz is 200 {"status":"ok"} as JSON."""
+        status, headers, body = self.send(b"GET", b"/healthz").response()
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+
+    def test_status_other_method(self) -> None:
+        """POST /v1/status and DELETE /healthz are 405 with an Allow naming GET."""
+        for path in (b"/v1/status", b"/healthz"):
+            client = self.send(b"POST" if path == b"/v1/status" else b"DELETE", path)
+            headers, _ = self.assertError(client, 405, "method_not_allowed")
+            self.assertIn(b"GET", headers[b"allow"][0].split(b", "))
+            self.assertNotIn(b"POST", headers[b"allow"][0].split(b", "))
+
+
+class ErrorTests(ApiTestCase):
+    """Errors from the facade in the broker's JSON schema."""
+
+    def test_broker_error_rendered(self) -> None:
+        """A BrokerError from the facade is its status and its exact JSON body."""
+        error = BrokerError("consumer_unreachable", "upstream mvoice is gone", "mvoice")
+        self.fail_with(error)
+        client = self.send(b"POST", b"/v1/tts")
+        _, document = self.assertError(client, 502, "consumer_unreachable", "mvoice")
+        self.assertEqual(document, error.to_dict())
+
+    def test_error_headers_kept(self) -> None:
+        """A queue_full error keeps its Retry-After header and is 503 retryable."""
+        self.fail_with(BrokerError("queue_full", "256 waiting", "ollama", {"Retry-After": "7"}))
+        headers, _ = self.assertError(self.send(b"POST", b"/v1/llm"), 503, "queue_full", "ollama")
+        self.assertEqual(headers[b"retry-after"], [b"7"])
+
+    def test_not_retryable_below_500(self) -> None:
+        """A 4xx broker error such as payload_too_large is not retryable."""
+        self.fail_with(BrokerError("payload_too_large", "body over 512 MiB"))
+        self.assertError(self.send(b"POST", b"/v1/stt"), 413, "payload_too_large")
+
+    def test_no_consumer_from_real_facade(self) -> None:
+        """A kind that routing does not name is 404 no_consumer from the real facade."""
+        broker = Broker(make_config(routing={"tts": "mvoice"}))
+        self.resource = BrokerResource(broker.facade, self.status)
+        client = self.send(b"POST", b"/v1/image", b"{}")
+        _, document = self.assertError(client, 404, "no_consumer")
+        self.assertIn("image", document["message"])
+        self.assertEqual(broker.consumers["comfyui"].received, [])
+
+    def test_unexpected_exception(self) -> None:
+        """An unexpected exception is a 500 internal_error that hides its text, and is logged."""
+        self.fail_with(ZeroDivisionError("secret detail"))
+        client = self.send(b"POST", b"/v1/tts")
+        _, document = self.assertError(client, 500, "internal_error")
+        self.assertNotIn("secret", document["message"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_unexpected_exception_after_answer_began(self) -> None:
+        """An exception after the answer began cuts the connection instead of appending JSON."""
+
+        async def behaviour(request: Request) -> None:
+            request.setResponseCode(200)
+            request.write(b"partial")
+            raise ZeroDivisionError("late")
+
+        self.facade.behaviour = behaviour
+        client = self.send(b"POST", b"/v1/tts")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        raw = client.transport.value()
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"))
+        self.assertNotIn(b"internal_error", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"))
+        self.assertTrue(client.transport.disconnecting)
+
+    def test_cancelled_while_client_present(self) -> None:
+        """A CancelledError while the client is still there is a logged 500, not an empty 200."""
+        self.fail_with(CancelledError())
+        client = self.send(b"POST", b"/v1/tts")
+        self.assertError(client, 500, "internal_error")
+        self.assertEqual(len(self.flushLoggedErrors(CancelledError)), 1)
+
+    def test_relay_broken_not_written(self) -> None:
+        """A RelayBroken (the relay already cut the answer) writes nothing more and no finish."""
+
+        async def behaviour(request: Request) -> None:
+            request.setResponseCode(200)
+            request.write(b"partial")
+            raise RelayBroken("upstream_timeout", "ollama went silent", "ollama")
+
+        self.facade.behaviour = behaviour
+        client = self.send(b"POST", b"/v1/llm")
+        raw = client.transport.value()
+        self.assertTrue(raw.endswith(b"7\r\npartial\r\n"), raw)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class AudioTests(ApiTestCase):
+    """/audio/*: methods, and paths that must stay under /audio/."""
+
+    REFUSED = (
+        b"/audio/../v1/status",
+        b"/audio/a/../../etc/passwd",
+        b"/audio/..",
+        b"/audio/./a.wav",
+        b"/audio/a/.",
+        b"/audio//etc/passwd",
+        b"/audio/a//b.wav",
+        b"/audio/a\\..\\b.wav",
+        b"/audio/%2e%2e/v1/status",
+        b"/audio/%2E%2E/v1/status",
+        b"/audio/.%2e/x",
+        b"/audio/a%2fb.wav",
+        b"/audio/a%2Fb.wav",
+        b"/audio/a%5cb.wav",
+        b"/audio/a%5Cb.wav",
+        b"/audio/a%00.wav",
+        b"/audio/http://evil.example/x",
+        b"/audio/",
+    )
+
+    def test_post_is_405(self) -> None:
+        """POST /audio/x is 405 method_not_allowed with Allow: GET, HEAD."""
+        headers, _ = self.assertError(self.send(b"POST", b"/audio/x"), 405, "method_not_allowed")
+        self.assertEqual(headers[b"allow"], [b"GET, HEAD"])
+        self.assertEqual(self.facade.calls, [])
+
+    def test_get_and_head_reach_facade(self) -> None:
+        """GET and HEAD /audio/... reach serve_audio with the path and query as sent."""
+        self.send(b"GET", b"/audio/out/a-1.wav?dl=1&t=2")
+        self.send(b"HEAD", b"/audio/b.mp3")
+        self.assertEqual(
+            self.facade.calls,
+            [
+                ("audio", b"/audio/out/a-1.wav?dl=1&t=2", b"GET"),
+                ("audio", b"/audio/b.mp3", b"HEAD"),
+            ],
+        )
+
+    def test_unsafe_paths_refused(self) -> None:
+        """Traversal, empty segments, backslashes, encoded dots or slashes and URLs are 400."""
+        for path in self.REFUSED:
+            client = self.send(b"GET", path)
+            got = client.response()[0]
+            self.assertEqual(got, 400, path)
+            self.assertError(client, 400, "bad_request")
+        self.assertEqual(self.facade.calls, [])
+
+    def test_absolute_uri_request_line(self) -> None:
+        """A request line with an absolute URI (GET http://host/audio/x) is 400 bad_request."""
+        for uri in (b"http://host/audio/x", b"https://host:8770/audio/a.wav?dl=1"):
+            client = self.send(b"GET", uri)
+            self.assertEqual(self.facade.requests, [])
+            self.assertError(client, 400, "bad_request")
+
+    def test_audio_target_refuses(self) -> None:
+        """audio_target raises bad_request for every unsafe path, with or without a query."""
+        for path in (*self.REFUSED, b"http://host/audio/x", b"//audio/x", b"/v1/audio/x"):
+            for uri in (path, path + b"?x=1"):
+                with self.assertRaises(BrokerError, msg=repr(uri)) as caught:
+                    audio_target(uri)
+                self.assertEqual(caught.exception.code, "bad_request")
+
+    def test_audio_target_accepts(self) -> None:
+        """Ordinary names, dots inside names and a query with anything in it are kept as sent."""
+        for uri in (
+            b"/audio/a.wav",
+            b"/audio/out/2026/a b.wav",
+            b"/audio/a..b.wav",
+            b"/audio/.hidden.wav",
+            b"/audio/...",
+            b"/audio/a%20b.wav",
+            b"/audio/a.wav?dl=1&next=/../x",
+            b"/audio/a.wav?",
+            b"/audio/take:1.wav",
+        ):
+            self.assertEqual(audio_target(uri), uri)
+
+    def test_audio_elsewhere_in_path_is_not_found(self) -> None:
+        """A path that merely contains /audio/ further in is an unknown route, 404 not_found."""
+        self.assertError(self.send(b"GET", b"/foo/audio/x"), 404, "not_found")
+        self.assertEqual(self.facade.calls, [])
+
+
+class DisconnectTests(ApiTestCase):
+    """A client that leaves while the facade works."""
+
+    def pending(self) -> tuple[Deferred[None], list[str]]:
+        """Make the facade wait on a Deferred whose cancellation is recorded."""
+        events: list[str] = []
+        waiting: Deferred[None] = Deferred(lambda _: events.append("cancelled"))
+
+        async def behaviour(request: Request) -> None:
+            try:
+                await waiting
+            except CancelledError:
+                events.append("facade saw CancelledError")
+                raise
+
+        self.facade.behaviour = behaviour
+        return waiting, events
+
+    def spy(self, request: Request) -> list[str]:
+        """Record every write and finish on ``request`` from now on."""
+        calls: list[str] = []
+        self.patch(request, "write", lambda data: calls.append(f"write {data!r}"))
+        self.patch(request, "finish", lambda: calls.append("finish"))
+        self.patch(request, "setResponseCode", lambda *a: calls.append(f"code {a!r}"))
+        return calls
+
+    def test_disconnect_cancels_facade(self) -> None:
+        """A client that disconnects cancels the facade's work; nothing is written afterwards."""
+        _, events = self.pending()
+        client = self.send(b"POST", b"/v1/tts")
+        calls = self.spy(self.facade.requests[0])
+        client.disconnect()
+        self.assertEqual(events, ["cancelled", "facade saw CancelledError"])
+        self.assertEqual(calls, [])
+        self.assertEqual(client.transport.value(), b"")
+
+    def test_disconnect_seen_by_facade_first(self) -> None:
+        """When the facade notices the loss first (as the relay does), finish is never called."""
+
+        async def behaviour(request: Request) -> None:
+            relay: Deferred[None] = Deferred()
+            request.notifyFinish().addErrback(lambda _: relay.errback(CancelledError()))
+            await relay
+
+        self.facade.behaviour = behaviour
+        client = self.send(b"POST", b"/v1/tts")
+        calls = self.spy(self.facade.requests[0])
+        client.disconnect()
+        self.assertEqual(calls, [])
+
+    def test_facade_error_after_disconnect_not_written(self) -> None:
+        """A broker error the facade raises after the client left is not written."""
+        waiting: Deferred[None] = Deferred()
+
+        async def behaviour(request: Request) -> None:
+            try:
+                await waiting
+            except CancelledError:
+                raise BrokerError("consumer_unreachable", "gone", "mvoice") from None
+
+        self.facade.behaviour = behaviour
+        client = self.send(b"POST", b"/v1/tts")
+        calls = self.spy(self.facade.requests[0])
+        client.disconnect()
+        self.assertEqual(calls, [])
+
+    def test_audio_disconnect_cancels(self) -> None:
+        """A client that leaves an /audio download cancels it too."""
+        _, events = self.pending()
+        client = self.send(b"GET", b"/audio/a.wav")
+        client.disconnect()
+        self.assertEqual(events, ["cancelled", "facade saw CancelledError"])
+
+    def test_disconnect_mid_stream_with_real_facade(self) -> None:
+        """With the real facade, a client leaving mid-answer closes upstream and frees the lease."""
+        broker = Broker()
+        recording = Recording(broker.facade)
+        self.resource = BrokerResource(cast(Facade, recording), self.status)
+        client = self.send(b"POST", b"/v1/llm", b"{}")
+        broker.pump()
+        upstream = broker.consumers["ollama"].held[0]
+        upstream.setResponseCode(200)
+        upstream.write(b'{"t": "a"}\n')
+        broker.pump()
+        self.assertIn(b'{"t": "a"}\n', client.transport.value())
+        calls = self.spy(recording.requests[0])
+        client.disconnect()
+        broker.pump()
+        self.assertEqual(calls, [])
+        self.assertEqual(broker.consumers["ollama"].lost, [upstream])
+        self.assertEqual((broker.scheduler.holder, broker.scheduler.running), (None, 0))
+        self.assertEqual(broker.reactor.getDelayedCalls(), [])
+
+
+class StatusViewTests(SynchronousTestCase):
+    """StatusView.document."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = Registry(make_config().consumers, self.clock)
+        self.scheduler = GpuScheduler(self.registry, self.clock)
+        self.reader = CountingReader()
+        self.poller = GpuPoller(self.reader, self.clock, 2.0)
+        self.view = StatusView(self.poller, self.registry, self.scheduler)
+
+    def test_shape(self) -> None:
+        """The document has exactly gpu, consumers and scheduler, with SPEC section 6's fields."""
+        document = self.view.document()
+        self.assertEqual(set(document), {"gpu", "consumers", "scheduler"})
+        gpu = cast(dict[str, object], document["gpu"])
+        self.assertLessEqual(
+            {"source", "ok", "error", "index", "name", "total_mib", "used_mib", "free_mib",
+             "read_at"},
+            set(gpu),
+        )  # fmt: skip
+        consumers = cast(dict[str, dict[str, object]], document["consumers"])
+        self.assertEqual(set(consumers), {"mvoice", "ollama", "comfyui"})
+        self.assertLessEqual(
+            {"healthy", "loaded", "last_probe", "last_error", "vram_resident_mib",
+             "vram_managed", "last_used", "in_flight", "queued"},
+            set(consumers["ollama"]),
+        )  # fmt: skip
+        self.assertEqual(
+            (consumers["ollama"]["vram_resident_mib"], consumers["ollama"]["vram_managed"]),
+            (6000, True),
+        )
+        self.assertEqual(
+            document["scheduler"],
+            {"queued": 0, "running": 0, "holder": None, "completed": 0, "failed": 0,
+             "rejected": 0, "evictions": 0, "loads": 0},
+        )  # fmt: skip
+        json.dumps(document)
+
+    def test_reads_cached_snapshot(self) -> None:
+        """The gpu part is the poller's latest snapshot; the reader is never called."""
+        self.poller.latest = SNAPSHOT
+        document = self.view.document()
+        self.assertEqual(
+            document["gpu"],
+            {"source": "nvml", "ok": True, "error": None, "index": 0,
+             "name": "NVIDIA GeForce RTX 4090", "total_mib": 24564, "used_mib": 16012,
+             "free_mib": 8552, "read_at": "2026-11-26T22:00:00Z"},
+        )  # fmt: skip
+        self.assertEqual(self.reader.reads, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_not_read_yet(self) -> None:
+        """Before any reading, gpu says ok false and why, without reading."""
+        gpu = cast(dict[str, object], self.view.document()["gpu"])
+        self.assertEqual((gpu["ok"], gpu["error"], gpu["source"]), (False, "not read yet", "nvml"))
+        self.assertEqual(self.reader.reads, 0)
+
+    def test_live_state(self) -> None:
+        """Each call reflects the registry and scheduler as they are now."""
+        before = self.view.document()
+        self.registry.mark_unreachable("mvoice", "connection refused")
+        self.scheduler.reject()
+        after = self.view.document()
+        mvoice = cast(dict[str, dict[str, object]], after["consumers"])["mvoice"]
+        self.assertEqual((mvoice["healthy"], mvoice["last_error"]), (False, "connection refused"))
+        self.assertEqual(cast(dict[str, object], after["scheduler"])["rejected"], 1)
+        self.assertEqual(cast(dict[str, object], before["scheduler"])["rejected"], 0)
