@@ -38,7 +38,7 @@ class ConfigError(Exception):
         return f"{where}: {self.reason}"
 
 
-def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+def frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
@@ -74,7 +74,7 @@ class ConsumerConfig:
 
     name: str
     url: str
-    paths: Mapping[str, KindPath] = field(converter=_frozen_mapping)
+    paths: Mapping[str, KindPath] = field(converter=frozen_mapping)
     vram_resident_mib: int
     health: Route = Route("GET", "/")
     unload: Route | None = None
@@ -129,8 +129,8 @@ class LimitsConfig:
 class Config:
     """The whole configuration file, checked."""
 
-    consumers: Mapping[str, ConsumerConfig] = field(converter=_frozen_mapping)
-    routing: Mapping[str, str] = field(converter=_frozen_mapping, factory=dict)
+    consumers: Mapping[str, ConsumerConfig] = field(converter=frozen_mapping)
+    routing: Mapping[str, str] = field(converter=frozen_mapping, factory=dict)
     audio_proxy: str | None = None
     listen: str = DEFAULT_LISTEN
     auth: AuthConfig = AuthConfig()

@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_sim -*-
+"""The ``--demo`` world: four simulated consumers on loopback and a simulated card.
+
+``start_demo`` runs them inside the daemon, sharing one ``MemoryLedger`` that
+the daemon reads through ``Demo.gpu_reader``; ``demo_config`` is the daemon's
+configuration for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from attrs import define
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.interfaces import IListeningPort
+
+from mgpu.config import Config, parse_config
+from mgpu.gpu import ReactorTime
+from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
+from mgpu.sim.gpu import MemoryLedger, SimGpuReader
+from mgpu.sim.http import sim_site
+
+DEMO_TOTAL_MIB: Final = 16384
+
+
+def demo_settings() -> list[ConsumerSettings]:
+    """The demo's consumers: real sizes, times a tenth of real ones.
+
+    The card has 16384 MiB, the cushion is 256 MiB; everything resident would
+    be 2800 + 1500 + 6000 + 13000 = 23300 MiB, so the sequence tts, stt, llm,
+    image, tts cannot keep it all and evicts three times:
+
+    - at start whisper.cpp (which loads its model at start) and ComfyUI are
+      resident, as the broker assumes of healthy consumers that do not report
+      ``loaded``: 14500 used.  mvoice reports ``loaded: false``;
+    - tts: mvoice needs 3056, 1884 free: ComfyUI is evicted (``/free``; idle,
+      so it frees on its next turn), 14884 free, mvoice loads: 4300 used;
+    - stt: mvoice again, warm;
+    - llm: Ollama (``vram_managed``, coexists with both) loads 6000 itself,
+      10300 used, and frees after the answer: ``keep_alive`` is 0 here, what a
+      shared card runs with (OLLAMA_KEEP_ALIVE=0).  Kept resident, no image
+      could ever run: 6000 + 1500 + 13256 > 16384 and the broker never evicts
+      Ollama;
+    - image: ComfyUI needs 13256, 12084 free: mvoice is evicted, 14884 free,
+      ComfyUI cold-starts on the prompt: 14500 used;
+    - tts: mvoice needs 3056, 1884 free: ComfyUI is evicted (its memory frees
+      once its job has ended), mvoice loads: 4300 used.
+    """
+    return [
+        ConsumerSettings.make("mvoice", load_s=0.3),
+        ConsumerSettings.make("whisper", load_s=0.15, preload=True),
+        ConsumerSettings.make("ollama", load_s=0.6, keep_alive_s=0),
+        ConsumerSettings.make("comfyui", load_s=1.3, preload=True),
+    ]
+
+
+def demo_config(urls: Mapping[str, str]) -> dict[str, Any]:
+    """``config/consumers.yaml``'s consumers at ``urls``, with a short health and GPU poll.
+
+    ``gpu.source`` is ``none`` (with the card's size) because the daemon reads
+    ``Demo.gpu_reader`` (source ``sim``) instead: a daemon wired wrongly would
+    fall back to its own accounting, never read a real card.
+    """
+    return {
+        "gpu": {"source": "none", "total_mib": DEMO_TOTAL_MIB, "poll_interval_s": 1},
+        "health": {"interval_s": 1, "timeout_s": 1},
+        "routing": {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
+        "audio_proxy": "mvoice",
+        "consumers": {
+            "mvoice": {
+                "url": urls["mvoice"],
+                "health": {"method": "GET", "path": "/api/health"},
+                "paths": {
+                    "tts": {"method": "POST", "path": "/api/synthesize"},
+                    "stt": {"method": "POST", "path": "/api/transcribe"},
+                },
+                "vram_resident_mib": 2800,
+                "unload": {"method": "POST", "path": "/api/admin/unload"},
+                "load": {"method": "POST", "path": "/api/admin/load"},
+                "can_coexist_with": ["ollama"],
+                "priority": 2,
+                "max_concurrency": 1,
+                "timeout_s": 300,
+            },
+            "whisper": {
+                "url": urls["whisper"],
+                "health": {"method": "GET", "path": "/health"},
+                "paths": {"stt": {"method": "POST", "path": "/inference"}},
+                "vram_resident_mib": 1500,
+                "can_coexist_with": ["mvoice", "ollama"],
+            },
+            "ollama": {
+                "url": urls["ollama"],
+                "health": {"method": "GET", "path": "/api/version"},
+                "paths": {"llm": {"method": "POST", "path": "/api/generate"}},
+                "vram_resident_mib": 6000,
+                "vram_managed": True,
+            },
+            "comfyui": {
+                "url": urls["comfyui"],
+                "health": {"method": "GET", "path": "/system_stats"},
+                "paths": {
+                    "image": {
+                        "method": "POST",
+                        "path": "/prompt",
+                        "hold_until": {"path": "/history/{prompt_id}", "interval_s": 0.5},
+                    }
+                },
+                "vram_resident_mib": 13000,
+                "unload": {
+                    "method": "POST",
+                    "path": "/free",
+                    "body": {"unload_models": True, "free_memory": True},
+                },
+            },
+        },
+    }
+
+
+class DemoReactor(ReactorTime, Protocol):
+    """What the demo needs of the reactor: time, and TCP listening (structural)."""
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> IListeningPort: ...
+
+
+@define
+class Demo:
+    """The running demo: its configuration, simulated GPU and consumers."""
+
+    config: Config
+    gpu_reader: SimGpuReader
+    ledger: MemoryLedger
+    consumers: Mapping[str, SimConsumer]
+    ports: Sequence[IListeningPort]
+
+    def stop(self) -> Deferred[None]:
+        """Cancel the consumers' timers and close their ports."""
+        for consumer in self.consumers.values():
+            consumer.stop()
+        closing = [maybeDeferred(port.stopListening) for port in self.ports]
+        return gatherResults(closing).addCallback(lambda _: None)
+
+    def service(self) -> IService:
+        """A service whose ``stopService`` stops the demo, for the daemon's MultiService."""
+        return _DemoService(self)
+
+
+class _DemoService(Service):
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.demo.stop()
+
+
+def start_demo(reactor: DemoReactor) -> Deferred[Demo]:
+    """Start the four simulated consumers on loopback ports and the simulated card.
+
+    Fires at once (binding a port is synchronous), so ``makeService`` can use
+    the configuration before the reactor runs.  Consumers log nothing and
+    share one ``MemoryLedger``; see ``demo_settings`` for the arithmetic.
+    """
+    ledger = MemoryLedger()
+    consumers = {s.name: make_consumer(s, ledger, reactor) for s in demo_settings()}
+    ports: list[IListeningPort] = []
+    try:
+        for consumer in consumers.values():
+            ports.append(reactor.listenTCP(0, sim_site(consumer), interface="127.0.0.1"))
+        urls = {
+            name: f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
+            for name, port in zip(consumers, ports, strict=True)
+        }
+        config = parse_config(demo_config(urls), "<demo>")
+    except Exception:
+        for port in ports:
+            port.stopListening()
+        return fail()
+    reader = SimGpuReader(ledger, reactor, DEMO_TOTAL_MIB)
+    return succeed(Demo(config, reader, ledger, consumers, ports))

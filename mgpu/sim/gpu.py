@@ -1,0 +1,199 @@
+# -*- test-case-name: tests.test_sim -*-
+"""The simulated GPU: a memory ledger the simulated consumers write, and its reader.
+
+Two ledgers share one small interface (``allocate``, ``release``, ``used_mib``):
+
+- ``MemoryLedger``: everything lives in one process (``--demo``: all simulated
+  consumers run inside the daemon);
+- ``FileLedger``: a JSON state file shared between processes (integration
+  tests: each consumer process writes its allocation into the file that
+  ``tests/fake_nvidia_smi.py`` reads).
+
+``SimGpuReader`` reads a ledger through the same ``GpuReader`` interface as
+NVML, so the daemon's own code paths are the ones that run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, succeed
+
+from mgpu.gpu import GpuSnapshot, ReactorTime, failed_snapshot
+
+SIM_GPU_NAME: Final = "Simulated GPU"
+
+
+class GpuLedger(Protocol):
+    """Who holds how much simulated GPU memory."""
+
+    def allocate(self, owner: str, mib: int) -> None:
+        """Set ``owner``'s allocation to ``mib`` (not additive: loading twice holds once)."""
+
+    def release(self, owner: str) -> None:
+        """Drop ``owner``'s allocation, if any."""
+
+    def used_mib(self) -> int:
+        """Memory in use on the card, in MiB; may exceed the card (overcommit)."""
+
+    def owners(self) -> dict[str, int]:
+        """Who holds how much, in MiB."""
+
+
+@define
+class MemoryLedger:
+    """A ledger in this process's memory: the demo's card."""
+
+    _owners: dict[str, int] = field(factory=dict)
+
+    def allocate(self, owner: str, mib: int) -> None:
+        """Set ``owner``'s allocation to ``mib``."""
+        self._owners[owner] = mib
+
+    def release(self, owner: str) -> None:
+        """Drop ``owner``'s allocation."""
+        self._owners.pop(owner, None)
+
+    def used_mib(self) -> int:
+        """The sum of every owner's allocation."""
+        return sum(self._owners.values())
+
+    def owners(self) -> dict[str, int]:
+        """The per-owner breakdown."""
+        return dict(self._owners)
+
+
+@define
+class FileLedger:
+    """A ledger in a JSON file several processes share, in ``fake_nvidia_smi``'s format.
+
+    The file is ``{"gpus": [{"index", "name", "total_mib", "used_mib"}], "fail": null,
+    "owners": {"<index>": {"<owner>": mib}}}``; ``fake_nvidia_smi`` ignores ``owners``
+    and the ledger keeps every other key (``fail``, ``delay_s``) as a test wrote it.
+    ``used_mib`` is the sum of the owners, clamped to ``total_mib`` so that
+    ``free`` never goes negative; a ``used_mib`` already in the file when the
+    ledger first meets the index becomes the owner ``"external"``.
+
+    Each update holds ``fcntl.flock`` on ``<path>.lock`` across read-modify-write
+    and replaces the file atomically (``os.replace``): two processes never lose an
+    update and a reader never sees half a file.  The calls block, briefly: a
+    local file of a few hundred bytes.
+    """
+
+    path: Path = field(converter=Path)
+    index: int = 0
+    total_mib: int = 16384
+    name: str = SIM_GPU_NAME
+
+    def __attrs_post_init__(self) -> None:
+        with self._update():
+            pass  # creates the file, or adds this index to it
+
+    def allocate(self, owner: str, mib: int) -> None:
+        """Set ``owner``'s allocation to ``mib`` in the shared file."""
+        with self._update() as owners:
+            owners[owner] = mib
+
+    def release(self, owner: str) -> None:
+        """Drop ``owner``'s allocation from the shared file."""
+        with self._update() as owners:
+            owners.pop(owner, None)
+
+    def used_mib(self) -> int:
+        """Every process's allocations on this index, unclamped."""
+        return sum(self.owners().values())
+
+    def owners(self) -> dict[str, int]:
+        """The per-owner breakdown of this index, as the file says now."""
+        return dict(self._read()["owners"].get(str(self.index), {}))
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path}: not a JSON object")
+        data.setdefault("gpus", [])
+        data.setdefault("fail", None)
+        data.setdefault("owners", {})
+        return data
+
+    @contextmanager
+    def _update(self) -> Iterator[dict[str, int]]:
+        """Under the lock: read, let the caller change this index's owners, write back."""
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                data = self._read()
+                gpu = next((g for g in data["gpus"] if g.get("index") == self.index), None)
+                if gpu is None:
+                    gpu = {"index": self.index, "name": self.name, "total_mib": self.total_mib}
+                    data["gpus"].append(gpu)
+                external = int(gpu.get("used_mib", 0))
+                owners = data["owners"].setdefault(
+                    str(self.index), {"external": external} if external else {}
+                )
+                yield owners
+                gpu["used_mib"] = min(int(gpu["total_mib"]), sum(owners.values()))
+                self._write(data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, data: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+@define
+class SimGpuReader:
+    """``GpuReader`` over a ledger: source ``sim``, ``free = total - used``.
+
+    The simulation lets memory overcommit rather than fail a load (a consumer
+    loading while others are resident just adds to the ledger), so the demo
+    still runs under a plain global lock that makes no room. The reading clamps
+    ``used`` to the card and ``free`` at zero, as a real card would show.
+    """
+
+    ledger: GpuLedger
+    clock: ReactorTime
+    total_mib: int
+    index: int = 0
+    name: str = SIM_GPU_NAME
+    source: str = "sim"
+
+    def read(self) -> Deferred[GpuSnapshot]:
+        """A fresh snapshot; a ledger that cannot be read gives ``ok=False``, never an errback."""
+        now = datetime.fromtimestamp(self.clock.seconds(), UTC)
+        try:
+            used = min(max(self.ledger.used_mib(), 0), self.total_mib)
+        except Exception as e:
+            return succeed(failed_snapshot(self.source, self.index, f"simulated GPU: {e}", now))
+        return succeed(
+            GpuSnapshot(
+                source=self.source,
+                ok=True,
+                error=None,
+                index=self.index,
+                name=self.name,
+                total_mib=self.total_mib,
+                used_mib=used,
+                free_mib=self.total_mib - used,
+                read_at=now,
+            )
+        )

@@ -1,0 +1,752 @@
+"""Tests for the simulator: mgpu.sim (ledgers, consumers, demo, CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, cast
+from unittest import mock
+
+import treq
+from attrs import evolve
+from treq.client import HTTPClient
+from treq.testing import StubTreq
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import (
+    ConnectionDone,
+    ProcessDone,
+    ProcessExitedAlready,
+)
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from mgpu.config import Config, load_config
+from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
+from mgpu.sim.demo import DEMO_TOTAL_MIB, demo_settings, start_demo
+from mgpu.sim.gpu import FileLedger, MemoryLedger, SimGpuReader
+from mgpu.sim.http import CHUNK, BodyProducer, SimResource, SyntheticBody, parse_range, sim_site
+from tests import fake_nvidia_smi
+
+reactor: Any = _reactor
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Sim:
+    """One simulated consumer behind StubTreq, on a Clock."""
+
+    def __init__(self, test: SynchronousTestCase, service: str, **settings: Any) -> None:
+        self.test = test
+        self.clock = Clock()
+        self.ledger = MemoryLedger()
+        self.consumer: SimConsumer = make_consumer(
+            ConsumerSettings.make(service, **settings), self.ledger, self.clock
+        )
+        self.http: Any = StubTreq(SimResource(self.consumer))
+
+    def send(self, method: str, path: str, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = self.http.request(method, "http://sim" + path, **kwargs)
+        self.http.flush()
+        return d
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.http.flush()
+
+    def answer(self, d: Deferred[Any]) -> tuple[int, bytes, Any]:
+        """The response that has arrived: status, body bytes, the response."""
+        response = self.test.successResultOf(d)
+        body = treq.content(response)
+        self.http.flush()
+        return response.code, self.test.successResultOf(body), response
+
+    def json(self, d: Deferred[Any]) -> tuple[int, Any]:
+        code, body, _ = self.answer(d)
+        return code, json.loads(body)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        """A request that answers without the clock moving."""
+        return self.json(self.send(method, path, **kwargs))
+
+
+class MemoryLedgerTests(SynchronousTestCase):
+    def test_allocation_is_per_owner_not_additive(self) -> None:
+        """Allocating twice for one owner holds the last size once; release drops only it."""
+        ledger = MemoryLedger()
+        ledger.allocate("a", 100)
+        ledger.allocate("a", 300)
+        ledger.allocate("b", 50)
+        self.assertEqual(ledger.used_mib(), 350)
+        ledger.release("a")
+        ledger.release("nobody")
+        self.assertEqual((ledger.used_mib(), ledger.owners()), (50, {"b": 50}))
+
+
+class FileLedgerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def smi(self) -> str:
+        """What tests/fake_nvidia_smi.py prints for the file."""
+        out = io.StringIO()
+        env = {"FAKE_NVIDIA_SMI_STATE": str(self.path)}
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out):
+            code = fake_nvidia_smi.main(
+                ["--query-gpu=index,name,memory.total,memory.used,memory.free",
+                 "--format=csv,noheader,nounits"]
+            )  # fmt: skip
+        self.assertEqual(code, 0)
+        return out.getvalue()
+
+    def test_fake_nvidia_smi_reads_the_file(self) -> None:
+        """The state file is what fake_nvidia_smi reads, owners kept aside."""
+        ledger = FileLedger(self.path, total_mib=16384, name="Sim")
+        ledger.allocate("mvoice", 2800)
+        ledger.allocate("ollama", 6000)
+        self.assertEqual(self.smi(), "0, Sim, 16384, 8800, 7584\n")
+        data = json.loads(self.path.read_text())
+        self.assertEqual(data["owners"], {"0": {"mvoice": 2800, "ollama": 6000}})
+        self.assertIsNone(data["fail"])
+        ledger.release("mvoice")
+        self.assertEqual((ledger.used_mib(), self.smi()), (6000, "0, Sim, 16384, 6000, 10384\n"))
+
+    def test_two_ledgers_on_one_file_lose_no_update(self) -> None:
+        """Two ledgers writing one file from two threads at once keep every allocation."""
+        ledgers = [FileLedger(self.path), FileLedger(self.path)]
+
+        def write(n: int) -> None:
+            for i in range(60):
+                ledgers[n].allocate(f"{n}-{i}", 1)
+
+        threads = [threading.Thread(target=write, args=(n,)) for n in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual((ledgers[0].used_mib(), ledgers[1].used_mib()), (120, 120))
+        self.assertEqual(json.loads(self.path.read_text())["gpus"][0]["used_mib"], 120)
+
+    def test_keeps_test_keys_and_external_usage(self) -> None:
+        """A test's own keys survive updates, and memory it wrote as used becomes 'external'."""
+        state = {"gpus": [{"index": 0, "name": "X", "total_mib": 8000, "used_mib": 500}]}
+        self.path.write_text(json.dumps(state | {"fail": "boom", "delay_s": 0}))
+        ledger = FileLedger(self.path)
+        ledger.allocate("mvoice", 1000)
+        data = json.loads(self.path.read_text())
+        self.assertEqual((data["fail"], data["delay_s"]), ("boom", 0))
+        self.assertEqual(data["gpus"][0], {"index": 0, "name": "X", "total_mib": 8000,
+                                           "used_mib": 1500})  # fmt: skip
+        self.assertEqual(ledger.owners(), {"external": 500, "mvoice": 1000})
+
+    def test_used_is_clamped_to_the_card_in_the_file(self) -> None:
+        """Overcommit shows as a full card to nvidia-smi, never a negative free."""
+        ledger = FileLedger(self.path, total_mib=1000)
+        ledger.allocate("a", 800)
+        ledger.allocate("b", 800)
+        self.assertEqual(ledger.used_mib(), 1600)
+        self.assertEqual(self.smi().split(", ")[3:], ["1000", "0\n"])
+
+
+class _Broken:
+    def used_mib(self) -> int:
+        raise OSError("state file gone")
+
+    def allocate(self, owner: str, mib: int) -> None:
+        raise NotImplementedError
+
+    def release(self, owner: str) -> None:
+        raise NotImplementedError
+
+    def owners(self) -> dict[str, int]:
+        raise NotImplementedError
+
+
+class SimGpuReaderTests(SynchronousTestCase):
+    def test_free_is_total_minus_used(self) -> None:
+        """The reading is source sim, ok, with free = total - used at the clock's time."""
+        ledger, clock = MemoryLedger(), Clock()
+        clock.advance(60)
+        ledger.allocate("mvoice", 2800)
+        snap = self.successResultOf(SimGpuReader(ledger, clock, 16384, name="Card").read())
+        self.assertEqual(
+            (snap.source, snap.ok, snap.error, snap.index, snap.name),
+            ("sim", True, None, 0, "Card"),
+        )
+        self.assertEqual((snap.total_mib, snap.used_mib, snap.free_mib), (16384, 2800, 13584))
+        assert snap.read_at is not None
+        self.assertEqual(snap.read_at.timestamp(), 60)
+
+    def test_overcommit_reads_as_a_full_card(self) -> None:
+        """Used beyond the card reads as used = total, free = 0."""
+        ledger = MemoryLedger()
+        ledger.allocate("a", 20000)
+        snap = self.successResultOf(SimGpuReader(ledger, Clock(), 16384).read())
+        self.assertEqual((snap.used_mib, snap.free_mib), (16384, 0))
+
+    def test_a_ledger_that_fails_gives_a_failed_snapshot(self) -> None:
+        """A ledger error is a snapshot with ok false and the reason, never an errback."""
+        snap = self.successResultOf(SimGpuReader(_Broken(), Clock(), 16384).read())
+        self.assertFalse(snap.ok)
+        self.assertIn("state file gone", snap.error or "")
+
+
+class MVoiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "mvoice", load_s=0.3, work_s=0.2)
+
+    def test_health_reports_loaded(self) -> None:
+        """GET /api/health says ok and whether the model is loaded."""
+        self.assertEqual(
+            self.sim.call("GET", "/api/health"), (200, {"status": "ok", "loaded": False})
+        )
+        self.sim.consumer.loaded = True
+        self.assertEqual(self.sim.call("GET", "/api/health")[1]["loaded"], True)
+
+    def test_cold_start_then_warm(self) -> None:
+        """The first synthesis loads first (load + work); the second only works."""
+        d = self.sim.send("POST", "/api/synthesize", json={"text": "hello"})
+        self.assertEqual(self.sim.ledger.used_mib(), 2800)  # claimed as the load starts
+        self.sim.advance(0.3)  # loaded; the work starts now
+        self.sim.advance(0.19)
+        self.assertNoResult(d)
+        self.sim.advance(0.01)
+        code, body = self.sim.json(d)
+        self.assertEqual(
+            (code, body), (200, {"audio": "/audio/mvoice-1.wav", "bytes": 44 + 1920 * 5})
+        )
+        d = self.sim.send("POST", "/api/synthesize", json={"text": "hi"})
+        self.sim.advance(0.2)
+        self.assertEqual(self.sim.json(d)[0], 200)
+        self.assertEqual([e.cold for e in self.sim.consumer.log], [True, False])
+
+    def test_synthesize_needs_text(self) -> None:
+        """A synthesis without text is a 400 and does no work."""
+        self.assertEqual(self.sim.call("POST", "/api/synthesize", json={})[0], 400)
+        self.assertEqual(self.sim.call("POST", "/api/synthesize", data=b"[1]")[0], 400)
+        self.assertEqual(self.sim.consumer.log, [])
+
+    def test_transcribe_returns_text(self) -> None:
+        """POST /api/transcribe answers {"text": ...} after its work time."""
+        self.sim.consumer.loaded = True
+        d = self.sim.send("POST", "/api/transcribe", data=b"RIFF....")
+        self.sim.advance(0.2)
+        self.assertEqual(self.sim.json(d), (200, {"text": "simulated transcript of 8 bytes"}))
+        self.assertEqual(self.sim.consumer.log[0].kind, "stt")
+
+    def test_admin_load_takes_load_time_and_unload_releases(self) -> None:
+        """The load route answers after the load time; unload frees the memory at once."""
+        d = self.sim.send("POST", "/api/admin/load")
+        self.sim.advance(0.29)
+        self.assertNoResult(d)
+        self.sim.advance(0.01)
+        self.assertEqual(self.sim.json(d), (200, {"status": "ok", "loaded": True}))
+        self.assertEqual(self.sim.call("POST", "/api/admin/load")[0], 200)  # already loaded
+        self.assertEqual(self.sim.ledger.used_mib(), 2800)
+        self.assertEqual(self.sim.call("POST", "/api/admin/unload")[1]["loaded"], False)
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+        self.assertEqual(self.sim.call("GET", "/api/health")[1]["loaded"], False)
+
+    def test_unknown_route_404_and_wrong_method_405(self) -> None:
+        """An unknown path is 404, a known path with another method 405 with Allow."""
+        self.assertEqual(self.sim.call("GET", "/nope")[0], 404)
+        code, _, response = self.sim.answer(self.sim.send("POST", "/api/health"))
+        self.assertEqual((code, response.headers.getRawHeaders("Allow")), (405, ["GET"]))
+
+
+class AudioTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "mvoice", preload=True)
+
+    def test_synthesized_file_is_a_wav_of_the_announced_size(self) -> None:
+        """The audio a synthesis names is served: a RIFF/WAVE file of the announced bytes."""
+        d = self.sim.send("POST", "/api/synthesize", json={"text": "abc"})
+        self.sim.advance(0.2)
+        url, size = self.sim.json(d)[1].values()
+        code, body, response = self.sim.answer(self.sim.send("GET", url))
+        self.assertEqual((code, len(body), body[:4], body[8:12]), (200, size, b"RIFF", b"WAVE"))
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["audio/wav"])
+        self.assertEqual(self.sim.call("GET", "/audio/mvoice-9.wav")[0], 404)
+
+    def test_sized_body_and_range(self) -> None:
+        """/audio/sized-N.bin is N pattern bytes; a Range gets 206 and exactly that slice."""
+        n = 3 * CHUNK + 17
+        code, body, response = self.sim.answer(self.sim.send("GET", f"/audio/sized-{n}.bin"))
+        self.assertEqual((code, len(body)), (200, n))
+        self.assertEqual(body, bytes(i % 251 for i in range(n)))
+        self.assertEqual(response.length, n)
+        headers = {"Range": "bytes=70000-70009"}
+        code, part, response = self.sim.answer(
+            self.sim.send("GET", f"/audio/sized-{n}.bin", headers=headers)
+        )
+        self.assertEqual((code, part), (206, body[70000:70010]))
+        self.assertEqual(
+            response.headers.getRawHeaders("Content-Range"), [f"bytes 70000-70009/{n}"]
+        )
+
+    def test_suffix_open_and_unsatisfiable_ranges(self) -> None:
+        """Suffix and open ranges are cut at the end; a range past the end is 416."""
+        self.assertEqual(parse_range(b"bytes=-10", 100), (90, 100))
+        self.assertEqual(parse_range(b"bytes=95-", 100), (95, 100))
+        self.assertEqual(parse_range(b"bytes=90-500", 100), (90, 100))
+        self.assertIsNone(parse_range(b"bytes=1-2,5-6", 100))
+        self.assertIsNone(parse_range(b"items=1-2", 100))
+        self.assertRaises(ValueError, parse_range, b"bytes=100-", 100)
+        headers = {"Range": "bytes=1000-"}
+        code, _, response = self.sim.answer(
+            self.sim.send("GET", "/audio/sized-1000.bin", headers=headers)
+        )
+        self.assertEqual(code, 416)
+        self.assertEqual(response.headers.getRawHeaders("Content-Range"), ["bytes */1000"])
+
+    def test_head_has_length_and_no_body(self) -> None:
+        """HEAD on audio answers the whole file's Content-Length and no body."""
+        transport = StringTransport()
+        channel = sim_site(self.sim.consumer).buildProtocol(None)
+        channel.makeConnection(transport)
+        channel.dataReceived(b"HEAD /audio/sized-300.bin HTTP/1.1\r\nHost: sim\r\n\r\n")
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"\r\nContent-Length: 300", head)
+        self.assertEqual(body, b"")
+        channel.connectionLost(Failure(ConnectionDone()))
+
+    def test_a_300_mib_body_is_written_in_chunks_with_backpressure(self) -> None:
+        """The producer writes at most 64 KiB at a time, stops when paused, never holds the body."""
+        request = _PausingRequest(pause_every=2)
+        size = 300 * 2**20
+        BodyProducer(cast(Any, request), SyntheticBody(size), 0, size).start()
+        rounds = 0
+        while not request.finished:
+            self.assertEqual(request.since_pause, 2)
+            request.resume()
+            rounds += 1
+        self.assertEqual((request.total, request.largest), (size, CHUNK))
+        self.assertEqual(rounds, size // CHUNK // 2)
+        self.assertEqual(request.tail, bytes(i % 251 for i in range(size - 16, size)))
+
+    def test_producer_stops_when_the_client_leaves(self) -> None:
+        """stopProducing (client gone) ends the writes and never finishes the request."""
+        request = _PausingRequest(pause_every=1)
+        BodyProducer(cast(Any, request), SyntheticBody(10 * CHUNK), 0, 10 * CHUNK).start()
+        request.producer.stopProducing()
+        request.producer.resumeProducing()
+        self.assertEqual((request.total, request.finished), (CHUNK, False))
+
+
+class _PausingRequest:
+    """A request whose transport pauses the producer after every ``pause_every`` writes."""
+
+    def __init__(self, pause_every: int) -> None:
+        self.pause_every = pause_every
+        self.producer: Any = None
+        self.since_pause = self.total = self.largest = 0
+        self.tail = b""
+        self.finished = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred[None]:
+        return Deferred()
+
+    def write(self, data: bytes) -> None:
+        self.total += len(data)
+        self.largest = max(self.largest, len(data))
+        self.tail = (self.tail + data)[-16:]
+        self.since_pause += 1
+        if self.since_pause == self.pause_every:
+            self.producer.pauseProducing()
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def resume(self) -> None:
+        self.since_pause = 0
+        self.producer.resumeProducing()
+
+
+class WhisperTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "whisper", load_s=0.15, work_s=0.2)
+
+    def test_inference_cold_starts_then_answers_text(self) -> None:
+        """POST /inference loads first, then answers {"text": ...}; health says ok."""
+        self.assertEqual(self.sim.call("GET", "/health"), (200, {"status": "ok"}))
+        d = self.sim.send("POST", "/inference", data=b"wav")
+        self.assertEqual(self.sim.call("GET", "/health")[0], 200)  # only /load makes it 503
+        self.sim.advance(0.15)
+        self.assertNoResult(d)
+        self.sim.advance(0.2)
+        self.assertEqual(self.sim.json(d), (200, {"text": " simulated transcript"}))
+        self.assertEqual(self.sim.ledger.used_mib(), 1500)
+
+    def test_load_swaps_model_health_503_meanwhile_and_no_unload(self) -> None:
+        """/load reloads (health 503 'loading model' meanwhile); there is no unload route."""
+        self.sim.consumer.loaded = True
+        d = self.sim.send("POST", "/load", data=b"model=x")
+        self.assertEqual(self.sim.call("GET", "/health"), (503, {"status": "loading model"}))
+        self.sim.advance(0.15)
+        code, body, _ = self.sim.answer(d)
+        self.assertEqual((code, body), (200, b"Load was successful!"))
+        self.assertEqual(self.sim.call("GET", "/health")[0], 200)
+        self.assertEqual(self.sim.call("POST", "/unload")[0], 404)
+
+
+class OllamaTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "ollama", load_s=0.6, work_s=0.4, tokens=4, keep_alive_s=5)
+
+    def test_version_and_ps(self) -> None:
+        """/api/version answers a version; /api/ps lists the model only once loaded."""
+        self.assertEqual(self.sim.call("GET", "/api/version"), (200, {"version": "0.0.0-sim"}))
+        self.assertEqual(self.sim.call("GET", "/api/ps"), (200, {"models": []}))
+        d = self.sim.send("POST", "/api/generate", json={"model": "m1", "prompt": ""})
+        self.sim.advance(0.6)
+        self.assertEqual(self.sim.json(d)[1]["done_reason"], "load")
+        self.assertEqual([m["name"] for m in self.sim.call("GET", "/api/ps")[1]["models"]], ["m1"])
+
+    def test_streams_one_token_per_write(self) -> None:
+        """After the cold load, each token arrives on its own as an NDJSON line, then done."""
+        d = self.sim.send("POST", "/api/generate", json={"model": "m", "prompt": "hi"})
+        self.sim.advance(0.6)
+        self.assertNoResult(d)  # headers wait for the load and the first token
+        self.sim.advance(0.1)
+        response = self.successResultOf(d)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/x-ndjson"])
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        self.sim.http.flush()
+        seen = [len(chunks)]
+        for _ in range(3):
+            self.sim.advance(0.1)
+            seen.append(len(chunks))
+        self.assertEqual(seen, [1, 2, 3, 5])  # the last step sends its token and "done"
+        self.successResultOf(done)
+        lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+        self.assertEqual(
+            [line["response"] for line in lines], ["tok0 ", "tok1 ", "tok2 ", "tok3 ", ""]
+        )
+        self.assertEqual([line["done"] for line in lines], [False] * 4 + [True])
+        self.assertEqual([c.count(b"\n") for c in chunks], [1] * 5)
+
+    def test_keeps_model_resident_until_keep_alive(self) -> None:
+        """Ollama frees its model keep_alive seconds after the last request, not before."""
+        d = self.sim.send("POST", "/api/generate", json={"prompt": "x", "stream": False})
+        for step in (0.6, 0.1, 0.1, 0.1, 0.1):  # the load, then one step per token
+            self.sim.advance(step)
+        code, body = self.sim.json(d)
+        self.assertEqual(
+            (code, body["response"], body["done"]), (200, "tok0 tok1 tok2 tok3 ", True)
+        )
+        self.sim.advance(4.9)
+        self.assertEqual(self.sim.ledger.used_mib(), 6000)
+        self.sim.advance(0.1)
+        self.assertEqual((self.sim.ledger.used_mib(), self.sim.consumer.loaded), (0, False))
+
+    def test_keep_alive_zero_unloads(self) -> None:
+        """{"model": m, "keep_alive": 0} unloads at once; as a request field it frees after it."""
+        self.sim.consumer.loaded = True
+        self.sim.ledger.allocate("ollama", 6000)
+        code, body = self.sim.call("POST", "/api/generate", json={"model": "m", "keep_alive": 0})
+        self.assertEqual(
+            (code, body["done_reason"], self.sim.ledger.used_mib()), (200, "unload", 0)
+        )
+        d = self.sim.send("POST", "/api/generate", json={"prompt": "x", "keep_alive": "0s"})
+        self.sim.advance(0.6)
+        self.assertEqual(self.sim.ledger.used_mib(), 6000)
+        for _ in range(4):
+            self.sim.advance(0.1)
+        self.assertEqual(self.sim.answer(d)[0], 200)
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+        self.assertEqual(
+            self.sim.call("POST", "/api/generate", json={"keep_alive": "soon"})[0], 400
+        )
+
+
+class ComfyUITests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "comfyui", load_s=1.3, work_s=0.8)
+
+    def prompt(self) -> str:
+        code, body = self.sim.call("POST", "/prompt", json={"prompt": {"3": {}}})
+        self.assertEqual(code, 200)
+        return str(body["prompt_id"])
+
+    def test_system_stats(self) -> None:
+        """GET /system_stats answers the system and its devices."""
+        code, body = self.sim.call("GET", "/system_stats")
+        self.assertEqual((code, body["devices"][0]["type"]), (200, "cuda"))
+
+    def test_prompt_answers_at_once_history_fills_when_done(self) -> None:
+        """/prompt answers before any GPU work; /history/<id> is {} until the job completes."""
+        code, body = self.sim.call("POST", "/prompt", json={"prompt": {}})
+        self.assertEqual((code, body["number"], body["node_errors"]), (200, 1, {}))
+        pid = body["prompt_id"]
+        self.sim.advance(1.3)  # loaded; the work starts now
+        self.sim.advance(0.7)
+        self.assertEqual(self.sim.call("GET", f"/history/{pid}"), (200, {}))
+        self.sim.advance(0.1)
+        history = self.sim.call("GET", f"/history/{pid}")[1]
+        self.assertEqual(history[pid]["status"]["completed"], True)
+        self.assertEqual(history[pid]["outputs"], {})
+        self.assertEqual(self.sim.consumer.log[0].cold, True)
+
+    def test_jobs_run_one_at_a_time(self) -> None:
+        """Two prompts run one after the other, never at once."""
+        first, second = self.prompt(), self.prompt()
+        self.assertEqual(len(self.sim.call("GET", "/queue")[1]["queue_pending"]), 1)
+        self.sim.advance(1.3)
+        self.sim.advance(0.8)
+        self.assertNotEqual(self.sim.call("GET", f"/history/{first}")[1], {})
+        self.assertEqual(self.sim.call("GET", f"/history/{second}")[1], {})
+        self.sim.advance(0.8)
+        self.assertNotEqual(self.sim.call("GET", f"/history/{second}")[1], {})
+        a, b = self.sim.consumer.log
+        assert a.end is not None
+        self.assertLessEqual(a.end, b.start)
+
+    def test_free_acts_only_after_the_running_job(self) -> None:
+        """/free during a job answers at once; the memory frees when the job ends."""
+        self.prompt()
+        self.sim.advance(1.3)
+        self.sim.advance(0.4)
+        code, body, _ = self.sim.answer(
+            self.sim.send("POST", "/free", json={"unload_models": True, "free_memory": True})
+        )
+        self.assertEqual((code, body), (200, b""))
+        self.sim.advance(0.3)
+        self.assertEqual(self.sim.ledger.used_mib(), 13000)
+        self.sim.advance(0.1)
+        self.assertEqual((self.sim.ledger.used_mib(), self.sim.consumer.loaded), (0, False))
+
+    def test_free_when_idle_is_asynchronous(self) -> None:
+        """/free with no job frees on the next turn, not inside the request."""
+        self.prompt()
+        self.sim.advance(1.3)
+        self.sim.advance(0.8)
+        self.assertEqual(self.sim.consumer.busy, 0)
+        free = {"unload_models": True, "free_memory": True}
+        self.assertEqual(self.sim.answer(self.sim.send("POST", "/free", json=free))[0], 200)
+        self.assertEqual(self.sim.ledger.used_mib(), 13000)
+        self.sim.advance(0)
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+
+    def test_prompt_without_a_prompt_is_400(self) -> None:
+        """A /prompt body without a prompt object is refused as ComfyUI does."""
+        code, body = self.sim.call("POST", "/prompt", json={"x": 1})
+        self.assertEqual((code, body["error"]["type"]), (400, "no_prompt"))
+
+
+class FaultTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "mvoice", load_s=0.3, work_s=0.2)
+
+    def faults(self, body: object) -> tuple[int, Any]:
+        return self.sim.call("POST", "/_sim/faults", json=body)
+
+    def test_status_fault_answers_the_code_and_does_nothing(self) -> None:
+        """A status fault makes the route answer that code without doing its work."""
+        self.assertEqual(self.faults({"status": {"/api/synthesize": 418}})[0], 200)
+        code, body = self.sim.call("POST", "/api/synthesize", json={"text": "x"})
+        self.assertEqual((code, body["error"]), (418, "injected fault"))
+        self.assertEqual((self.sim.consumer.log, self.sim.ledger.used_mib()), ([], 0))
+        self.faults({})
+        self.assertEqual(self.sim.call("GET", "/api/health")[0], 200)
+
+    def test_hang_never_answers(self) -> None:
+        """A hung route never answers and does nothing, however long one waits."""
+        self.faults({"hang": ["/api/admin/unload"]})
+        self.sim.consumer.loaded = True
+        d = self.sim.send("POST", "/api/admin/unload")
+        self.sim.advance(3600)
+        self.assertNoResult(d)
+        self.assertTrue(self.sim.consumer.loaded)
+
+    def test_delay_answers_later(self) -> None:
+        """A delay fault holds the answer that long."""
+        self.faults({"delay_s": {"/api/health": 2}})
+        d = self.sim.send("GET", "/api/health")
+        self.sim.advance(1.9)
+        self.assertNoResult(d)
+        self.sim.advance(0.1)
+        self.assertEqual(self.sim.json(d)[0], 200)
+
+    def test_free_delay_frees_memory_later(self) -> None:
+        """With free_delay_s the unload answers at once but the memory frees that much later."""
+        self.faults({"free_delay_s": 1.5})
+        d = self.sim.send("POST", "/api/admin/load")
+        self.sim.advance(0.3)
+        self.sim.json(d)
+        self.assertEqual(self.sim.call("POST", "/api/admin/unload")[0], 200)
+        self.sim.advance(1.4)
+        self.assertEqual(self.sim.ledger.used_mib(), 2800)
+        self.sim.advance(0.1)
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+
+    def test_faults_shape_is_checked_and_readable(self) -> None:
+        """A malformed fault set is a 400; GET /_sim/faults returns the one in force."""
+        self.assertEqual(self.faults({"status": {"/x": "500"}})[0], 400)
+        self.assertEqual(self.faults({"hang": "/x"})[0], 400)
+        self.assertEqual(self.faults({"typo": 1})[0], 400)
+        self.faults({"status": {"/x": 500}, "hang": ["/y"], "free_delay_s": 1})
+        self.assertEqual(
+            self.sim.call("GET", "/_sim/faults")[1],
+            {"status": {"/x": 500}, "hang": ["/y"], "delay_s": {}, "free_delay_s": 1.0},
+        )
+
+
+class LogTests(SynchronousTestCase):
+    def test_log_lists_work_with_start_and_end(self) -> None:
+        """/_sim/log lists each work request with its start, end (null while running) and cold."""
+        sim = _Sim(self, "mvoice", load_s=0.25, work_s=0.5)
+        sim.clock.advance(10)
+        d = sim.send("POST", "/api/synthesize", json={"text": "x"})
+        sim.advance(0.25)
+        sim.advance(0.25)
+        entry = {"consumer": "mvoice", "kind": "tts", "path": "/api/synthesize",
+                 "start": 10.0, "end": None, "cold": True}  # fmt: skip
+        self.assertEqual(sim.call("GET", "/_sim/log"), (200, [entry]))
+        sim.advance(0.25)
+        sim.json(d)
+        self.assertEqual(sim.call("GET", "/_sim/log")[1], [entry | {"end": 10.75}])
+        state = sim.call("GET", "/_sim/state")[1]
+        self.assertEqual((state["loaded"], state["vram_mib"], state["busy"]), (True, 2800, 0))
+
+    def test_log_file_gets_json_lines(self) -> None:
+        """With a log file each finished work request is appended as one JSON line."""
+        path = Path(self.mktemp())
+        clock = Clock()
+        settings = ConsumerSettings.make("tts1", "mvoice", preload=True, work_s=0.25)
+        consumer = make_consumer(settings, MemoryLedger(), clock, path)
+        http: Any = StubTreq(SimResource(consumer))
+        for text in ("a", "b"):
+            d = http.post("http://sim/api/synthesize", json={"text": text})
+            http.flush()
+            clock.advance(0.25)
+            http.flush()
+            self.assertEqual(self.successResultOf(d).code, 200)
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        self.assertEqual([(e["consumer"], e["start"], e["end"]) for e in lines],
+                         [("tts1", 0.0, 0.25), ("tts1", 0.25, 0.5)])  # fmt: skip
+
+
+class DemoSettingsTests(SynchronousTestCase):
+    def test_the_sequence_needs_evictions(self) -> None:
+        """On the demo card tts must evict ComfyUI, image must evict mvoice, nothing fits all."""
+        settings = demo_settings()
+        size = {s.name: s.vram_mib for s in settings}
+        self.assertEqual(size, {"mvoice": 2800, "whisper": 1500, "ollama": 6000, "comfyui": 13000})
+        total, cushion = DEMO_TOTAL_MIB, 256
+        resident = sum(s.vram_mib for s in settings if s.preload)
+        self.assertEqual(resident, size["whisper"] + size["comfyui"])
+        self.assertGreater(size["mvoice"] + cushion, total - resident)  # tts evicts
+        self.assertLessEqual(size["mvoice"] + cushion, total - size["whisper"])
+        rest = total - size["whisper"] - size["mvoice"]
+        self.assertGreater(size["comfyui"] + cushion, rest)  # image evicts
+        self.assertLessEqual(size["comfyui"] + cushion, total - size["whisper"])
+        self.assertGreater(size["ollama"] + size["whisper"] + size["comfyui"] + cushion, total)
+        self.assertEqual({s.name: s.keep_alive_s for s in settings}["ollama"], 0)
+
+
+class StartDemoTests(TestCase):
+    def setUp(self) -> None:
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.http = HTTPClient(Agent(reactor, pool=self.pool))
+
+    async def test_start_demo_binds_four_loopback_ports_and_stops(self) -> None:
+        """start_demo serves four consumers on loopback with a valid Config; stop closes them."""
+        demo = await start_demo(reactor)
+        try:
+            self.assertIsInstance(demo.config, Config)
+            self.assertEqual(demo.config.gpu.total_mib, DEMO_TOTAL_MIB)
+            self.assertEqual(demo.config.health.interval_s, 1)
+            ports = [cast(Any, port).getHost() for port in demo.ports]
+            self.assertEqual({p.host for p in ports}, {"127.0.0.1"})
+            self.assertEqual(len({p.port for p in ports}), 4)
+            for name, consumer in demo.config.consumers.items():
+                response = await self.http.request(
+                    consumer.health.method, consumer.url + consumer.health.path
+                )
+                await response.content()
+                self.assertEqual(response.code, 200, name)
+            snapshot = await demo.gpu_reader.read()
+            self.assertEqual((snapshot.source, snapshot.used_mib), ("sim", 14500))  # preloaded
+        finally:
+            await demo.stop()
+
+    def test_demo_config_mirrors_consumers_yaml(self) -> None:
+        """The demo's consumers match config/consumers.yaml in all but their URLs."""
+        shipped = load_config(ROOT / "config" / "consumers.yaml")
+        demo = self.successResultOf(start_demo(reactor))
+        self.addCleanup(demo.stop)
+        self.assertEqual(dict(demo.config.routing), dict(shipped.routing))
+        self.assertEqual(demo.config.audio_proxy, shipped.audio_proxy)
+        for name, consumer in shipped.consumers.items():
+            ours = demo.config.consumers[name]
+            self.assertEqual(evolve(ours, url="-"), evolve(consumer, url="-"), name)
+
+
+class _FirstLine(ProcessProtocol):
+    def __init__(self) -> None:
+        self.line: Deferred[str] = Deferred()
+        self.ended: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        self.out = self.err = b""
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        if b"\n" in self.out and not self.line.called:
+            self.line.callback(self.out.split(b"\n", 1)[0].decode())
+
+    def processEnded(self, reason: Failure) -> None:
+        if not self.line.called:
+            self.line.errback(RuntimeError(f"exited before its port line: {self.err!r}"))
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class ProcessTests(TestCase):
+    timeout = 30
+
+    async def test_cli_process_serves_health_and_frees_on_exit(self) -> None:
+        """`python -m mgpu.sim --name mvoice --port 0` prints its port, serves, frees on TERM."""
+        state = Path(self.mktemp()).resolve()
+        state.parent.mkdir(parents=True, exist_ok=True)
+        proto = _FirstLine()
+        args = [sys.executable, "-m", "mgpu.sim", "--name", "mvoice", "--port", "0",
+                "--gpu-state", str(state), "--preload"]  # fmt: skip
+        process = reactor.spawnProcess(proto, sys.executable, args, env=os.environ, path=str(ROOT))
+        try:
+            line = await proto.line
+            self.assertRegex(line, r"^listening 127\.0\.0\.1:\d+$")
+            pool = HTTPConnectionPool(reactor, persistent=False)
+            self.addCleanup(pool.closeCachedConnections)
+            url = f"http://{line.split()[1]}/api/health"
+            response = await HTTPClient(Agent(reactor, pool=pool)).get(url)
+            self.assertEqual(await response.json(), {"status": "ok", "loaded": True})
+            self.assertEqual(FileLedger(state).owners(), {"mvoice": 2800})
+        finally:
+            with contextlib.suppress(ProcessExitedAlready):
+                process.signalProcess("TERM")
+            await proto.ended
+        assert proto.reason is not None
+        self.assertIsInstance(proto.reason.value, ProcessDone, proto.err)
+        self.assertEqual(FileLedger(state).owners(), {})  # a stopped process frees its memory
