@@ -10,6 +10,7 @@ the broker's error schema.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from collections.abc import Coroutine
@@ -73,14 +74,22 @@ class BrokerResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, facade: Facade, status: StatusView) -> None:
+    def __init__(self, facade: Facade, status: StatusView, token: bytes | None = None) -> None:
         super().__init__()
         self._facade = facade
         self._app = BrokerApp(status)
         self._rest = self._app.app.resource()
+        self._expected_authorization = None if token is None else b"Bearer " + token
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
+        if self._expected_authorization is not None and path != b"/healthz":
+            given = request.getHeader(b"authorization") or b""
+            if not hmac.compare_digest(given, self._expected_authorization):
+                request.setHeader(b"www-authenticate", b'Bearer realm="mgpumanager"')
+                return render_error(
+                    request, BrokerError("unauthorized", "a valid bearer token is required")
+                )
         kind = _FACADE_PATHS.get(path)
         if kind is not None:
             if request.method != b"POST":

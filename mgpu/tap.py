@@ -53,12 +53,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         try:
             endpoint = serverFromString(reactor, listen)
         except (ValueError, KeyError, TypeError) as e:
-            field = "--listen" if options["listen"] else f"{options['config']}: listen"
-            raise ConfigError(field, "", f"not a usable endpoint {listen!r}: {e}") from None
+            source, field = ("--listen", "") if options["listen"] else (options["config"], "listen")
+            raise ConfigError(source, field, f"not a usable endpoint {listen!r}: {e}") from None
+        token = read_token(config.auth.token_file, options["config"])
     except ConfigError as e:
         sys.stderr.write(f"mgpumanager: {e}\n")
         raise SystemExit(2) from None
-    return build_service(config, reactor, endpoint, gpu_reader, demo)
+    return build_service(config, reactor, endpoint, gpu_reader, demo, token)
+
+
+def read_token(path: str | None, source: str) -> bytes | None:
+    """The bearer token of ``auth.token_file``, or None when auth is off."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(source, "auth.token_file", f"cannot read {path}: {e.strerror}") from None
+    if not token or any(c <= 0x20 or c >= 0x7F for c in token):
+        raise ConfigError(
+            source, "auth.token_file", f"{path} must hold one token of printable ASCII"
+        )
+    return token
 
 
 def build_service(
@@ -67,6 +84,7 @@ def build_service(
     endpoint: Any,
     gpu_reader: GpuReader | None = None,
     extra: IService | None = None,
+    token: bytes | None = None,
 ) -> MultiService:
     """The daemon: web server, health prober and GPU poller, sharing one set of collaborators."""
     relay_pool = _pool(reactor, max_per_host=32)
@@ -89,7 +107,7 @@ def build_service(
         clock=reactor,
     )
     site = Site(
-        BrokerResource(facade, StatusView(poller, registry, scheduler)),
+        BrokerResource(facade, StatusView(poller, registry, scheduler), token),
         parsePOSTFormSubmission=False,
     )
     site.displayTracebacks = False

@@ -537,3 +537,38 @@ class StatusViewTests(SynchronousTestCase):
         self.assertEqual((mvoice["healthy"], mvoice["last_error"]), (False, "connection refused"))
         self.assertEqual(cast(dict[str, object], after["scheduler"])["rejected"], 1)
         self.assertEqual(cast(dict[str, object], before["scheduler"])["rejected"], 0)
+
+
+class AuthTests(ApiTestCase):
+    """auth.token_file: every route but /healthz needs the bearer token."""
+
+    TOKEN = b"s3cret-token"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.resource = BrokerResource(cast(Facade, self.facade), self.status, self.TOKEN)
+
+    def test_missing_token_is_401(self) -> None:
+        """Without Authorization every route answers 401 unauthorized, the facade included."""
+        for method, uri in ((b"POST", b"/v1/tts"), (b"GET", b"/v1/status"), (b"GET", b"/nope")):
+            headers, _ = self.assertError(self.send(method, uri), 401, "unauthorized")
+            self.assertEqual(headers[b"www-authenticate"], [b'Bearer realm="mgpumanager"'])
+        self.assertEqual(self.facade.calls, [])
+
+    def test_wrong_token_is_401_and_not_echoed(self) -> None:
+        """A wrong token is refused, and neither token appears in the answer."""
+        client = self.send(b"GET", b"/v1/status", headers=(b"Authorization: Bearer guess",))
+        _, document = self.assertError(client, 401, "unauthorized")
+        self.assertNotIn("guess", json.dumps(document))
+        self.assertNotIn(self.TOKEN.decode(), json.dumps(document))
+
+    def test_right_token_passes(self) -> None:
+        """The configured token reaches the routes."""
+        auth = b"Authorization: Bearer " + self.TOKEN
+        self.assertEqual(self.send(b"GET", b"/v1/status", headers=(auth,)).response()[0], 200)
+        self.send(b"POST", b"/v1/tts", headers=(auth,))
+        self.assertEqual([call[:2] for call in self.facade.calls], [("kind", "tts")])
+
+    def test_healthz_needs_no_token(self) -> None:
+        """/healthz answers without a token, for load balancers and systemd checks."""
+        self.assertEqual(self.send(b"GET", b"/healthz").response()[0], 200)

@@ -1,0 +1,93 @@
+"""Tests for mgpu.tap: options, start-up refusals and the service tree."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+from twisted.application.service import IServiceCollection
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from mgpu.config import ConfigError
+from mgpu.tap import Options, makeService, read_token
+
+CONFIG = """
+gpu: {source: none, total_mib: 8000}
+routing: {tts: a}
+consumers:
+  a: {url: "http://127.0.0.1:9", paths: {tts: {path: /t}}, vram_resident_mib: 1}
+"""
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def options(self, *argv: str, config: str = CONFIG) -> Options:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(config)
+        options = Options()
+        options.parseOptions(["--config", path, *argv])
+        return options
+
+    def test_builds_the_services(self) -> None:
+        """A good file gives a service tree with the web server, prober and poller."""
+        service = makeService(self.options(), MemoryReactorClock())
+        names = [type(s).__name__ for s in IServiceCollection(service)]
+        self.assertIn("StreamServerEndpointService", names)
+        self.assertIn("HealthProber", names)
+        self.assertIn("GpuPoller", names)
+
+    def test_bad_config_exits_2_naming_the_field(self) -> None:
+        """A bad file exits with status 2 and one line naming the file and field, no traceback."""
+        options = self.options(
+            config=CONFIG.replace("vram_resident_mib: 1", "vram_resident_mib: x")
+        )
+        with self.assertRaises(SystemExit) as caught:
+            makeService(options, MemoryReactorClock())
+        self.assertEqual(caught.exception.code, 2)
+        message = self.stderr.getvalue()
+        self.assertIn(f"{options['config']}: consumers.a.vram_resident_mib:", message)
+        self.assertNotIn("Traceback", message)
+        self.assertEqual(message.count("\n"), 1)
+
+    def test_bad_listen_exits_2(self) -> None:
+        """An unusable --listen endpoint exits with status 2 naming --listen."""
+        with self.assertRaises(SystemExit):
+            makeService(self.options("--listen", "bogus:1"), MemoryReactorClock())
+        self.assertIn("--listen", self.stderr.getvalue())
+
+    def test_unreadable_token_file_exits_2(self) -> None:
+        """An auth.token_file that cannot be read stops the daemon, naming auth.token_file."""
+        config = CONFIG + "auth: {token_file: /nonexistent/token}\n"
+        with self.assertRaises(SystemExit):
+            makeService(self.options(config=config), MemoryReactorClock())
+        self.assertIn("auth.token_file", self.stderr.getvalue())
+
+
+class ReadTokenTests(SynchronousTestCase):
+    def write(self, content: bytes) -> str:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def test_no_file_no_auth(self) -> None:
+        """Without auth.token_file there is no token."""
+        self.assertIsNone(read_token(None, "c.yaml"))
+
+    def test_token_stripped(self) -> None:
+        """The file's trailing newline is not part of the token."""
+        self.assertEqual(read_token(self.write(b"abc123\n"), "c.yaml"), b"abc123")
+
+    def test_empty_or_spaced_token_refused(self) -> None:
+        """An empty file, or one with spaces inside the token, is a configuration error."""
+        for content in (b"\n", b"two words\n", b"tab\there"):
+            with self.assertRaises(ConfigError) as caught:
+                read_token(self.write(content), "c.yaml")
+            self.assertEqual(caught.exception.field, "auth.token_file")
+            if content.strip():
+                self.assertNotIn(content.strip().decode(), str(caught.exception))
