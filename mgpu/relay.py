@@ -10,11 +10,12 @@ exchange; a cancel, a timeout or a lost client closes the upstream connection.
 
 from __future__ import annotations
 
+from io import BytesIO
 from typing import Any, Final, cast
 
 from attrs import frozen
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -23,6 +24,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
+    IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
@@ -42,7 +44,13 @@ from twisted.web.client import (
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_CONTENT, NOT_MODIFIED, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
+from twisted.web.iweb import (
+    UNKNOWN_LENGTH,
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IResponse,
+)
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -178,13 +186,13 @@ class Relay:
         """
         headers = _upstream_headers(request, drop_authorization)
         content = request.content
-        body = None
-        if content is not None:
-            content.seek(0, 2)
-            size = content.tell()
-            content.seek(0)
-            if size or method not in (b"GET", b"HEAD"):
-                body = FileBodyProducer(content, self._cooperator)
+        body: IBodyProducer | None = None
+        if isinstance(content, BytesIO):
+            data = content.getvalue()
+            if data or method not in (b"GET", b"HEAD"):
+                body = BytesProducer(data)
+        elif content is not None:  # twisted.web spooled a large body to a file
+            body = FileBodyProducer(content, self._cooperator)
         try:
             upstream = self._agent.request(method, consumer.url.encode() + path, headers, body)
         except ValueError as e:  # the Agent refuses an invalid URL before any I/O
@@ -193,6 +201,32 @@ class Relay:
             request, consumer, method, self._clock, timeout_s, idle_timeout, capture
         )
         return exchange.start(upstream)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory, written at once.
+
+    ``FileBodyProducer`` would take an extra reactor turn and a timer per
+    request to read a small body it could have sent straight away.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 def _upstream_headers(request: Request, drop_authorization: bool) -> Headers:

@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
 
 from mgpu.api import BrokerResource
 from mgpu.config import Config, ConfigError, load_config
@@ -23,6 +22,7 @@ from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, make_agent
 from mgpu.scheduler import GpuScheduler
+from mgpu.site import AccessLog, BrokerSite
 from mgpu.status import StatusView
 
 #: Idle upstream connections are closed before the consumers' own keep-alive
@@ -106,11 +106,11 @@ def build_service(
         control=control,
         clock=reactor,
     )
-    site = Site(
+    site = BrokerSite(
         BrokerResource(facade, StatusView(poller, registry, scheduler), token),
-        parsePOSTFormSubmission=False,
+        reactor,
+        AccessLog(reactor),
     )
-    site.displayTracebacks = False
 
     top = MultiService()
     if extra is not None:
