@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
@@ -22,8 +26,9 @@ class AccessLogTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.access = AccessLog(self.clock, flush_s=0.5, max_lines=3)
         self.site = BrokerSite(Hello(), self.clock, self.access)
 
@@ -33,7 +38,7 @@ class AccessLogTests(SynchronousTestCase):
         channel.makeConnection(StringTransport())
         channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         self.clock.advance(took)
-        channel.connectionLost(None)  # type: ignore[arg-type]
+        channel.connectionLost(Failure(ConnectionDone()))
 
     def access_lines(self) -> list[str]:
         return [
