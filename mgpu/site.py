@@ -1,5 +1,11 @@
 # -*- test-case-name: tests.test_site -*-
-"""The daemon's ``Site``: request timing and a batched access log.
+"""The daemon's ``Site``: request timing, the body limit and a batched access log.
+
+A body over ``limits.max_body_mib`` is refused with ``413 payload_too_large``
+as soon as ``Content-Length`` says so, or as soon as the bytes received pass
+it; the rest of the body is read and dropped (closing on unread data would
+reset the connection before the client reads the answer), nothing is kept,
+and the request never reaches a resource.
 
 Twisted's default access log sends one event per request through the logging
 pipeline, timezone lookup included: about an eighth of a proxied request's CPU
@@ -9,22 +15,74 @@ leave as one log event per batch (at most ``flush_s`` late).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, cast
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+
+from mgpu.errors import BrokerError
 
 log = Logger()
 
 
 class TimedRequest(Request):
-    """A request that knows when it arrived, for the access log's duration."""
+    """A request that knows when it arrived and refuses a body over the limit."""
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
-        self.received_at = channel.site.reactor.seconds()
+        self.site: BrokerSite = channel.site
+        self.received_at = self.site.reactor.seconds()
+        self._body_bytes = 0
+        self._refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.site.max_body_bytes:
+            self.content = BytesIO()
+            self._refuse()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_bytes += len(data)
+        if self._body_bytes > self.site.max_body_bytes:
+            self.content = BytesIO()
+            self._refuse()
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:  # the whole body is in (and dropped): now close
+            self._connection().loseConnection()
+        else:
+            super().requestReceived(command, path, version)
+
+    def _connection(self) -> ITransport:
+        return cast(ITransport, self.channel.transport)
+
+    def _refuse(self) -> None:
+        """Answer 413 now, on the raw connection: the request line is not parsed yet."""
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the 413
+        mib = self.site.max_body_bytes // 2**20
+        error = BrokerError("payload_too_large", f"the request body is over {mib} MiB")
+        body = error.body()
+        connection = self._connection()
+        connection.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        # The client sees the answer end now; the daemon still reads (and drops)
+        # what it sends, so no reset destroys the answer before it is read.
+        half_close = getattr(connection, "loseWriteConnection", None)
+        if half_close is not None:  # TCP, TLS and UNIX transports can
+            half_close()
+        self.site.on_refused()
 
 
 class AccessLog:
@@ -69,9 +127,18 @@ class BrokerSite(Site):
     requestFactory = TimedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, reactor: IReactorTime, access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        resource: IResource,
+        reactor: IReactorTime,
+        access_log: AccessLog,
+        max_body_bytes: int,
+        on_refused: Callable[[], object] = lambda: None,
+    ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.access_log = access_log
+        self.max_body_bytes = max_body_bytes
+        self.on_refused = on_refused
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         self.access_log.record(request)  # type: ignore[arg-type]

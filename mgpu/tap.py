@@ -11,6 +11,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -110,6 +111,8 @@ def build_service(
         BrokerResource(facade, StatusView(poller, registry, scheduler), token),
         reactor,
         AccessLog(reactor),
+        max_body_bytes=config.limits.max_body_mib * 2**20,
+        on_refused=scheduler.reject,
     )
 
     top = MultiService()
@@ -118,8 +121,25 @@ def build_service(
     _Cleanup(scheduler, (relay_pool, control_pool)).setServiceParent(top)
     poller.setServiceParent(top)
     prober.setServiceParent(top)
-    StreamServerEndpointService(endpoint, site).setServiceParent(top)
+    _Listener(endpoint, site).setServiceParent(top)
     return top
+
+
+class _Listener(StreamServerEndpointService):
+    """The web server; a port that cannot be had stops the daemon with status 1.
+
+    By default the service logs the failure and the process carries on
+    listening nowhere, which systemd's ``Restart=on-failure`` never notices.
+    """
+
+    _raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            sys.stderr.write(f"mgpumanager: cannot listen: {e.socketError}\n")
+            raise SystemExit(1) from None
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):

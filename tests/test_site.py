@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import cast
 
 from twisted.internet.error import ConnectionDone
@@ -11,6 +12,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 
 from mgpu.site import AccessLog, BrokerSite
 
@@ -30,7 +32,7 @@ class AccessLogTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.access = AccessLog(self.clock, flush_s=0.5, max_lines=3)
-        self.site = BrokerSite(Hello(), self.clock, self.access)
+        self.site = BrokerSite(Hello(), self.clock, self.access, max_body_bytes=1024)
 
     def get(self, path: bytes, took: float = 0.0) -> None:
         channel = self.site.buildProtocol(None)
@@ -73,3 +75,76 @@ class AccessLogTests(SynchronousTestCase):
         self.site.stopFactory()
         self.assertEqual(len(self.access_lines()), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class Echo(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def render_POST(self, request: Request) -> bytes:
+        assert request.content is not None
+        self.bodies.append(request.content.read())
+        return b"ok"
+
+
+class BodyLimitTests(SynchronousTestCase):
+    """limits.max_body_mib: a larger body is refused with 413 before any resource sees it."""
+
+    def setUp(self) -> None:
+        self.refused: list[bool] = []
+        self.echo = Echo()
+        self.site = BrokerSite(
+            self.echo, Clock(), AccessLog(Clock()), max_body_bytes=100,
+            on_refused=lambda: self.refused.append(True),
+        )  # fmt: skip
+        channel = self.site.buildProtocol(None)
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport()
+        channel.makeConnection(self.transport)
+
+    def assert_refused(self) -> None:
+        answer = self.transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b"Connection: close", answer)
+        document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(document["error"], "payload_too_large")
+        self.assertEqual(document["retryable"], False)
+        self.assertEqual(self.refused, [True])
+
+    def test_content_length_over_limit_answered_at_once(self) -> None:
+        """The 413 leaves as soon as the headers are in, before any body byte."""
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n")
+        self.assert_refused()
+
+    def test_no_100_continue_after_413(self) -> None:
+        """A client expecting 100-continue gets only the 413."""
+        self.channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 500\r\n\r\n"
+        )
+        self.assert_refused()
+        self.assertNotIn(b"100 Continue", self.transport.value())
+
+    def test_chunked_body_refused_once_over(self) -> None:
+        """A chunked body is refused once past the limit and never reaches a resource."""
+        self.channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"50\r\n" + b"a" * 80 + b"\r\n"
+        )
+        self.assertEqual(self.transport.value(), b"")
+        self.channel.dataReceived(b"50\r\n" + b"b" * 80 + b"\r\n")
+        self.assert_refused()
+        self.channel.dataReceived(b"0\r\n\r\n")
+        self.assertEqual(self.echo.bodies, [])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_body_at_the_limit_served(self) -> None:
+        """A body of exactly the limit reaches the resource whole."""
+        self.channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n" + b"z" * 100
+        )
+        self.assertEqual(self.echo.bodies, [b"z" * 100])
+        self.assertEqual(self.refused, [])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import io
 import sys
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConfigError
+from mgpu.gpu import GpuPoller
+from mgpu.registry import HealthProber
 from mgpu.tap import Options, makeService, read_token
 
 CONFIG = """
@@ -36,10 +39,10 @@ class MakeServiceTests(SynchronousTestCase):
     def test_builds_the_services(self) -> None:
         """A good file gives a service tree with the web server, prober and poller."""
         service = makeService(self.options(), MemoryReactorClock())
-        names = [type(s).__name__ for s in IServiceCollection(service)]
-        self.assertIn("StreamServerEndpointService", names)
-        self.assertIn("HealthProber", names)
-        self.assertIn("GpuPoller", names)
+        children = list(IServiceCollection(service))
+        kinds = (StreamServerEndpointService, HealthProber, GpuPoller)
+        for kind in kinds:
+            self.assertEqual(len([s for s in children if isinstance(s, kind)]), 1, kind)
 
     def test_bad_config_exits_2_naming_the_field(self) -> None:
         """A bad file exits with status 2 and one line naming the file and field, no traceback."""
