@@ -1,0 +1,52 @@
+"""``twistd mgpumanager --demo``: simulated consumers and GPU inside the daemon."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from tests.integration.harness import HttpClient, shared_stacks, start_daemon
+
+
+class DemoTests(TestCase):
+    """The demo, as a new user runs it."""
+
+    timeout = 60
+
+    async def test_demo_sequence(self) -> None:
+        """tts, stt, llm, image, tts all succeed, and /v1/status counts them with gpu.source sim."""
+        await shared_stacks.release()  # no other daemon competes for the CPUs
+        workdir = Path(tempfile.mkdtemp(prefix="mgpu-demo-"))
+        self.addCleanup(shutil.rmtree, workdir, True)
+        daemon = await start_daemon(workdir, extra_args=["--demo"])
+        self.addCleanup(lambda: ensureDeferred(daemon.process.stop()))
+        http = HttpClient(daemon.url)
+        self.addCleanup(http.close)
+        steps: list[tuple[str, dict[str, object] | bytes]] = [
+            ("tts", {"text": "hello"}),
+            ("stt", b"RIFF....WAVEfmt audio bytes"),
+            ("llm", {"model": "llama3", "prompt": "hi"}),
+            ("image", {"prompt": {}}),
+            ("tts", {"text": "again"}),
+        ]
+        for kind, payload in steps:
+            if isinstance(payload, bytes):
+                response, body = await http.request("POST", f"/v1/{kind}", body=payload, timeout=30)
+            else:
+                response, body = await http.request(
+                    "POST", f"/v1/{kind}", json_body=payload, timeout=30
+                )
+            self.assertTrue(
+                200 <= response.code < 300,
+                f"{kind}: {response.code} {body[:300]!r}\n{daemon.process.output()}",
+            )
+        doc = await http.status()
+        self.assertEqual(doc["gpu"]["source"], "sim")
+        self.assertIs(doc["gpu"]["ok"], True)
+        self.assertEqual(set(doc["consumers"]), {"mvoice", "whisper", "ollama", "comfyui"})
+        self.assertGreaterEqual(doc["scheduler"]["completed"], 5, doc["scheduler"])
+        self.assertEqual(doc["scheduler"]["failed"], 0, doc["scheduler"])

@@ -1,0 +1,318 @@
+"""What the daemon refuses or cancels: /audio path tricks, unrouted kinds, clients that leave."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from mgpu.tap import CACHED_CONNECTION_TIMEOUT_S
+from tests.integration.harness import (
+    RawConnection,
+    Stack,
+    closed,
+    connect,
+    established_connections,
+    make_config,
+    parse_response,
+    raw_request,
+    request_bytes,
+    set_faults,
+    shared_stacks,
+    sim_log,
+    sleep,
+    wait_for,
+)
+from tests.integration.patterns import ERROR_KEYS
+
+#: Path tricks that must never leave ``/audio/`` on the consumer (sent byte for byte).
+AUDIO_TRICKS = (
+    "/audio/../secret",
+    "/audio/a/../../x",
+    "/audio/%2e%2e/x",
+    "/audio/%2E%2e%2Fx",
+    "/audio/a%2fb",
+    "/audio//etc/passwd",
+    "/audio/http://evil/x",
+    "/audio/..",
+    "/audio/a/..",
+    "/audio/a\\..\\..\\x",
+    "/audio/%5c..%5cx",
+    "/audio/.%2e/x",
+)
+
+
+async def _guard_stack() -> Stack:
+    """mvoice (tts), the recorder (stt and /audio) and ollama (llm, 2 s timeout); no image routing.
+
+    Probes are rare (every 60 s) so that the only connections from the daemon
+    to a consumer are the ones a test makes.
+    """
+    stack = Stack.new("mgpu-guards-")
+    try:
+        await stack.add_consumers("mvoice", "ollama")
+        await stack.add_recorder()
+        config = make_config(
+            stack.consumers,
+            {"tts": "mvoice", "stt": "recorder", "llm": "ollama"},
+            audio_proxy="recorder",
+            health={"interval_s": 60, "timeout_s": 2},
+            limits={"max_body_mib": 1},
+            overrides={"ollama": {"timeout_s": 2}},
+        )
+        await stack.start(config)
+    except BaseException:
+        await stack.stop(keep_workdir=True)
+        raise
+    return stack
+
+
+class _GuardCase(TestCase):
+    timeout = 60
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.stack = await shared_stacks.get("guards", _guard_stack)
+        self.http = self.stack.client()
+        self.addCleanup(self.http.close)
+        self.mvoice = self.stack.consumers["mvoice"]
+        self.ollama = self.stack.consumers["ollama"]
+        self.recorder = self.stack.consumers["recorder"]
+
+    async def scheduler(self) -> dict[str, Any]:
+        return (await self.http.status())["scheduler"]
+
+    async def idle(self) -> None:
+        async def free() -> bool:
+            s = await self.scheduler()
+            return s["holder"] is None and s["queued"] == 0 and s["running"] == 0
+
+        await wait_for(free, 15, "the GPU lock to be free")
+
+    def recorded(self, since: int = 0) -> list[str]:
+        """The request targets the recorder received (from entry ``since``), less health probes."""
+        entries = self.recorder.log_lines()[since:]
+        return [e["target"] for e in entries if e["target"] != "/"]
+
+
+class AudioPathTests(_GuardCase):
+    """/audio paths are checked as the client sent them."""
+
+    async def test_path_tricks_refused_and_never_reach_the_consumer(self) -> None:
+        """Every /audio path trick gets 400 bad_request and the consumer never sees it."""
+        port = self.stack.port
+        mark = len(self.recorder.log_lines())
+        tricks = [request_bytes("GET", target) for target in AUDIO_TRICKS]
+        tricks.append(request_bytes("HEAD", "/audio/../secret"))
+        # Absolute-URI request lines: a proxy request for the consumer or anywhere else.
+        for authority in (f"127.0.0.1:{self.recorder.port}", f"127.0.0.1:{port}", "evil"):
+            tricks.append(request_bytes("GET", f"http://{authority}/audio/x"))
+        failures = []
+        for raw in tricks:
+            line = raw.split(b"\r\n", 1)[0].decode()
+            response = await raw_request(port, raw, head_only=raw.startswith(b"HEAD"))
+            if response.status != 400:
+                failures.append(f"{line}: {response.status} {response.body[:200]!r}")
+            elif not raw.startswith(b"HEAD"):
+                error = response.json()
+                if set(error) != ERROR_KEYS or error["error"] != "bad_request":
+                    failures.append(f"{line}: {error}")
+                elif error["retryable"] is not False:
+                    failures.append(f"{line}: retryable {error['retryable']}")
+        # A legitimate path does reach the recorder: what it lacks, it never got.
+        ok = await raw_request(port, request_bytes("GET", "/audio/ok/file.wav?x=1"))
+        self.assertEqual(ok.status, 200)
+        self.assertEqual(ok.json(), {"recorded": "/audio/ok/file.wav?x=1"})
+        leaked = [target for target in self.recorded(mark) if "ok/file" not in target]
+        failures += [f"reached the consumer as {target}" for target in leaked]
+        self.assertEqual(failures, [], "\n".join(failures))
+
+    async def test_audio_request_headers_forwarded(self) -> None:
+        """/audio forwards end-to-end headers, drops hop-by-hop ones and appends X-Forwarded-For."""
+        headers = {
+            "X-Custom": "kept",
+            "X-Forwarded-For": "10.0.0.1",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic eA==",
+        }
+        ok = await raw_request(
+            self.stack.port, request_bytes("GET", "/audio/headers.wav", headers=headers)
+        )
+        self.assertEqual(ok.status, 200)
+        entry = [e for e in self.recorder.log_lines() if e["target"] == "/audio/headers.wav"][-1]
+        got = {k.lower(): v for k, v in entry["headers"].items()}
+        self.assertEqual(got.get("x-custom"), "kept")
+        self.assertEqual(got.get("x-forwarded-for"), "10.0.0.1, 127.0.0.1")
+        self.assertEqual(got.get("host"), f"127.0.0.1:{self.recorder.port}")
+        self.assertNotIn("keep-alive", got)
+        self.assertNotIn("proxy-authorization", got)
+
+
+class NoConsumerTests(_GuardCase):
+    """A kind that routing does not name."""
+
+    async def test_unrouted_kind_no_consumer(self) -> None:
+        """POST /v1/image with no routing.image gets 404 no_consumer in the error schema."""
+        response = await raw_request(
+            self.stack.port, request_bytes("POST", "/v1/image", b'{"prompt": {}}')
+        )
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.header("content-type"), "application/json")
+        error = response.json()
+        self.assertEqual(set(error), ERROR_KEYS)
+        self.assertEqual(error["error"], "no_consumer")
+        self.assertIs(error["retryable"], False)
+
+
+class CancellationTests(_GuardCase):
+    """A client that disconnects cancels its request, queued or running."""
+
+    async def test_queued_request_dropped_when_client_leaves(self) -> None:
+        """A client that leaves while queued behind a slow request never reaches the consumer."""
+        await self.idle()
+        since, mark = time.time(), len(self.recorder.log_lines())
+        await set_faults(self.mvoice, {"delay_s": {"/api/synthesize": 2.5}})
+        self.addCleanup(lambda: ensureDeferred(set_faults(self.mvoice, {})))
+        slow = await connect(self.stack.port, RawConnection())
+        self.addCleanup(slow.abort)
+        slow.send(request_bytes("POST", "/v1/tts", b'{"text": "slow"}'))
+        await wait_for(lambda: self._holder_is("mvoice"), 5, "the slow request to run")
+        queued = await connect(self.stack.port, RawConnection())
+        self.addCleanup(queued.abort)
+        queued.send(request_bytes("POST", "/v1/stt", b"queued audio"))
+
+        async def queued_now(n: int) -> bool:
+            return bool((await self.scheduler())["queued"] == n)
+
+        await wait_for(lambda: queued_now(1), 5, "the second request to queue")
+        queued.abort()
+        # It leaves the queue at once, while the slow request still holds the GPU.
+        await wait_for(lambda: queued_now(0), 1, "the queue to drop the request")
+        self.assertTrue(await self._holder_is("mvoice"))
+        self.assertFalse(slow.closed.called, "the slow request ended too soon for this test")
+        self.assertEqual(parse_response(await closed(slow, 10)).status, 200)
+        await self.idle()
+        await sleep(0.3)  # time for a request that was wrongly kept to reach the recorder
+        self.assertEqual(self.recorded(mark), [])
+        paths = [e["path"] for e in await sim_log(self.mvoice) if e["start"] >= since]
+        self.assertEqual(paths, ["/api/synthesize"])
+        state = json.loads(
+            (await raw_request(self.mvoice.port, request_bytes("GET", "/_sim/state"))).body
+        )
+        self.assertEqual(state["busy"], 0)
+
+    async def _holder_is(self, name: str | None) -> bool:
+        return bool((await self.scheduler())["holder"] == name)
+
+    async def test_running_request_closes_upstream_when_client_leaves(self) -> None:
+        """A client that leaves while its request runs closes the upstream connection and
+        releases the lock."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+        await self.idle()
+        await set_faults(self.mvoice, {"hang": ["/api/synthesize"]})
+        self.addCleanup(lambda: ensureDeferred(set_faults(self.mvoice, {})))
+        # Idle pooled connections close after a few seconds: wait for none, so that the
+        # one counted next is this request's.
+        await wait_for(
+            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
+            CACHED_CONNECTION_TIMEOUT_S + 6,
+            "the daemon's idle connections to mvoice to close",
+            0.1,
+        )
+        client = await connect(self.stack.port, RawConnection())
+        self.addCleanup(client.abort)
+        client.send(request_bytes("POST", "/v1/tts", b'{"text": "never answered"}'))
+        await wait_for(
+            lambda: established_connections(daemon.pid, self.mvoice.port) == 1,
+            5,
+            "the request to reach mvoice",
+        )
+        self.assertTrue(await self._holder_is("mvoice"))
+        client.abort()
+        await wait_for(
+            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
+            3,
+            "the daemon to close its connection to mvoice",
+        )
+        await wait_for(lambda: self._holder_is(None), 3, "the lock's release")
+        # The GPU is free for the next request, for another consumer and for mvoice.
+        started = time.monotonic()
+        response, body = await self.http.json(
+            "POST", "/v1/llm", json_body={"prompt": "hi", "stream": False}, timeout=10
+        )
+        self.assertEqual(response.code, 200, body)
+        await set_faults(self.mvoice, {})
+        response, body = await self.http.json(
+            "POST", "/v1/tts", json_body={"text": "a"}, timeout=10
+        )
+        self.assertEqual(response.code, 200, body)
+        self.assertLess(time.monotonic() - started, 5)
+
+
+class BodyLimitTests(_GuardCase):
+    """``limits.max_body_mib`` (1 MiB here) is enforced before anything reaches a consumer."""
+
+    async def assertTooLarge(self, raw: bytes) -> None:
+        mark = len(self.recorder.log_lines())
+        response = await raw_request(self.stack.port, raw, timeout=5)
+        self.assertEqual(response.status, 413, response.raw[:300])
+        error = response.json()
+        self.assertEqual(set(error), ERROR_KEYS)
+        self.assertEqual(error["error"], "payload_too_large")
+        self.assertIs(error["retryable"], False)
+        self.assertEqual(self.recorded(mark), [])
+
+    async def test_content_length_over_limit_refused_at_once(self) -> None:
+        """A Content-Length over the limit gets 413 payload_too_large before the body is sent."""
+        head = request_bytes("POST", "/v1/stt", b"")
+        head = head.replace(b"Content-Length: 0", b"Content-Length: %d" % (2 * 2**20))
+        await self.assertTooLarge(head)
+
+    async def test_chunked_body_over_limit_refused(self) -> None:
+        """A chunked body that grows past the limit gets 413 payload_too_large."""
+        chunk = b"x" * 65536
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
+        raw = request_bytes("POST", "/v1/stt", headers={"Transfer-Encoding": "chunked"}) + body
+        await self.assertTooLarge(raw)
+
+    async def test_body_under_limit_served(self) -> None:
+        """A body just under the limit reaches the consumer whole."""
+        mark = len(self.recorder.log_lines())
+        body = b"y" * (2**20 - 1024)
+        response = await raw_request(self.stack.port, request_bytes("POST", "/v1/stt", body))
+        self.assertEqual(response.status, 200, response.raw[:300])
+        self.assertEqual(self.recorded(mark), ["/record"])
+        entry = self.recorder.log_lines()[-1]
+        self.assertEqual(entry["headers"].get("Content-Length"), str(len(body)))
+
+
+class UpstreamTimeoutTests(_GuardCase):
+    """A consumer that does not answer within its ``timeout_s`` (ollama: 2 s here)."""
+
+    async def test_silent_consumer_upstream_timeout(self) -> None:
+        """A consumer that never answers gets the client 504 upstream_timeout after its
+        timeout_s, counts as failed, and the lock goes to the next request."""
+        await self.idle()
+        await set_faults(self.ollama, {"hang": ["/api/generate"]})
+        self.addCleanup(lambda: ensureDeferred(set_faults(self.ollama, {})))
+        failed = (await self.scheduler())["failed"]
+        started = time.monotonic()
+        response, error = await self.http.json(
+            "POST", "/v1/llm", json_body={"prompt": "hi"}, timeout=15
+        )
+        elapsed = time.monotonic() - started
+        self.assertEqual(response.code, 504, error)
+        self.assertEqual(set(error), ERROR_KEYS)
+        self.assertEqual(error["error"], "upstream_timeout")
+        self.assertEqual(error["consumer"], "ollama")
+        self.assertIs(error["retryable"], True)
+        self.assertGreaterEqual(elapsed, 1.9)
+        self.assertLess(elapsed, 6)
+        self.assertEqual((await self.scheduler())["failed"], failed + 1)
+        response, body = await self.http.json(
+            "POST", "/v1/tts", json_body={"text": "next"}, timeout=10
+        )
+        self.assertEqual(response.code, 200, body)
