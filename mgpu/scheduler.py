@@ -1,24 +1,35 @@
 # -*- test-case-name: tests.test_scheduler -*-
-"""The GPU lease: one global lock that every GPU request goes through.
+"""The GPU lease and the queue in front of it.
 
-Two GPU requests never overlap: a request waits for the lock (cancelling the
-wait leaves the queue at once), runs, and releases the lock on every path.
-Work that outlives the client's response (ComfyUI's queued jobs) keeps the
-lease through ``Lease.hold_until`` until it is really done.
+One consumer holds the GPU at a time and may run up to its
+``max_concurrency`` requests; everyone else waits in one queue ordered by
+effective priority (the consumer's ``priority``, raised a level for every
+``aging_s`` waited), then arrival. Before the first request of a new holder
+runs, ``prepare`` makes room and loads it; requests admitted with it share
+that one preparation. The lease is released on every path: answered,
+consumer error, consumer gone, client gone, timeout.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredLock
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
+from mgpu.config import SchedulerConfig
+from mgpu.errors import BrokerError
+from mgpu.policy import effective_priority
 from mgpu.registry import Registry
 
 T = TypeVar("T")
+
+#: Weight of the newest request in the running mean of request times (Retry-After).
+_MEAN_WEIGHT = 0.2
 
 
 @define
@@ -34,7 +45,7 @@ class SchedulerStats:
 
 @define
 class Lease:
-    """The right to use the GPU, held by one consumer's request."""
+    """One admitted request's share of the GPU."""
 
     consumer: str
     holds: list[Deferred[object]] = field(factory=list)
@@ -44,41 +55,97 @@ class Lease:
         self.holds.append(work)
 
 
-class GpuScheduler:
-    """Runs jobs one at a time on the GPU, in arrival order."""
+@define(eq=False)
+class _Ticket:
+    """A request waiting for the GPU."""
 
-    def __init__(self, registry: Registry, clock: IReactorTime) -> None:
+    consumer: str
+    priority: int
+    arrived_at: float
+    admitted: Deferred[None]
+    timer: IDelayedCall | None = None
+
+
+class _Shared:
+    """One outcome (a preparation) awaited by several requests, each cancellable alone."""
+
+    def __init__(self, work: Deferred[None]) -> None:
+        self._waiters: list[Deferred[None]] = []
+        self._outcome: Failure | None = None
+        self._done = False
+        work.addBoth(self._settle)
+
+    def _settle(self, outcome: object) -> None:
+        self._done = True
+        self._outcome = outcome if isinstance(outcome, Failure) else None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                self._fire(waiter)
+
+    def _fire(self, waiter: Deferred[None]) -> None:
+        if self._outcome is None:
+            waiter.callback(None)
+        else:
+            waiter.errback(self._outcome)
+
+    def wait(self) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        if self._done:
+            self._fire(waiter)
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+
+class GpuScheduler:
+    """Queues GPU requests and runs them under one lease."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        clock: IReactorTime,
+        config: SchedulerConfig | None = None,
+        prepare: Callable[[str], Deferred[None]] | None = None,
+        stats: SchedulerStats | None = None,
+    ) -> None:
         self._registry = registry
         self._clock = clock
-        self._lock = DeferredLock()
+        self._config = config or SchedulerConfig()
+        self._prepare = prepare
+        self._waiting: list[_Ticket] = []
+        self._preparation: _Shared | None = None
         self._detached: set[Deferred[object]] = set()
-        self.stats = SchedulerStats()
+        self._mean_s = 1.0
+        self.stats = stats or SchedulerStats()
         self.holder: str | None = None
-        self.queued = 0
         self.running = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     def reject(self) -> None:
         """Count a request refused before admission."""
         self.stats.rejected += 1
 
     def run(self, consumer: str, job: Callable[[Lease], Deferred[T]]) -> Deferred[T]:
-        """Queue for the GPU, then run ``job``; cancel the result to leave the queue."""
-        return Deferred.fromCoroutine(self._run(consumer, job))
+        """Wait for the GPU, then run ``job``; cancel the result to leave the queue."""
+        try:
+            admitted = self._admission(consumer)
+        except BrokerError as e:
+            return fail(e)
+        return Deferred.fromCoroutine(self._run(consumer, admitted, job))
 
-    async def _run(self, consumer: str, job: Callable[[Lease], Deferred[T]]) -> T:
-        state = self._registry[consumer]
-        state.queued += 1
-        self.queued += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            state.queued -= 1
-            self.queued -= 1
+    async def _run(
+        self, consumer: str, admitted: Deferred[None], job: Callable[[Lease], Deferred[T]]
+    ) -> T:
+        await admitted
         lease = Lease(consumer)
-        self.holder = consumer
-        self.running += 1
-        state.in_flight += 1
+        started = self._clock.seconds()
         try:
+            if self._preparation is not None:
+                await self._preparation.wait()
             result = await job(lease)
         except CancelledError:
             raise  # the client left: neither completed nor a broker failure
@@ -89,34 +156,136 @@ class GpuScheduler:
             self.stats.completed += 1
             return result
         finally:
-            self._end(lease)
+            self._end(lease, started)
 
-    def _end(self, lease: Lease) -> None:
-        """Release the lease now, or once the work it still holds is done."""
+    # -- the queue -----------------------------------------------------------
+
+    def _admission(self, consumer: str) -> Deferred[None]:
+        """Admit at once if the rules allow, else queue; raises ``queue_full``."""
+        state = self._registry[consumer]
+        if not self._waiting and self._may_join(consumer):
+            self._admit(consumer)
+            return succeed(None)
+        if len(self._waiting) >= self._config.max_queue:
+            self.reject()
+            wait_s = max(1, math.ceil(self._mean_s * (len(self._waiting) + self.running)))
+            raise BrokerError(
+                "queue_full",
+                f"{len(self._waiting)} requests are waiting for the GPU",
+                consumer,
+                headers={"Retry-After": str(wait_s)},
+            )
+        ticket = _Ticket(
+            consumer, state.config.priority, self._clock.seconds(), Deferred(self._leave)
+        )
+        ticket.timer = self._clock.callLater(self._config.queue_timeout_s, self._timed_out, ticket)
+        self._waiting.append(ticket)
+        state.queued += 1
+        return ticket.admitted
+
+    def _may_join(self, consumer: str) -> bool:
+        """Whether a request of ``consumer`` may start now, ignoring the queue."""
+        if self.holder is None:
+            return True
+        state = self._registry[self.holder]
+        return consumer == self.holder and state.in_flight < state.config.max_concurrency
+
+    def _next(self) -> _Ticket | None:
+        """The waiting request to admit now, if any (SPEC section 7)."""
+        if not self._waiting:
+            return None
+        now = self._clock.seconds()
+        aging = self._config.aging_s
+
+        def rank(t: _Ticket) -> tuple[int, float]:
+            return (-effective_priority(t.priority, now - t.arrived_at, aging), t.arrived_at)
+
+        if self.holder is None:
+            return min(self._waiting, key=rank)
+        if not self._may_join(self.holder):
+            return None
+        own = [t for t in self._waiting if t.consumer == self.holder]
+        if not own:
+            return None
+        mine = min(own, key=rank)
+        others = [t for t in self._waiting if t.consumer != self.holder]
+        if others and rank(min(others, key=rank))[0] < rank(mine)[0]:
+            return None  # a request of higher effective priority waits for another consumer
+        return mine
+
+    def _dispatch(self) -> None:
+        while (ticket := self._next()) is not None:
+            self._dequeue(ticket)
+            self._admit(ticket.consumer)
+            ticket.admitted.callback(None)
+
+    def _admit(self, consumer: str) -> None:
+        if self.holder is None:
+            self.holder = consumer
+            if self._prepare is not None:
+                self._preparation = _Shared(self._prepare(consumer))
+        self.running += 1
+        self._registry[consumer].in_flight += 1
+
+    def _dequeue(self, ticket: _Ticket) -> None:
+        self._waiting.remove(ticket)
+        self._registry[ticket.consumer].queued -= 1
+        if ticket.timer is not None and ticket.timer.active():
+            ticket.timer.cancel()
+        ticket.timer = None
+
+    def _leave(self, admitted: Deferred[None]) -> None:
+        """A queued request was cancelled (its client left): drop it from the queue."""
+        for ticket in self._waiting:
+            if ticket.admitted is admitted:
+                self._dequeue(ticket)
+                self._dispatch()  # it may have been what blocked the holder's own requests
+                return
+
+    def _timed_out(self, ticket: _Ticket) -> None:
+        ticket.timer = None
+        self._dequeue(ticket)
+        self.reject()
+        ticket.admitted.errback(
+            BrokerError(
+                "queue_timeout",
+                f"waited {self._config.queue_timeout_s:g}s for the GPU",
+                ticket.consumer,
+            )
+        )
+        self._dispatch()
+
+    # -- the lease -----------------------------------------------------------
+
+    def _end(self, lease: Lease, started: float) -> None:
+        """Release the request's share now, or once the work it still holds is done."""
         if not lease.holds:
-            self._release(lease)
+            self._release(lease, started)
             return
         waiting: Deferred[object] = DeferredList(lease.holds, consumeErrors=True)  # type: ignore[assignment]
         self._detached.add(waiting)
 
         def done(_: object) -> None:
             self._detached.discard(waiting)
-            self._release(lease)
+            self._release(lease, started)
 
         waiting.addBoth(done)
 
-    def _release(self, lease: Lease) -> None:
-        state = self._registry[lease.consumer]
-        state.in_flight -= 1
+    def _release(self, lease: Lease, started: float) -> None:
+        took = self._clock.seconds() - started
+        self._mean_s += _MEAN_WEIGHT * (took - self._mean_s)
+        self._registry[lease.consumer].in_flight -= 1
         self._registry.mark_used(lease.consumer)
         self.running -= 1
-        self.holder = None
-        self._lock.release()
+        if self.running == 0:
+            self.holder = None
+            self._preparation = None
+        self._dispatch()
 
     def stop(self) -> None:
         """Cancel work still holding the GPU after its response (daemon shutdown)."""
-        for lease_holds in list(self._detached):
-            lease_holds.cancel()
+        for held in list(self._detached):
+            held.cancel()
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -22,7 +22,8 @@ from mgpu.facade import Facade
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, make_agent
-from mgpu.scheduler import GpuScheduler
+from mgpu.room import RoomMaker
+from mgpu.scheduler import GpuScheduler, SchedulerStats
 from mgpu.site import AccessLog, BrokerSite
 from mgpu.status import StatusView
 
@@ -97,7 +98,9 @@ def build_service(
     poller = GpuPoller(
         gpu_reader or reader_for(config.gpu, reactor), reactor, config.gpu.poll_interval_s
     )
-    scheduler = GpuScheduler(registry, reactor)
+    stats = SchedulerStats()
+    room = RoomMaker(registry, poller, control, reactor, config.gpu, config.scheduler, stats)
+    scheduler = GpuScheduler(registry, reactor, config.scheduler, room.prepare, stats)
     facade = Facade(
         config=config,
         registry=registry,

@@ -1,0 +1,163 @@
+# -*- test-case-name: tests.test_room -*-
+"""Getting a consumer ready to run: make room on the GPU, then load it.
+
+``make_room`` unloads the least recently used consumers that may not stay
+resident with the target, one at a time, through their own unload routes,
+and after each one polls fresh GPU readings until the target fits or
+``free_wait_s`` passes. A target that could never fit fails at once without
+unloading anything. ``ensure_loaded`` calls the target's load route when the
+broker knows it is unloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mgpu.config import ConsumerConfig, GpuConfig, SchedulerConfig
+from mgpu.control import ConsumerControl
+from mgpu.errors import BrokerError
+from mgpu.gpu import GpuSnapshot
+from mgpu.policy import Resident, eviction_order, fits_after_evictions
+from mgpu.registry import Registry
+from mgpu.scheduler import SchedulerStats
+
+log = Logger()
+
+#: How often fresh readings are taken while waiting for unloaded memory to free.
+FREE_POLL_S = 0.1
+
+
+class FreshReadings(Protocol):
+    """What room-making needs of the GPU poller: a reading taken now."""
+
+    def fresh(self) -> Deferred[GpuSnapshot]: ...
+
+
+@frozen
+class RoomMaker:
+    """Prepares a consumer for the GPU lease: ``prepare`` is the scheduler's hook."""
+
+    registry: Registry
+    gpu: FreshReadings
+    control: ConsumerControl
+    clock: IReactorTime
+    gpu_config: GpuConfig
+    config: SchedulerConfig
+    stats: SchedulerStats
+
+    def prepare(self, name: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._prepare(name))
+
+    async def _prepare(self, name: str) -> None:
+        await self.make_room(name)
+        await self.ensure_loaded(name)
+
+    async def make_room(self, name: str) -> None:
+        """Unload victims until ``name``'s resident size plus the cushion fits."""
+        target = self.registry[name].config
+        if self.registry[name].loaded:
+            return
+        need = target.vram_resident_mib + self.gpu_config.cushion_mib
+        free = await self._free_mib(target)
+        if free >= need:
+            return
+        if not fits_after_evictions(need, free, self._candidates(target)):
+            raise BrokerError(
+                "scheduler_error",
+                f"{name} needs {need} MiB; {free} MiB are free and unloading every "
+                "consumer that may be unloaded would not free enough",
+                name,
+            )
+        tried: set[str] = set()
+        while free < need:
+            candidates = [c for c in self._candidates(target) if c.config.name not in tried]
+            if not candidates or len(tried) >= self.config.max_evictions:
+                why = "no consumer left to unload" if not candidates else "max_evictions reached"
+                raise BrokerError(
+                    "scheduler_error",
+                    f"{name} needs {need} MiB, {free} MiB free: {why}",
+                    name,
+                )
+            victim = candidates[0].config
+            tried.add(victim.name)
+            free = await self._evict(victim, target, need, free, candidates)
+
+    async def _evict(
+        self,
+        victim: ConsumerConfig,
+        target: ConsumerConfig,
+        need: int,
+        free_before: int,
+        candidates: list[Resident],
+    ) -> int:
+        """Unload ``victim``, then wait for the memory to show free; returns free MiB."""
+        started = self.clock.seconds()
+        try:
+            await self.control.unload(victim)
+        except BrokerError as e:
+            log.warn(
+                "evict for {target}: unloading {victim} failed ({error}); trying the next",
+                target=target.name, victim=victim.name, error=e.message,
+            )  # fmt: skip
+            return free_before
+        self.registry.mark_unloaded(victim.name)
+        self.stats.evictions += 1
+        free = await self._wait_for_free(target, need, started + self.config.free_wait_s)
+        log.info(
+            "evict for {target} (needs {need} MiB): candidates {candidates}, victim {victim}, "
+            "free {before} -> {after} MiB in {took:.2f}s",
+            target=target.name, need=need, victim=victim.name,
+            candidates=[c.config.name for c in candidates],
+            before=free_before, after=free, took=self.clock.seconds() - started,
+        )  # fmt: skip
+        return free
+
+    async def _wait_for_free(self, target: ConsumerConfig, need: int, deadline: float) -> int:
+        """Poll fresh readings until ``need`` MiB are free or ``deadline`` passes."""
+        while True:
+            free = await self._free_mib(target)
+            if free >= need or self.clock.seconds() + FREE_POLL_S > deadline:
+                return free
+            await deferLater(self.clock, FREE_POLL_S, lambda: None)
+
+    async def ensure_loaded(self, name: str) -> None:
+        """Call the load route of a consumer the broker knows to be unloaded."""
+        state = self.registry[name]
+        if state.loaded is not False or state.config.load is None:
+            return  # loaded, unknown, or it cold-starts on its first request
+        await self.control.load(state.config)
+        self.registry.mark_loaded(name)
+        self.stats.loads += 1
+
+    def _candidates(self, target: ConsumerConfig) -> list[Resident]:
+        return eviction_order(
+            target,
+            (
+                Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at)
+                for s in self.registry.states.values()
+            ),
+        )
+
+    async def _free_mib(self, target: ConsumerConfig) -> int:
+        """Free memory read now; without a reading, the broker's own accounting."""
+        snapshot = await self.gpu.fresh()
+        if snapshot.ok and snapshot.free_mib is not None:
+            return snapshot.free_mib
+        total = self.gpu_config.total_mib
+        if total is None:
+            raise BrokerError(
+                "scheduler_error",
+                f"no GPU reading ({snapshot.error}) and no gpu.total_mib to account "
+                f"for {target.name}'s {target.vram_resident_mib} MiB",
+                target.name,
+            )
+        resident = sum(
+            s.config.vram_resident_mib for s in self.registry.states.values() if s.loaded
+        )
+        return total - resident
