@@ -209,11 +209,12 @@ class ConsumerControl:
         )
 
     def load(self, consumer: ConsumerConfig) -> Deferred[None]:
-        """Call the load route; any failure is a ``scheduler_error``."""
+        """Call the load route: ``consumer_unreachable`` if the consumer is gone, else any
+        failure (an error status, a timeout) is a ``scheduler_error``."""
         return self._admin("load", consumer, consumer.load)
 
     def unload(self, consumer: ConsumerConfig) -> Deferred[None]:
-        """Call the unload route; any failure is a ``scheduler_error``."""
+        """Call the unload route; failures as for ``load``."""
         return self._admin("unload", consumer, consumer.unload)
 
     def get_json(
@@ -268,7 +269,16 @@ class ConsumerControl:
         def failed(f: Failure) -> Failure:
             if f.check(BrokerError):
                 return f
-            return Failure(why(describe(f)))
+            if f.check(_TimedOut):
+                return Failure(why(describe(f)))
+            # The consumer is gone (refused, reset, closed): say so, as a request would.
+            return Failure(
+                BrokerError(
+                    "consumer_unreachable",
+                    f"{action} of {consumer.name} failed: {describe(f)}",
+                    consumer.name,
+                )
+            )
 
         d = self._exchange(consumer, route, consumer.timeout_s, PROBE_BODY_LIMIT)
         return d.addCallback(checked).addErrback(failed)

@@ -131,7 +131,12 @@ class RoomMaker:
         state = self.registry[name]
         if state.loaded is not False or state.config.load is None:
             return  # loaded, unknown, or it cold-starts on its first request
-        await self.control.load(state.config)
+        try:
+            await self.control.load(state.config)
+        except BrokerError as e:
+            if e.code == "consumer_unreachable":
+                self.registry.mark_unreachable(name, e.message)
+            raise
         self.registry.mark_loaded(name)
         self.stats.loads += 1
 

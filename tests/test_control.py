@@ -280,11 +280,19 @@ class LoadUnloadTests(ControlTestCase):
         self.assertEqual(f.value.message, "unload of mvoice failed: HTTP 404")
 
     def test_unload_refused(self) -> None:
-        """A refused connection during unload is a scheduler_error saying so."""
+        """A refused connection during unload is consumer_unreachable saying so."""
         control = ConsumerControl(refusing_client(), as_clock(self.clock))
         f = self.failureResultOf(control.unload(consumer(unload=Route("POST", "/free"))))
         f.trap(BrokerError)
+        self.assertEqual(f.value.code, "consumer_unreachable")
         self.assertEqual(f.value.message, "unload of mvoice failed: connection refused")
+
+    def test_load_refused(self) -> None:
+        """A consumer gone during its load is consumer_unreachable (502), not scheduler_error."""
+        control = ConsumerControl(refusing_client(), as_clock(self.clock))
+        f = self.failureResultOf(control.load(consumer(load=Route("POST", "/load"))))
+        f.trap(BrokerError)
+        self.assertEqual((f.value.code, f.value.status), ("consumer_unreachable", 502))
 
     def test_load_timeout(self) -> None:
         """A load that outlasts the consumer's timeout_s is a scheduler_error saying so."""
