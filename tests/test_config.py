@@ -56,6 +56,16 @@ def parse_yaml(text: str) -> Config:
     return parse(yaml.safe_load(textwrap.dedent(text)))
 
 
+#: The values SPEC section 3 gives, which are both the defaults and the production file's.
+SPEC_GPU = GpuConfig(
+    source="auto", index=0, nvidia_smi="nvidia-smi", cushion_mib=256,
+    poll_interval_s=2.0, total_mib=None,
+)  # fmt: skip
+SPEC_SCHEDULER = SchedulerConfig(
+    max_queue=256, aging_s=30.0, queue_timeout_s=600.0, max_evictions=5, free_wait_s=10.0
+)
+
+
 class _ConfigTestCase(SynchronousTestCase):
     def assertRefused(self, data: object, field: str, reason: str = "") -> ConfigError:
         """Parsing ``data`` fails on exactly ``field``, with ``reason`` in the message."""
@@ -89,27 +99,14 @@ class ProductionConfigTests(_ConfigTestCase):
         """The gpu section is auto, index 0, nvidia-smi, 256 MiB cushion, 2 s poll."""
         self.assertEqual(
             self.config.gpu,
-            GpuConfig(
-                source="auto",
-                index=0,
-                nvidia_smi="nvidia-smi",
-                cushion_mib=256,
-                poll_interval_s=2.0,
-                total_mib=None,
-            ),
+            SPEC_GPU,
         )
 
     def test_scheduler(self) -> None:
         """The scheduler section has the queue, aging, timeout and eviction values of the SPEC."""
         self.assertEqual(
             self.config.scheduler,
-            SchedulerConfig(
-                max_queue=256,
-                aging_s=30.0,
-                queue_timeout_s=600.0,
-                max_evictions=5,
-                free_wait_s=10.0,
-            ),
+            SPEC_SCHEDULER,
         )
 
     def test_health_and_limits(self) -> None:
@@ -251,27 +248,14 @@ class DefaultTests(_ConfigTestCase):
         """gpu defaults to auto, index 0, nvidia-smi, 256 MiB cushion, 2 s poll, no total."""
         self.assertEqual(
             self.config.gpu,
-            GpuConfig(
-                source="auto",
-                index=0,
-                nvidia_smi="nvidia-smi",
-                cushion_mib=256,
-                poll_interval_s=2.0,
-                total_mib=None,
-            ),
+            SPEC_GPU,
         )
 
     def test_scheduler(self) -> None:
         """scheduler defaults to queue 256, aging 30 s, timeout 600 s, 5 evictions, 10 s wait."""
         self.assertEqual(
             self.config.scheduler,
-            SchedulerConfig(
-                max_queue=256,
-                aging_s=30.0,
-                queue_timeout_s=600.0,
-                max_evictions=5,
-                free_wait_s=10.0,
-            ),
+            SPEC_SCHEDULER,
         )
 
     def test_health(self) -> None:
