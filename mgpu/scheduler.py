@@ -14,10 +14,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
@@ -48,9 +55,10 @@ class Lease:
     """One admitted request's share of the GPU."""
 
     consumer: str
-    holds: list[Deferred[object]] = field(factory=list)
+    holds: list[Deferred[Any]] = field(factory=list)
+    reached_consumer: bool = False
 
-    def hold_until(self, work: Deferred[object]) -> None:
+    def hold_until(self, work: Deferred[Any]) -> None:
         """Keep the GPU until ``work`` ends, even after the job's own Deferred fired."""
         self.holds.append(work)
 
@@ -82,6 +90,14 @@ class _Shared:
         for waiter in waiters:
             if not waiter.called:
                 self._fire(waiter)
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def failed(self) -> bool:
+        return self._outcome is not None
 
     def _fire(self, waiter: Deferred[None]) -> None:
         if self._outcome is None:
@@ -143,11 +159,17 @@ class GpuScheduler:
         await admitted
         lease = Lease(consumer)
         started = self._clock.seconds()
+        preparation = self._preparation
         try:
-            if self._preparation is not None:
-                await self._preparation.wait()
+            if preparation is not None:
+                await preparation.wait()
+            lease.reached_consumer = True
             result = await job(lease)
         except CancelledError:
+            if preparation is not None and not preparation.done:
+                # The client left while its consumer was being prepared: the
+                # unloads and the load go on, so the GPU stays leased until they end.
+                lease.hold_until(preparation.wait())
             raise  # the client left: neither completed nor a broker failure
         except BaseException:
             self.stats.failed += 1
@@ -163,7 +185,8 @@ class GpuScheduler:
     def _admission(self, consumer: str) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
         state = self._registry[consumer]
-        if not self._waiting and self._may_join(consumer):
+        self._dispatch()  # aging may have let a waiting request in since the last event
+        if self._may_start(consumer, state.config.priority):
             self._admit(consumer)
             return succeed(None)
         if len(self._waiting) >= self._config.max_queue:
@@ -187,8 +210,30 @@ class GpuScheduler:
         """Whether a request of ``consumer`` may start now, ignoring the queue."""
         if self.holder is None:
             return True
+        if self._preparation is not None and self._preparation.failed:
+            return False  # the lease drains; a later request gets a fresh preparation
         state = self._registry[self.holder]
         return consumer == self.holder and state.in_flight < state.config.max_concurrency
+
+    def _may_start(self, consumer: str, priority: int) -> bool:
+        """Whether a new request may start at once (called right after ``_dispatch``).
+
+        Lease free: only with nobody waiting. Lease held by ``consumer`` with a
+        free slot: unless another consumer's request of higher effective
+        priority waits (its own older requests, had they been admissible,
+        were just admitted by ``_dispatch``).
+        """
+        if not self._may_join(consumer):
+            return False
+        if self.holder is None:
+            return not self._waiting
+        now = self._clock.seconds()
+        aging = self._config.aging_s
+        return not any(
+            t.consumer != consumer
+            and effective_priority(t.priority, now - t.arrived_at, aging) > priority
+            for t in self._waiting
+        )
 
     def _next(self) -> _Ticket | None:
         """The waiting request to admit now, if any (SPEC section 7)."""
@@ -223,7 +268,8 @@ class GpuScheduler:
         if self.holder is None:
             self.holder = consumer
             if self._prepare is not None:
-                self._preparation = _Shared(self._prepare(consumer))
+                # maybeDeferred: a hook that raises must fail its requests, not strand the lease
+                self._preparation = _Shared(maybeDeferred(self._prepare, consumer))
         self.running += 1
         self._registry[consumer].in_flight += 1
 
@@ -275,7 +321,8 @@ class GpuScheduler:
         took = self._clock.seconds() - started
         self._mean_s += _MEAN_WEIGHT * (took - self._mean_s)
         self._registry[lease.consumer].in_flight -= 1
-        self._registry.mark_used(lease.consumer)
+        if lease.reached_consumer:  # LRU order counts real use only
+            self._registry.mark_used(lease.consumer)
         self.running -= 1
         if self.running == 0:
             self.holder = None
