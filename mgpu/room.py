@@ -3,10 +3,10 @@
 
 ``make_room`` unloads the least recently used consumers that may not stay
 resident with the target, one at a time, through their own unload routes,
-and after each one polls fresh GPU readings until the target fits or
-``free_wait_s`` passes. A target that could never fit fails at once without
-unloading anything. ``ensure_loaded`` calls the target's load route when the
-broker knows it is unloaded.
+and after each one polls fresh GPU readings until the target fits, the
+victim's memory shows free, or ``free_wait_s`` passes. A target that could
+never fit fails at once without unloading anything. ``ensure_loaded`` calls
+the target's load route when the broker knows it is unloaded.
 """
 
 from __future__ import annotations
@@ -101,6 +101,8 @@ class RoomMaker:
         try:
             await self.control.unload(victim)
         except BrokerError as e:
+            if e.code == "consumer_unreachable":
+                self.registry.mark_unreachable(victim.name, e.message)
             log.warn(
                 "evict for {target}: unloading {victim} failed ({error}); trying the next",
                 target=target.name, victim=victim.name, error=e.message,
@@ -108,7 +110,13 @@ class RoomMaker:
             return free_before
         self.registry.mark_unloaded(victim.name)
         self.stats.evictions += 1
-        free = await self._wait_for_free(target, need, started + self.config.free_wait_s)
+        # free_wait_s counts from the unload's answer, not from its call: a slow
+        # unload route must not eat into the wait for the memory to show free.
+        deadline = self.clock.seconds() + self.config.free_wait_s
+        # Once the victim's whole resident size shows free, waiting on only delays
+        # the next victim: the target cannot fit without one.
+        freed = free_before + victim.vram_resident_mib
+        free = await self._wait_for_free(target, min(need, freed), deadline)
         log.info(
             "evict for {target} (needs {need} MiB): candidates {candidates}, victim {victim}, "
             "free {before} -> {after} MiB in {took:.2f}s",
