@@ -1,84 +1,173 @@
 """``python -m bench`` (``make bench``): run the daemon's benchmarks.
 
-Today one benchmark, ``latency``: what the broker adds to a small request
-over a direct call, next to what nginx adds. Prints a table and writes
-``bench/out/latency.json``. Exit status: 0 when every leg that could run ran
-(with ``--strict``: and the targets held), 1 otherwise, 2 on bad arguments.
+``latency``: what the broker adds to a small request over a direct call,
+next to what nginx adds. ``throughput``: requests per second through the GPU
+lease (16 clients, one consumer of ``max_concurrency`` 1, 2 ms jobs) against
+the consumer's own rate. ``evict``: from the moment an evicted consumer's
+memory shows free to the moment the waiting request reaches its target.
+With no name, all three run, one after the other. Each prints a table and
+writes ``bench/out/<name>.json``. Exit status: 0 when every benchmark ran
+(with ``--strict``: and its targets held), 1 otherwise, 2 on bad arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from bench import latency
+from bench import evict, latency, throughput
+from bench.common import OUT_DIR, write_json
+
+BENCHES = ("latency", "throughput", "evict")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=(__doc__ or "").split("\n", 1)[0]
     )
-    p.add_argument("bench", nargs="?", default="latency", choices=["latency"])
-    p.add_argument("-n", "--requests", type=int, default=10000, help="timed requests per leg")
-    p.add_argument("--warmup", type=int, default=1000, help="untimed requests per leg first")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds, legs interleaved")
-    p.add_argument("--no-nginx", action="store_true", help="skip the nginx leg")
-    p.add_argument("--no-broker", action="store_true", help="skip the broker leg")
+    p.add_argument(
+        "bench",
+        nargs="*",
+        metavar="NAME",
+        help=f"which to run, in this order: {', '.join(BENCHES)} (default: all)",
+    )
     p.add_argument(
         "--profile",
-        choices=["py-spy", "cprofile"],
-        help="profile the broker during the run (its figures are then inflated)",
+        choices=["py-spy", "cprofile", "handoff"],
+        help="profile the broker of latency or throughput (its figures are then inflated); "
+        "handoff: a timeline of the lease hand-off (throughput only)",
     )
     p.add_argument(
         "--cpus",
         choices=["one", "all"],
-        default="one",
-        help="one: pin every process to one CPU (stable figures); all: let the kernel place them",
+        help="one: pin every process to one CPU; all: let the kernel place them "
+        "(default: one for latency, all for throughput and evict)",
     )
     p.add_argument("--keep", action="store_true", help="keep the configs and logs (temp dir)")
-    p.add_argument("--out", type=Path, default=latency.OUT_DIR / "latency.json")
-    p.add_argument("--max-seconds", type=float, default=110.0, help="time budget of the run")
+    p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where <name>.json goes")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target does not hold")
+
+    g = p.add_argument_group("latency")
+    g.add_argument("-n", "--requests", type=int, default=10000, help="timed requests per leg")
+    g.add_argument("--warmup", type=int, default=1000, help="untimed requests per leg first")
+    g.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds, legs interleaved (also throughput)"
+    )
+    g.add_argument("--no-nginx", action="store_true", help="skip the nginx leg")
+    g.add_argument("--no-broker", action="store_true", help="skip the broker leg")
+    g.add_argument("--max-seconds", type=float, default=110.0, help="time budget of the run")
+
+    t = throughput.Options()
+    g = p.add_argument_group("throughput")
+    g.add_argument("--clients", type=int, default=t.clients, help="concurrent broker clients")
+    g.add_argument("--work-ms", type=float, default=t.work_ms, help="the consumer's job time")
+    g.add_argument("--seconds", type=float, default=t.seconds, help="per leg and round")
+
+    e = evict.Options()
+    g = p.add_argument_group("evict")
+    g.add_argument("--evictions", type=int, default=e.rounds, help="timed evictions")
+    g.add_argument(
+        "--free-after",
+        type=float,
+        nargs=2,
+        default=[e.free_after_min_s, e.free_after_max_s],
+        metavar=("MIN_S", "MAX_S"),
+        help="free the memory this long after the unload call arrives, spread over the rounds",
+    )
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1 or args.requests < args.rounds:
         p.error("need --requests >= --rounds >= 1 and --warmup >= 0")
+    if args.clients < 1 or args.work_ms < 0 or args.seconds <= 0:
+        p.error("need --clients >= 1, --work-ms >= 0 and --seconds > 0")
+    unknown = [name for name in args.bench if name not in ("all", *BENCHES)]
+    if unknown:
+        p.error(f"no benchmark {unknown[0]!r}: choose from all, {', '.join(BENCHES)}")
+    if not args.bench or "all" in args.bench:
+        args.bench = list(BENCHES) if not args.profile else ["latency", "throughput"]
+        if args.profile == "handoff":
+            args.bench = ["throughput"]
+    if args.profile == "handoff" and args.bench != ["throughput"]:
+        p.error("--profile handoff profiles the throughput benchmark only")
+    if args.profile and "evict" in args.bench:
+        p.error("--profile profiles latency or throughput (evict has no hot path)")
+    if args.evictions < 1 or not 0 <= args.free_after[0] <= args.free_after[1]:
+        p.error("need --evictions >= 1 and 0 <= MIN_S <= MAX_S for --free-after")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    opts = latency.Options(
-        requests=args.requests,
-        warmup=args.warmup,
-        rounds=args.rounds,
-        nginx=not args.no_nginx,
-        broker=not args.no_broker,
-        max_seconds=args.max_seconds,
-        out=args.out,
-        profile=args.profile,
-        strict=args.strict,
-        cpus=args.cpus,
-        keep=args.keep,
+def options(name: str, args: argparse.Namespace) -> Any:
+    """The chosen benchmark's options from the command line."""
+    common = {"keep": args.keep, "strict": args.strict}
+    if name == "latency":
+        return latency.Options(
+            requests=args.requests,
+            warmup=args.warmup,
+            rounds=args.rounds,
+            nginx=not args.no_nginx,
+            broker=not args.no_broker,
+            max_seconds=args.max_seconds,
+            profile=args.profile,
+            cpus=args.cpus or "one",
+            **common,
+        )
+    if name == "throughput":
+        return throughput.Options(
+            clients=args.clients,
+            work_ms=args.work_ms,
+            seconds=args.seconds,
+            rounds=args.rounds,
+            profile=args.profile,
+            cpus=args.cpus or "all",
+            **common,
+        )
+    return evict.Options(
+        rounds=args.evictions,
+        free_after_min_s=args.free_after[0],
+        free_after_max_s=args.free_after[1],
+        cpus=args.cpus or "all",
+        **common,
     )
-    try:
-        result, ok = latency.run(opts, log=lambda msg: print(msg, flush=True))
-    except KeyboardInterrupt:
-        print("bench: interrupted; every helper process was stopped", file=sys.stderr)
-        return 130
-    print(latency.render(result))
-    latency.write_json(result, opts.out)
-    print(f"\nwrote {opts.out}")
+
+
+def run_one(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> bool:
+    """Run one benchmark, print its table, write its JSON; whether it ran (and held)."""
+    module: Any = {"latency": latency, "throughput": throughput, "evict": evict}[name]
+    log(f"== {name}")
+    result, ok = module.run(options(name, args), log=log)
+    print(module.render(result))
+    out = args.out_dir / f"{name}.json"
+    write_json(result, out)
+    print(f"\nwrote {out}")
     report = result.get("profile_report")
     if report:
-        if opts.profile == "cprofile" and Path(report).is_file():
+        if report.endswith(".cprofile") and Path(report).is_file():
             from bench.profile import summarize_cprofile
 
             text = summarize_cprofile(Path(report))
             Path(report).with_suffix(".txt").write_text(text)
             report = str(Path(report).with_suffix(".txt"))
         print(f"profile: {report}")
-    return 0 if ok else 1
+    return bool(ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(dict.fromkeys(args.bench))
+    failed = []
+    try:
+        for name in names:
+            if not run_one(name, args, log=lambda msg: print(msg, flush=True)):
+                failed.append(name)
+            print()
+    except KeyboardInterrupt:
+        print("bench: interrupted; every helper process was stopped", file=sys.stderr)
+        return 130
+    if len(names) > 1:
+        print(f"bench: {', '.join(names)}: " + (f"FAILED: {', '.join(failed)}" if failed else "ok"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -81,6 +81,17 @@ class KeepAliveClient:
             self._reopen()
         return status, body
 
+    def send(self, raw: bytes) -> None:
+        """Send ``raw`` without waiting for the answer (``receive`` reads it; no retry)."""
+        self._sock.sendall(raw)
+
+    def receive(self) -> tuple[int, bytes]:
+        """Read the answer to what ``send`` sent."""
+        status, body, close = self._read_response()
+        if close:
+            self._reopen()
+        return status, body
+
     def _reopen(self) -> None:
         self._sock.close()
         self._pending.clear()

@@ -17,6 +17,22 @@ a time, so the GIL costs nothing here. It is a separate process so it never
 competes with the client for the GIL. It parses just enough HTTP/1.1 for a
 proxy's requests: ``Content-Length`` and chunked bodies, pipelining,
 ``Connection: close`` and HTTP/1.0.
+
+Options for the other benchmarks (the latency benchmark uses none):
+
+- ``--work-ms MS``: each synthesize request sleeps MS in its thread before it
+  is answered, as a GPU job would (the throughput benchmark: 2 ms). ``GET
+  /api/stats`` tells how many jobs ran, the most that ran at once (which
+  must stay 1 behind a broker with ``max_concurrency: 1``), and each idle
+  time since the previous call: from a job's answer sent to the next job's
+  request received, the hand-off as the GPU sees it.
+- ``--loaded yes|no``: the consumer reports ``loaded`` in its health answer,
+  starts as told, has ``POST /api/unload`` (answered at once) and loads on
+  its first synthesize request (the eviction benchmark).
+- ``--events``: print ``<route> <CLOCK_MONOTONIC ns>`` on stdout, after the
+  port line, for each synthesize or unload request, timed when its last bytes
+  were received. CLOCK_MONOTONIC is system-wide, so the benchmark compares
+  these times with its own ``time.monotonic_ns()``.
 """
 
 from __future__ import annotations
@@ -29,6 +45,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from types import FrameType
 
 #: The JSON answer to every synthesize request: small, like a real TTS job's metadata.
@@ -53,12 +70,25 @@ def _response(status: bytes, body: bytes, *, close: bool = False) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-_ROUTES = {
-    (b"POST", b"/api/synthesize"): _response(b"200 OK", SYNTH_BODY),
-    (b"GET", b"/api/health"): _response(b"200 OK", HEALTH_BODY),
-    (b"HEAD", b"/api/health"): _response(b"200 OK", HEALTH_BODY)[: -len(HEALTH_BODY)],
+SYNTHESIZE = (b"POST", b"/api/synthesize")
+UNLOAD = (b"POST", b"/api/unload")
+HEALTH = (b"GET", b"/api/health")
+STATS = (b"GET", b"/api/stats")
+
+
+def _health(body: bytes) -> dict[tuple[bytes, bytes], bytes]:
+    return {
+        HEALTH: _response(b"200 OK", body),
+        (b"HEAD", HEALTH[1]): _response(b"200 OK", body)[: -len(body)],
+    }
+
+
+_ROUTES = {SYNTHESIZE: _response(b"200 OK", SYNTH_BODY), **_health(HEALTH_BODY)}
+_LOADED_HEALTH = {
+    loaded: _health(json.dumps({"status": "ok", "loaded": loaded}).encode())
+    for loaded in (True, False)
 }
-_PATHS = {path for _, path in _ROUTES}
+_UNLOADED = _response(b"200 OK", b'{"ok":true}')
 _NOT_FOUND = _response(b"404 Not Found", b'{"error":"not_found"}')
 _NOT_ALLOWED = _response(b"405 Method Not Allowed", b'{"error":"method_not_allowed"}')
 _BAD = _response(b"400 Bad Request", b'{"error":"bad_request"}', close=True)
@@ -95,8 +125,8 @@ def _chunked_end(buf: bytearray, start: int) -> int:
             raise _Malformed
 
 
-def parse_one(buf: bytearray) -> tuple[int, bytes, bool]:
-    """Parse the first request in ``buf``: (bytes it used, the answer, close after it)."""
+def parse_one(buf: bytearray) -> tuple[int, tuple[bytes, bytes], bool]:
+    """Parse the first request in ``buf``: (bytes it used, (method, path), close after it)."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         if len(buf) > MAX_HEAD:
@@ -135,29 +165,96 @@ def parse_one(buf: bytearray) -> tuple[int, bytes, bool]:
         consumed = body_start + length
         if consumed > len(buf):
             raise _Incomplete
-    path = target.split(b"?", 1)[0]
-    answer = _ROUTES.get((method, path))
-    if answer is None:
-        answer = _NOT_ALLOWED if path in _PATHS else _NOT_FOUND
-    if close:
-        answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
-    return consumed, answer, close
+    return consumed, (method, target.split(b"?", 1)[0]), close
 
 
-def serve_connection(conn: socket.socket) -> None:
+class Consumer:
+    """What this process answers, and the state its options give it."""
+
+    def __init__(self, work_s: float = 0.0, loaded: bool | None = None, events: bool = False):
+        self.work_s = work_s
+        self.events = events
+        self.routes = dict(_ROUTES)
+        self.loaded = loaded
+        if loaded is not None:
+            self.routes[UNLOAD] = _UNLOADED
+            self.routes.update(_LOADED_HEALTH[loaded])
+        self.paths = {path for _, path in self.routes} | {STATS[1]}
+        self.busy = work_s > 0 or events or loaded is not None
+        self._lock = threading.Lock()
+        self.jobs = self.running = self.most_running = 0
+        self._answered_ns: int | None = None  # when the last job's answer was sent
+        self._idle_ns: list[int] = []  # from one job's answer sent to the next job's arrival
+
+    def answer(self, key: tuple[bytes, bytes], received_ns: int) -> bytes:
+        """The answer to ``key`` (method, path), once its work is done."""
+        if self.busy:
+            if key == SYNTHESIZE:
+                self._job(received_ns)
+            elif key == UNLOAD and self.loaded is not None:
+                self._event("unload", received_ns)
+                self._set_loaded(False)
+        if key == STATS:
+            return _response(b"200 OK", json.dumps(self._stats()).encode())
+        answer = self.routes.get(key)
+        if answer is None:
+            return _NOT_ALLOWED if key[1] in self.paths else _NOT_FOUND
+        return answer
+
+    def _stats(self) -> dict[str, object]:
+        """The job counts, and the idle times since the last call (which clears them)."""
+        with self._lock:
+            idle, self._idle_ns = self._idle_ns, []
+            self._answered_ns = None
+            return {"jobs": self.jobs, "max_concurrent": self.most_running, "idle_ns": idle}
+
+    def answered(self, key: tuple[bytes, bytes]) -> None:
+        """The answer to ``key`` has been sent: a job's end starts an idle time."""
+        if key == SYNTHESIZE:
+            with self._lock:
+                self._answered_ns = time.monotonic_ns()
+
+    def _job(self, received_ns: int) -> None:
+        with self._lock:
+            self.jobs += 1
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            if self._answered_ns is not None and self.running == 1:
+                self._idle_ns.append(received_ns - self._answered_ns)
+                self._answered_ns = None
+        self._event("synthesize", received_ns)
+        if self.loaded is False:
+            self._set_loaded(True)
+        if self.work_s > 0:
+            time.sleep(self.work_s)
+        with self._lock:
+            self.running -= 1
+
+    def _set_loaded(self, loaded: bool) -> None:
+        self.loaded = loaded
+        self.routes.update(_LOADED_HEALTH[loaded])
+
+    def _event(self, what: str, at_ns: int) -> None:
+        if self.events:
+            os.write(1, f"{what} {at_ns}\n".encode())
+
+
+def serve_connection(conn: socket.socket, consumer: Consumer) -> None:
     """Answer each request on ``conn`` as soon as it is complete, until the peer closes."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray()
     scratch = bytearray(65536)
+    timed = consumer.busy
     try:
         while True:
             n = conn.recv_into(scratch)
             if not n:
                 return
+            received_ns = time.monotonic_ns() if timed else 0
             buf += memoryview(scratch)[:n]
             while buf:
                 try:
-                    consumed, answer, close = parse_one(buf)
+                    consumed, key, close = parse_one(buf)
                 except _Incomplete:
                     if len(buf) > MAX_HEAD + MAX_BODY:
                         conn.sendall(_BAD)
@@ -167,7 +264,12 @@ def serve_connection(conn: socket.socket) -> None:
                     conn.sendall(_BAD)
                     return
                 del buf[:consumed]
+                answer = consumer.answer(key, received_ns)
+                if close:
+                    answer = answer.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
                 conn.sendall(answer)
+                if timed:
+                    consumer.answered(key)
                 if close:
                     return
     except OSError:
@@ -188,7 +290,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(host: str, port: int, watch_stdin: bool) -> None:
+def serve(host: str, port: int, watch_stdin: bool, consumer: Consumer) -> None:
     """Listen, report the port on stdout, and serve until told to stop."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
@@ -202,7 +304,7 @@ def serve(host: str, port: int, watch_stdin: bool) -> None:
         sys.stdout.flush()
         while True:  # ends with SystemExit from _stop
             conn, _ = listener.accept()
-            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=serve_connection, args=(conn, consumer), daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,8 +314,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-stdin-watch", action="store_true", help="do not exit when stdin reaches EOF"
     )
+    parser.add_argument(
+        "--work-ms", type=float, default=0.0, help="sleep this long in each synthesize request"
+    )
+    parser.add_argument(
+        "--loaded",
+        choices=["yes", "no"],
+        help="report loaded in health answers, starting so; serve POST /api/unload",
+    )
+    parser.add_argument(
+        "--events", action="store_true", help="print each synthesize and unload, timed, on stdout"
+    )
     args = parser.parse_args(argv)
-    serve(args.host, args.port, not args.no_stdin_watch)
+    loaded = None if args.loaded is None else args.loaded == "yes"
+    consumer = Consumer(args.work_ms / 1000.0, loaded, args.events)
+    serve(args.host, args.port, not args.no_stdin_watch, consumer)
 
 
 if __name__ == "__main__":

@@ -25,16 +25,10 @@ lets the kernel place the processes, as a production host would.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 import math
-import os
-import platform
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,31 +36,28 @@ from typing import Any
 from bench import broker as broker_mod
 from bench import nginx as nginx_mod
 from bench.client import REQUEST_BODY, KeepAliveClient, build_request
-from bench.consumer import SYNTH_BODY
-from bench.servers import (
-    ProcessGroup,
-    StartError,
-    http_get_ok,
-    proc_cpu_s,
-    terminate_on_sigterm,
-    wait_until,
+from bench.common import (
+    Bench,
+    BenchTimeout,
+    CommonOptions,
+    Session,
+    busy_note,
+    check_answer,
+    passed,
+    percentile,
 )
-
-OUT_DIR = Path(__file__).resolve().parent / "out"
+from bench.common import fmt as _fmt
+from bench.consumer import SYNTH_BODY
+from bench.profile import BrokerProfile
+from bench.servers import StartError, proc_cpu_s, start_consumer
 
 #: The targets the broker is held to.
 TARGET_ADDED_P50_MS = 1.0
 TARGET_RATIO = 2.0
-#: A 1-minute load average above this at start means other work shares the CPUs.
-BUSY_LOAD = 0.5
-
-
-class BenchTimeout(RuntimeError):
-    """The benchmark ran past its time budget."""
 
 
 @dataclass
-class Options:
+class Options(CommonOptions):
     """What to run; the defaults take well under two minutes on 2 cores."""
 
     requests: int = 10000
@@ -75,11 +66,8 @@ class Options:
     nginx: bool = True
     broker: bool = True
     max_seconds: float = 110.0
-    out: Path = field(default_factory=lambda: OUT_DIR / "latency.json")
     profile: str | None = None  # None | "cprofile" | "py-spy"
-    cpus: str = "one"  # "one": pin everything to one CPU | "all": let the kernel place it
-    keep: bool = False  # keep the temp dir (configs, logs) and say where it is
-    strict: bool = False
+    cpus: str = "one"
 
 
 @dataclass
@@ -96,9 +84,7 @@ class Leg:
 
     def check(self) -> None:
         """One request whose answer must be the consumer's, byte for byte."""
-        status, body = self.client.request(self.raw)
-        if status != 200 or body != SYNTH_BODY:
-            raise RuntimeError(f"{self.name}: expected 200 {SYNTH_BODY!r}, got {status} {body!r}")
+        check_answer(self.name, *self.client.request(self.raw))
 
     def run(self, n: int, deadline_ns: int, timed: bool) -> None:
         """``n`` requests back to back; record each one's latency if ``timed``."""
@@ -120,14 +106,6 @@ class Leg:
         cpu1 = proc_cpu_s(self.server_pid) if timed else None
         if cpu0 is not None and cpu1 is not None:
             self.server_cpu_s += cpu1 - cpu0
-
-
-def percentile(sorted_ns: list[int], p: float) -> float:
-    """Nearest-rank percentile of sorted samples, in microseconds."""
-    if not sorted_ns:
-        return math.nan
-    rank = max(1, math.ceil(p / 100.0 * len(sorted_ns)))
-    return sorted_ns[rank - 1] / 1000.0
 
 
 def summarize(leg: Leg) -> dict[str, Any]:
@@ -185,12 +163,6 @@ def analyze(legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"added": added, "ratio_broker_over_nginx": ratio, "targets": targets}
 
 
-def _fmt(v: float | None, unit: str = "") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:,.1f}{unit}"
-
-
 def render(result: dict[str, Any]) -> str:
     """The human-readable table."""
     legs = result["legs"]
@@ -238,9 +210,7 @@ def render(result: dict[str, Any]) -> str:
             )
         else:
             out.append("target: broker vs nginx not checked (no nginx figure)")
-    load = result["host"].get("loadavg_1m_before")
-    if load is not None and load >= BUSY_LOAD:
-        out.append(f"NOTE: load average was {load:.2f} at start: tails are likely inflated")
+    out += busy_note(result)
     if result["params"].get("profile"):
         out.append(
             f"NOTE: the broker ran under {result['params']['profile']}: its figures are inflated"
@@ -248,20 +218,16 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-class _Run:
+class _Run(Bench):
     """One benchmark run: the helper processes, the legs, and what went wrong."""
 
     def __init__(self, opts: Options, tmp: Path, log: Callable[[str], None]) -> None:
+        super().__init__(tmp, log, opts.max_seconds)
         self.opts = opts
-        self.tmp = tmp
-        self.log = log
-        self.group = ProcessGroup()
         self.legs: list[Leg] = []
         self.skipped: dict[str, str] = {}
-        self.failures: list[str] = []
         self.host: dict[str, Any] = {}
-        self.broker_pid: int | None = None
-        self.profiler: Any = None
+        self.profile = BrokerProfile(opts.profile, "broker", tmp)
         self.deadline_ns = time.perf_counter_ns() + int(opts.max_seconds * 1e9)
 
     def _leg(self, name: str, pid: int, port: int, path: str) -> None:
@@ -272,21 +238,7 @@ class _Run:
     def start(self) -> None:
         """Start the consumer, then nginx and the broker in front of it, if they can run."""
         opts, tmp = self.opts, self.tmp
-        proc = self.group.start(
-            "consumer",
-            [sys.executable, "-m", "bench.consumer"],
-            tmp / "consumer.log",
-            cwd=tmp,
-            env=broker_mod.broker_env(),
-            stdout_pipe=True,
-        )
-        port = int(proc.read_line(10.0))
-        wait_until(
-            "answering /api/health",
-            lambda: http_get_ok("127.0.0.1", port, "/api/health"),
-            proc,
-            10.0,
-        )
+        proc, port = start_consumer(self.group, tmp, "consumer")
         consumer_port = port
         self.log(f"consumer: 127.0.0.1:{port} (pid {proc.pid})")
         self._leg("direct", proc.pid, port, "/api/synthesize")
@@ -308,12 +260,12 @@ class _Run:
         if not opts.broker:
             self.skipped["broker"] = "--no-broker"
             return
-        cprofile_out = OUT_DIR / "broker.cprofile" if opts.profile == "cprofile" else None
-        if cprofile_out is not None:
-            OUT_DIR.mkdir(parents=True, exist_ok=True)
         try:
             proc, port = broker_mod.start_broker(
-                self.group, tmp, consumer_port, cprofile_out=cprofile_out
+                self.group,
+                tmp,
+                broker_mod.one_consumer_config(consumer_port),
+                **self.profile.broker_options(consumer_port),
             )
         except StartError as e:
             first = str(e).split("\n", 1)[0]
@@ -321,7 +273,7 @@ class _Run:
             self.failures.append("the broker did not start")
             self.log(f"broker: FAILED TO START - {e}")
             return
-        self.broker_pid = proc.pid
+        self.profile.started(proc.pid)
         self.log(f"broker: 127.0.0.1:{port} (pid {proc.pid})")
         self._leg("broker", proc.pid, port, "/v1/tts")
 
@@ -333,11 +285,7 @@ class _Run:
         self.log(f"warm-up: {opts.warmup} requests per leg")
         for leg in self.legs:
             leg.run(opts.warmup, self.deadline_ns, timed=False)
-        if opts.profile == "py-spy" and self.broker_pid is not None:
-            from bench.profile import PySpy
-
-            self.profiler = PySpy(self.broker_pid, OUT_DIR / "broker.pyspy.txt", self.tmp)
-            self.profiler.start()
+        self.profile.attach()
         per_round = max(1, opts.requests // opts.rounds)
         self.log(f"timed: {opts.rounds} rounds x {per_round} requests per leg, order rotating")
         gc.collect()
@@ -349,127 +297,41 @@ class _Run:
                     leg.run(per_round, self.deadline_ns, timed=True)
         finally:
             gc.enable()
-            self.stop_profiler()
-
-    def stop_profiler(self) -> None:
-        if self.profiler is not None:
-            self.profiler.stop()
+            self.profile.detach()
 
     def close(self) -> None:
         """Stop the profiler, close the connections, stop every process."""
-        self.stop_profiler()
+        self.profile.detach()
         for leg in self.legs:
             leg.client.close()
-        self.group.close()
+        super().close()
 
 
 def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, Any], bool]:
     """Run the benchmark; return (result document, whether everything ran and held)."""
-    started = time.monotonic()
-    load_before = _loadavg()
-    if load_before is not None and load_before >= BUSY_LOAD:
-        log(
-            f"bench: WARNING - load average {load_before:.2f} before start: other work "
-            "shares these CPUs, so the tails (p99) will be noisy; p50 holds up better"
-        )
-    with (
-        terminate_on_sigterm(),
-        pinned(opts.cpus) as cpu_set,
-        _workdir(opts.keep) as tmp,
-    ):
-        bench = _Run(opts, Path(tmp), log)
-        try:
-            bench.start()
-            bench.measure()
-        except (StartError, BenchTimeout, RuntimeError, OSError, ValueError) as e:
-            bench.failures.append(str(e))
-            log(f"bench: FAILED - {e}")
-        finally:
-            bench.close()
+    session = Session(log)
+    with session.enter(opts.cpus, opts.keep):
+        bench = _Run(opts, session.tmp, log)
+        bench.execute()
+        report = bench.profile.report()
 
     summaries = {leg.name: summarize(leg) for leg in bench.legs if leg.samples}
-    result: dict[str, Any] = {
-        "bench": "latency",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "loadavg_1m_before": load_before,
-            "loadavg_1m_after": _loadavg(),
-            **bench.host,
-        },
-        "params": {
+    result = session.document(
+        "latency",
+        bench.host,
+        params={
             "requests": len(bench.legs[0].samples) if bench.legs else 0,
             "warmup": opts.warmup,
             "rounds": opts.rounds,
             "body_bytes": len(REQUEST_BODY),
             "response_bytes": len(SYNTH_BODY),
             "profile": opts.profile,
-            "cpus": opts.cpus,
-            "cpu_set": sorted(cpu_set) if cpu_set else None,
         },
-        "legs": summaries,
-        "skipped": bench.skipped,
-        "failures": bench.failures,
-        "analysis": analyze(summaries) if "direct" in summaries else {},
-        "elapsed_s": round(time.monotonic() - started, 2),
-    }
-    if bench.profiler is not None:
-        result["profile_report"] = str(bench.profiler.out)
-    elif opts.profile == "cprofile" and bench.broker_pid is not None:
-        result["profile_report"] = str(OUT_DIR / "broker.cprofile")
-    targets = result["analysis"].get("targets", {}).values()
-    ok = not bench.failures and (not opts.strict or all(t["ok"] for t in targets))
-    return result, ok
-
-
-def _loadavg() -> float | None:
-    """The 1-minute load average, where the OS has one."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-@contextlib.contextmanager
-def _workdir(keep: bool) -> Iterator[str]:
-    """The run's temp dir: configs and logs of every process; removed unless ``keep``."""
-    if keep:
-        path = tempfile.mkdtemp(prefix="mgpu-bench-")
-        print(f"bench: keeping configs and logs in {path}")
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="mgpu-bench-") as path:
-            yield path
-
-
-@contextlib.contextmanager
-def pinned(cpus: str) -> Iterator[set[int] | None]:
-    """Pin this process (and so the children it starts) to one CPU, if asked and possible."""
-    if cpus != "one" or not hasattr(os, "sched_setaffinity"):
-        yield None
-        return
-    before = os.sched_getaffinity(0)
-    chosen = {max(before)}
-    os.sched_setaffinity(0, chosen)
-    try:
-        yield chosen
-    finally:
-        os.sched_setaffinity(0, before)
-
-
-def write_json(result: dict[str, Any], path: Path) -> None:
-    """Write the result document (NaN becomes null)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and math.isnan(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    path.write_text(json.dumps(clean(result), indent=2, ensure_ascii=False) + "\n")
+        legs=summaries,
+        skipped=bench.skipped,
+        failures=bench.failures,
+        analysis=analyze(summaries) if "direct" in summaries else {},
+    )
+    if report:
+        result["profile_report"] = report
+    return result, passed(result, opts.strict)

@@ -13,7 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from bench.servers import ManagedProcess, ProcessGroup, free_port, http_get_ok, wait_until
+from bench.servers import ManagedProcess, ProcessGroup, free_port, wait_for_http
 
 NGINX = "/usr/sbin/nginx"
 
@@ -85,10 +85,5 @@ def start_nginx(
         root / "stdout.log",
         cwd=root,
     )
-    wait_until(
-        "answering /api/health through nginx",
-        lambda: http_get_ok("127.0.0.1", port, "/api/health"),
-        proc,
-        timeout_s,
-    )
+    wait_for_http(proc, port, "/api/health", timeout_s)  # through nginx
     return proc, port

@@ -12,6 +12,10 @@ Two ways, both optional and outside the timed figures' meaning:
 - ``cprofile``: the daemon's reactor runs under twistd's ``--profiler=cprofile``; deterministic,
   covers the whole run (start-up and warm-up included), and inflates Python
   call costs, so use it for call counts and py-spy for shares.
+- ``handoff`` (throughput only): ``bench.handoff`` launches the daemon and
+  timestamps the lease hand-off's steps; see there.
+
+``BrokerProfile`` is what a benchmark does for whichever was asked.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from bench.common import OUT_DIR
 from bench.servers import StartError
 
 
@@ -83,6 +89,63 @@ class PySpy:
         else:
             with contextlib.suppress(OSError):
                 self.out.write_text("py-spy wrote nothing:\n" + self._log.read_text())
+
+
+class BrokerProfile:
+    """A benchmark's ``--profile``: how its broker starts, the sampler, the report.
+
+    Reports go to ``bench/out/<name>.cprofile``, ``<name>.pyspy.txt`` or
+    ``<name>.handoff.txt``.
+    """
+
+    def __init__(self, kind: str | None, name: str, tmp: Path) -> None:
+        self.kind = kind
+        self.name = name
+        self.tmp = tmp
+        self.sampler: PySpy | None = None
+        self.broker_pid: int | None = None
+        self.handoff: dict[str, Any] | None = None
+        self._events = tmp / "handoff.json"
+
+    def broker_options(self, upstream_port: int) -> dict[str, Any]:
+        """Keyword arguments for ``start_broker``."""
+        if self.kind == "cprofile":
+            OUT_DIR.mkdir(parents=True, exist_ok=True)
+            return {"cprofile_out": OUT_DIR / f"{self.name}.cprofile"}
+        if self.kind == "handoff":
+            env = {"HANDOFF_UPSTREAM_PORT": str(upstream_port), "HANDOFF_OUT": str(self._events)}
+            return {"launcher": [sys.executable, "-m", "bench.handoff"], "env": env}
+        return {}
+
+    def started(self, broker_pid: int) -> None:
+        self.broker_pid = broker_pid
+
+    def attach(self) -> None:
+        """Start sampling the broker (py-spy), for the timed part of the run."""
+        if self.kind == "py-spy" and self.broker_pid is not None:
+            self.sampler = PySpy(self.broker_pid, OUT_DIR / f"{self.name}.pyspy.txt", self.tmp)
+            self.sampler.start()
+
+    def detach(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    def report(self) -> str | None:
+        """The report's path, once the broker has stopped (``handoff``: summarized here)."""
+        if self.broker_pid is None:
+            return None
+        if self.sampler is not None:
+            return str(self.sampler.out)
+        if self.kind == "cprofile":
+            return str(OUT_DIR / f"{self.name}.cprofile")
+        if self.kind == "handoff" and self._events.is_file():
+            from bench import handoff
+
+            self.handoff = handoff.summarize(self._events)
+            out = OUT_DIR / f"{self.name}.handoff.txt"
+            out.write_text(handoff.render(self.handoff) + "\n")
+            return str(out)
+        return None
 
 
 def _short(frame: str) -> str:

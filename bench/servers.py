@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 #: How long a stopped process gets between SIGTERM and SIGKILL.
 STOP_GRACE_S = 5.0
@@ -56,6 +58,7 @@ class ManagedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         self._log = log_path.open("wb")
+        self._stdout_buf = b""  # read past the last line read_line returned
         self.proc = subprocess.Popen(
             self.argv,
             cwd=cwd,
@@ -75,14 +78,14 @@ class ManagedProcess:
         return self.proc.poll() is None
 
     def read_line(self, timeout_s: float) -> str:
-        """The child's first stdout line (used by the consumer to report its port)."""
+        """The child's next stdout line: the consumer's port, then its events, if asked for."""
         import selectors
 
         stream = self.proc.stdout
         if stream is None:
             raise StartError(f"{self.name}: stdout is not a pipe")
         deadline = time.monotonic() + timeout_s
-        buf = b""
+        buf = self._stdout_buf
         with selectors.DefaultSelector() as sel:
             sel.register(stream, selectors.EVENT_READ)
             while b"\n" not in buf:
@@ -93,7 +96,8 @@ class ManagedProcess:
                 if not chunk:
                     raise StartError(f"{self.name}: exited before it was ready{self.tail()}")
                 buf += chunk
-        return buf.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        line, _, self._stdout_buf = buf.partition(b"\n")
+        return line.decode("utf-8", "replace").strip()
 
     def tail(self, lines: int = 25) -> str:
         """The end of the child's log, for error messages."""
@@ -203,20 +207,71 @@ def wait_until(
     raise StartError(f"{proc.name}: {what} did not happen within {timeout_s} s{proc.tail()}")
 
 
-def http_get_ok(host: str, port: int, path: str, timeout_s: float = 1.0) -> bool:
-    """True if ``GET path`` answers 200 (one short-lived connection; used while waiting)."""
+def http_get(host: str, port: int, path: str, timeout_s: float = 1.0) -> tuple[int, bytes] | None:
+    """``GET path``: (status, body), or None if no answer (one short-lived connection)."""
     import http.client
 
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
-        resp.read()
-        return resp.status == 200
-    except OSError:
-        return False
+        return resp.status, resp.read()
+    except (OSError, http.client.HTTPException):
+        return None
     finally:
         conn.close()
+
+
+def http_get_ok(host: str, port: int, path: str, timeout_s: float = 1.0) -> bool:
+    """True if ``GET path`` answers 200 (used while waiting for a server to come up)."""
+    got = http_get(host, port, path, timeout_s)
+    return got is not None and got[0] == 200
+
+
+def http_get_json(host: str, port: int, path: str, timeout_s: float = 1.0) -> Any:
+    """The JSON body of a 200 answer to ``GET path``; None without one."""
+    got = http_get(host, port, path, timeout_s)
+    if got is None or got[0] != 200:
+        return None
+    try:
+        return json.loads(got[1])
+    except ValueError:
+        return None
+
+
+#: The repository root (``bench/``'s parent), put first on the children's PYTHONPATH.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH, plus ``extra``."""
+    env = dict(os.environ)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + rest if rest else "")
+    env.update(extra)
+    return env
+
+
+def start_consumer(
+    group: ProcessGroup, tmp: Path, name: str, args: Sequence[str] = (), timeout_s: float = 10.0
+) -> tuple[ManagedProcess, int]:
+    """Start ``python -m bench.consumer ARGS`` and wait until it answers its health route."""
+    proc = group.start(
+        name,
+        [sys.executable, "-m", "bench.consumer", *args],
+        tmp / f"{name}.log",
+        cwd=tmp,
+        env=repo_env(),
+        stdout_pipe=True,
+    )
+    port = int(proc.read_line(timeout_s))
+    wait_for_http(proc, port, "/api/health", timeout_s)
+    return proc, port
+
+
+def wait_for_http(proc: ManagedProcess, port: int, path: str, timeout_s: float) -> None:
+    """Wait until ``GET path`` on 127.0.0.1:``port`` answers 200 (``proc`` must stay up)."""
+    wait_until(f"answering {path}", lambda: http_get_ok("127.0.0.1", port, path), proc, timeout_s)
 
 
 def proc_cpu_s(pid: int) -> float | None:
