@@ -14,7 +14,7 @@ from io import BytesIO
 from typing import Any, Final, cast
 
 from attrs import frozen
-from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
@@ -33,6 +33,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -40,6 +41,7 @@ from twisted.web.client import (
     FileBodyProducer,
     HTTPConnectionPool,
     ResponseDone,
+    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_CONTENT, NOT_MODIFIED, PotentialDataLoss
@@ -118,6 +120,37 @@ class EndpointCache:
         if scheme == b"https":
             endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
         return endpoint
+
+
+class _EagerClientProtocol(HTTP11ClientProtocol):
+    """Puts each request on the wire at once instead of on the next reactor turn.
+
+    The request that follows a hand-off of the GPU lease is sent from inside
+    the previous request's callbacks; buffered, it would wait until the rest
+    of that turn (finishing the previous client's answer) and that client's
+    write, keeping the consumer idle for about 0.2 ms per hand-off. A failed
+    send is left in the buffer for the reactor to find again and report.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        answer: Deferred[IResponse] = super().request(request)
+        transport = self.transport
+        if (
+            isinstance(transport, FileDescriptor)
+            and transport.connected
+            and not transport.disconnecting
+        ):
+            transport.doWrite()
+        return answer
+
+
+class RelayClientFactory(_HTTP11ClientFactory):
+    """The relay pool's connection factory: eager request writes, no log line per connection."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _EagerClientProtocol(self._quiescentCallback)
 
 
 def make_agent(

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -52,6 +52,8 @@ class RoomMaker:
     stats: SchedulerStats
 
     def prepare(self, name: str) -> Deferred[None]:
+        if self.registry[name].loaded:
+            return succeed(None)  # resident: nothing to do (every hand-off asks)
         return Deferred.fromCoroutine(self._prepare(name))
 
     async def _prepare(self, name: str) -> None:
@@ -127,12 +129,18 @@ class RoomMaker:
         return free
 
     async def _wait_for_free(self, target: ConsumerConfig, need: int, deadline: float) -> int:
-        """Poll fresh readings until ``need`` MiB are free or ``deadline`` passes."""
+        """Poll fresh readings until ``need`` MiB are free or ``deadline`` passes.
+
+        Readings start every ``FREE_POLL_S`` (a slow nvidia-smi does not stretch
+        the gap), so memory freed is seen within one period plus one reading.
+        """
         while True:
+            polled_at = self.clock.seconds()
             free = await self._free_mib(target)
-            if free >= need or self.clock.seconds() + FREE_POLL_S > deadline:
+            now = self.clock.seconds()
+            if free >= need or now + FREE_POLL_S > deadline:
                 return free
-            await deferLater(self.clock, FREE_POLL_S, lambda: None)
+            await deferLater(self.clock, max(0.0, polled_at + FREE_POLL_S - now), lambda: None)
 
     async def ensure_loaded(self, name: str) -> None:
         """Call the load route of a consumer the broker knows to be unloaded."""

@@ -161,7 +161,7 @@ class GpuScheduler:
         started = self._clock.seconds()
         preparation = self._preparation
         try:
-            if preparation is not None:
+            if preparation is not None and not (preparation.done and not preparation.failed):
                 await preparation.wait()
             lease.reached_consumer = True
             result = await job(lease)

@@ -21,7 +21,7 @@ from mgpu.control import ConsumerControl
 from mgpu.facade import Facade
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.registry import HealthProber, Registry
-from mgpu.relay import Relay, make_agent
+from mgpu.relay import Relay, RelayClientFactory, make_agent
 from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, SchedulerStats
 from mgpu.site import AccessLog, BrokerSite
@@ -89,8 +89,8 @@ def build_service(
     token: bytes | None = None,
 ) -> MultiService:
     """The daemon: web server, health prober and GPU poller, sharing one set of collaborators."""
-    relay_pool = _pool(reactor, max_per_host=32)
-    control_pool = _pool(reactor, max_per_host=4)
+    relay_pool = _pool(reactor, max_per_host=32, factory=RelayClientFactory)
+    control_pool = _pool(reactor, max_per_host=4, factory=_QuietClientFactory)
 
     registry = Registry(config.consumers, reactor)
     control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
@@ -151,11 +151,13 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def _pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
+def _pool(
+    reactor: Any, max_per_host: int, factory: type[_HTTP11ClientFactory]
+) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT_S
-    pool._factory = _QuietClientFactory
+    pool._factory = factory
     return pool
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -19,8 +20,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import Request as ClientRequest
 from twisted.web.client import URI, HTTPConnectionPool
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -28,7 +31,14 @@ from zope.interface import implementer
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
-from mgpu.relay import EndpointCache, Relay, RelayBroken, RelayResult, make_agent
+from mgpu.relay import (
+    EndpointCache,
+    Relay,
+    RelayBroken,
+    RelayClientFactory,
+    RelayResult,
+    make_agent,
+)
 
 CONSUMER = ConsumerConfig(
     name="ollama", url="http://127.0.0.1:11434", paths={}, vram_resident_mib=0, timeout_s=30
@@ -524,3 +534,41 @@ class EndpointCacheTests(SynchronousTestCase):
     def test_unsupported_scheme(self) -> None:
         """A scheme other than http or https is refused with SchemeNotSupported."""
         self.assertRaises(SchemeNotSupported, self.endpoint, b"ftp://127.0.0.1/")
+
+
+class _RecordingDescriptor(FileDescriptor):
+    """A transport that records what reaches the socket, as a TCP connection would."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactorClock())
+        self.connected = 1
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 1)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 2)
+
+    def startWriting(self) -> None:
+        pass
+
+    def stopWriting(self) -> None:
+        pass
+
+
+class EagerWriteTests(SynchronousTestCase):
+    def test_request_sent_without_waiting_for_the_reactor(self) -> None:
+        """A relay connection puts the request on the socket at once, not on the next turn."""
+        factory = RelayClientFactory(lambda protocol: None, "test")
+        protocol = factory.buildProtocol(None)
+        transport = _RecordingDescriptor()
+        protocol.makeConnection(transport)
+        protocol.request(
+            ClientRequest(b"POST", b"/api/synthesize", Headers({b"host": [b"c"]}), None)
+        )
+        self.assertTrue(b"".join(transport.sent).startswith(b"POST /api/synthesize HTTP/1.1"))
