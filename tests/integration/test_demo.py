@@ -18,7 +18,8 @@ class DemoTests(TestCase):
     timeout = 60
 
     async def test_demo_sequence(self) -> None:
-        """tts, stt, llm, image, tts all succeed, and /v1/status counts them with gpu.source sim."""
+        """tts, stt, llm, image, tts all succeed; /v1/status counts them and the evictions
+        that image then tts forced on the simulated 16 GiB card."""
         await shared_stacks.release()  # no other daemon competes for the CPUs
         workdir = Path(tempfile.mkdtemp(prefix="mgpu-demo-"))
         self.addCleanup(shutil.rmtree, workdir, True)
@@ -50,3 +51,8 @@ class DemoTests(TestCase):
         self.assertEqual(set(doc["consumers"]), {"mvoice", "whisper", "ollama", "comfyui"})
         self.assertGreaterEqual(doc["scheduler"]["completed"], 5, doc["scheduler"])
         self.assertEqual(doc["scheduler"]["failed"], 0, doc["scheduler"])
+        # comfyui (13000 MiB) cannot stay resident beside mvoice (2800) and whisper
+        # (1500): the last tts must have unloaded it, and it shows unloaded.
+        self.assertGreaterEqual(doc["scheduler"]["evictions"], 1, doc["scheduler"])
+        self.assertIs(doc["consumers"]["comfyui"]["loaded"], False, doc["consumers"])
+        self.assertIn("victim comfyui", daemon.process.output())
