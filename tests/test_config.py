@@ -81,33 +81,35 @@ class _ConfigTestCase(SynchronousTestCase):
         return path
 
 
-class ProductionConfigTests(_ConfigTestCase):
+class _SpecValues:
+    """The listen, auth, gpu and scheduler values SPEC section 3 gives: both the
+    defaults and the production file's, checked by the two test cases below."""
+
+    config: Config
+    assertEqual: Any
+
+    def test_listen(self) -> None:
+        """listen is loopback port 8770."""
+        self.assertEqual(self.config.listen, "tcp:8770:interface=127.0.0.1")
+
+    def test_auth(self) -> None:
+        """No token file: authentication is off."""
+        self.assertEqual(self.config.auth, AuthConfig(token_file=None))
+
+    def test_gpu(self) -> None:
+        """gpu: auto, index 0, nvidia-smi, 256 MiB cushion, 2 s poll, no total."""
+        self.assertEqual(self.config.gpu, SPEC_GPU)
+
+    def test_scheduler(self) -> None:
+        """scheduler: queue 256, aging 30 s, timeout 600 s, 5 evictions, 10 s wait."""
+        self.assertEqual(self.config.scheduler, SPEC_SCHEDULER)
+
+
+class ProductionConfigTests(_SpecValues, _ConfigTestCase):
     """config/consumers.yaml has exactly the values of SPEC section 3."""
 
     def setUp(self) -> None:
         self.config = load_config(PRODUCTION)
-
-    def test_listen(self) -> None:
-        """The production file listens on loopback port 8770."""
-        self.assertEqual(self.config.listen, "tcp:8770:interface=127.0.0.1")
-
-    def test_auth(self) -> None:
-        """The production file sets no token, so authentication is off."""
-        self.assertEqual(self.config.auth, AuthConfig(token_file=None))
-
-    def test_gpu(self) -> None:
-        """The gpu section is auto, index 0, nvidia-smi, 256 MiB cushion, 2 s poll."""
-        self.assertEqual(
-            self.config.gpu,
-            SPEC_GPU,
-        )
-
-    def test_scheduler(self) -> None:
-        """The scheduler section has the queue, aging, timeout and eviction values of the SPEC."""
-        self.assertEqual(
-            self.config.scheduler,
-            SPEC_SCHEDULER,
-        )
 
     def test_health_and_limits(self) -> None:
         """Health probes every 5 s with a 3 s timeout, and bodies are limited to 512 MiB."""
@@ -229,34 +231,12 @@ class ProductionConfigTests(_ConfigTestCase):
                     self.assertEqual(a.coexists_with(b), expected, (a.name, b.name))
 
 
-class DefaultTests(_ConfigTestCase):
+class DefaultTests(_SpecValues, _ConfigTestCase):
     """Every key but url, paths and vram_resident_mib has the SPEC's default."""
 
     def setUp(self) -> None:
         self.config = parse(document())
         self.consumer = self.config.consumers["a"]
-
-    def test_listen(self) -> None:
-        """listen defaults to loopback port 8770."""
-        self.assertEqual(self.config.listen, "tcp:8770:interface=127.0.0.1")
-
-    def test_auth(self) -> None:
-        """auth defaults to no token file."""
-        self.assertEqual(self.config.auth, AuthConfig(token_file=None))
-
-    def test_gpu(self) -> None:
-        """gpu defaults to auto, index 0, nvidia-smi, 256 MiB cushion, 2 s poll, no total."""
-        self.assertEqual(
-            self.config.gpu,
-            SPEC_GPU,
-        )
-
-    def test_scheduler(self) -> None:
-        """scheduler defaults to queue 256, aging 30 s, timeout 600 s, 5 evictions, 10 s wait."""
-        self.assertEqual(
-            self.config.scheduler,
-            SPEC_SCHEDULER,
-        )
 
     def test_health(self) -> None:
         """health defaults to a 5 s interval and a 3 s timeout."""

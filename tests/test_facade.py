@@ -9,7 +9,7 @@ to the same consumer resources; the client is an ``HTTPChannel`` over a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -143,12 +143,12 @@ class FakeConsumer(Resource):
         return [uri for m, uri, _ in self.received if m == method]
 
 
-class _ByHost(Resource):
+class ByHost(Resource):
     """StubTreq's root: hands each request to the consumer its Host header names."""
 
     isLeaf = True
 
-    def __init__(self, by_host: dict[bytes, FakeConsumer]) -> None:
+    def __init__(self, by_host: Mapping[bytes, Resource]) -> None:
         super().__init__()
         self._by_host = by_host
 
@@ -214,7 +214,7 @@ class Broker:
             by_host[url.netloc.encode("ascii")] = self.consumers[name]
         self.refusing: set[int] = set()
         self.pumps: list[IOPump] = []
-        self.stub = StubTreq(_ByHost(by_host))
+        self.stub = StubTreq(ByHost(by_host))
         self.control = ConsumerControl(cast(HTTPClient, self.stub), self.reactor)
         self.registry = Registry(self.config.consumers, self.reactor)
         self.prober = HealthProber(self.registry, self.control, self.reactor, self.config.health)

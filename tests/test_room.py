@@ -35,6 +35,7 @@ from mgpu.gpu import GpuSnapshot, failed_snapshot
 from mgpu.registry import Registry
 from mgpu.room import FREE_POLL_S, RoomMaker
 from mgpu.scheduler import SchedulerStats
+from tests.test_facade import ByHost
 
 #: Slack for float sums of the Clock's times.
 EPSILON = 1e-6
@@ -215,21 +216,6 @@ class FakeConsumer(Resource):
             request.finish()
 
 
-class _ByHost(Resource):
-    """StubTreq's root: hands each request to the consumer its Host header names."""
-
-    isLeaf = True
-
-    def __init__(self, by_host: dict[bytes, FakeConsumer]) -> None:
-        super().__init__()
-        self._by_host = by_host
-
-    def render(self, request: Request) -> bytes | int:
-        host = request.getHeader(b"host")
-        assert host is not None
-        return self._by_host[host].render(request)
-
-
 class _RefusingAgent:
     """An agent whose every connection is refused, as to a consumer that is gone."""
 
@@ -261,7 +247,7 @@ class Harness:
             c.url.removeprefix("http://").encode(): self.consumers[name]
             for name, c in configs.items()
         }
-        self.stub = StubTreq(_ByHost(by_host))
+        self.stub = StubTreq(ByHost(by_host))
         self.control = ConsumerControl(cast(HTTPClient, self.stub), self.as_time)
         self.registry = Registry(configs, self.as_time)
         for name in configs:
