@@ -78,6 +78,8 @@ HOP_BY_HOP: Final = frozenset(
 # X-Forwarded-For is rebuilt, and twisted.web has already answered Expect.
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"expect"}
 _NO_BODY_CODES: Final = (NO_CONTENT, NOT_MODIFIED)
+#: Answers of known length up to this size are relayed without backpressure.
+SMALL_BODY: Final = 64 * 1024
 _BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
 
 
@@ -324,6 +326,7 @@ class _Exchange(Protocol):
         self._room = capture
         self._head = b""
         self._status = 0
+        self._small = False
         self._done = False
         self._upstream: Deferred[IResponse] | None = None
         self._producer: IPushProducer | None = None
@@ -360,7 +363,11 @@ class _Exchange(Protocol):
             out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         request.defaultContentType = None  # no text/html the consumer did not send
         self._status = response.code
-        request.write(b"")  # the status line and headers go out now
+        # A small answer of known length is relayed whole within a turn or two:
+        # no producer to register, and its headers leave with its first bytes.
+        self._small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
+        if not self._small:
+            request.write(b"")  # the status line and headers go out now
         self._rearm()
         response.deliverBody(self)
 
@@ -384,7 +391,7 @@ class _Exchange(Protocol):
             producer.stopProducing()
         elif _channel(self._request) is None:  # the client left unnoticed
             self._end(CancelledError())
-        else:
+        elif not self._small:
             self._request.registerProducer(producer, True)
             self._registered = True
 

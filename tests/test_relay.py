@@ -32,6 +32,7 @@ from zope.interface import implementer
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.relay import (
+    SMALL_BODY,
     EndpointCache,
     Relay,
     RelayBroken,
@@ -227,6 +228,29 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.agent_end.state, "paused")
         self.client.producer.resumeProducing()
         self.assertEqual(self.agent_end.state, "producing")
+
+    def test_large_known_length_body_has_backpressure(self) -> None:
+        """A body of known length over SMALL_BODY is still paced by the client."""
+        self.start()
+        self.answer(headers={b"Content-Length": b"%d" % (SMALL_BODY + 1)})
+        assert self.client.producer is not None
+        self.client.producer.pauseProducing()
+        self.assertEqual(self.agent_end.state, "paused")
+
+    def test_small_known_length_body_relayed_whole(self) -> None:
+        """A small body of known length reaches the client whole, headers first, no producer."""
+        self.start()
+        upstream = self.answer(headers={b"Content-Length": b"5"})
+        self.assertIsNone(self.request.producer)
+        upstream.write(b"hello")
+        upstream.finish()
+        self.flush()
+        self.assertEqual(self.successResultOf(self.result), RelayResult(200, b""))
+        self.request.finish()
+        status, headers, body = _parse(self.client.value())
+        self.assertEqual(
+            (status, headers[b"content-length"], body), (b"HTTP/1.1 200 OK", [b"5"], b"hello")
+        )
 
     def test_capture_keeps_head_and_streams_all(self) -> None:
         """capture keeps the first bytes of the body while every byte reaches the client."""
