@@ -103,6 +103,10 @@ class BrokerResource(Resource):
             except BrokerError as e:
                 return render_error(request, e)
             return self._respond(request, self._facade.serve_audio(request, target))
+        if b"//" in path or b"%2f" in path.lower():
+            # werkzeug would merge or decode these and route them anyway (or
+            # answer with an HTML redirect): the contract says unknown route.
+            return render_error(request, BrokerError("not_found", "no such route"))
         return cast(bytes | int, self._rest.render(request))
 
     def _respond(self, request: Request, work: Coroutine[Any, Any, None]) -> int:

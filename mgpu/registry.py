@@ -45,7 +45,6 @@ class ConsumerState:
     config: ConsumerConfig
     healthy: bool | None = None
     loaded: bool | None = None
-    reports_loaded: bool = False
     last_probe: datetime | None = None
     last_error: str | None = None
     last_used: datetime | None = None
@@ -88,7 +87,6 @@ class Registry:
         state.last_error = result.error
         if not result.healthy:
             return
-        state.reports_loaded = result.loaded is not None
         if result.loaded is not None:
             if generation == state.generation:
                 state.loaded = result.loaded

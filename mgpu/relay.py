@@ -414,7 +414,7 @@ class _Exchange(Protocol):
         else:
             name = self._consumer.name
             message = f"consumer {name} broke off its answer: {_describe(reason.value)}"
-            self._end(RelayBroken("consumer_unreachable", message, name))
+            self._end(self._failure("consumer_unreachable", message))
 
     # -- other events ------------------------------------------------------
 
@@ -423,10 +423,23 @@ class _Exchange(Protocol):
         name = self._consumer.name
         if self._status:
             what = "went silent for" if self._idle else "did not finish within"
-            self._end(RelayBroken("upstream_timeout", f"{name} {what} {self._timeout_s:g}s", name))
+            message = f"{name} {what} {self._timeout_s:g}s"
         else:
             message = f"{name} did not answer within {self._timeout_s:g}s"
-            self._end(BrokerError("upstream_timeout", message, name))
+        self._end(self._failure("upstream_timeout", message))
+
+    def _failure(self, code: str, message: str) -> BrokerError:
+        """``RelayBroken`` once the client has bytes of the answer, else a plain error.
+
+        A small answer's headers wait for its body, so the consumer's status may
+        be known while nothing was written: then the client still gets the JSON
+        error, without the consumer's headers (its Content-Length would frame it).
+        """
+        if self._request.startedWriting:
+            return RelayBroken(code, message, self._consumer.name)
+        self._request.setResponseCode(200)
+        self._request.responseHeaders = Headers()
+        return BrokerError(code, message, self._consumer.name)
 
     def _client_gone(self, failure: Failure) -> None:
         self._end(CancelledError())

@@ -330,9 +330,13 @@ class GpuScheduler:
         self._dispatch()
 
     def stop(self) -> None:
-        """Cancel work still holding the GPU after its response (daemon shutdown)."""
+        """Daemon shutdown: cancel held work and the queue's timers (requests end with it)."""
         for held in list(self._detached):
             held.cancel()
+        for ticket in self._waiting:
+            if ticket.timer is not None and ticket.timer.active():
+                ticket.timer.cancel()
+            ticket.timer = None
 
     def to_json(self) -> dict[str, object]:
         return {

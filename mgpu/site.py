@@ -28,6 +28,9 @@ from mgpu.errors import BrokerError
 
 log = Logger()
 
+#: How long a refused body is still read (and dropped) before the connection closes.
+REFUSED_LINGER_S = 5.0
+
 
 class TimedRequest(Request):
     """A request that knows when it arrived and refuses a body over the limit."""
@@ -82,6 +85,9 @@ class TimedRequest(Request):
         half_close = getattr(connection, "loseWriteConnection", None)
         if half_close is not None:  # TCP, TLS and UNIX transports can
             half_close()
+        # Drop the rest of the body for a while, not forever: a client may
+        # declare (and send) any size.
+        self.site.reactor.callLater(REFUSED_LINGER_S, connection.loseConnection)
         self.site.on_refused()
 
 

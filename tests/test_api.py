@@ -183,6 +183,11 @@ class RoutingTests(ApiTestCase):
             self.assertIn(path.decode(), document["message"])
         self.assertEqual(self.facade.calls, [])
 
+    def test_doubled_or_encoded_slashes_are_not_found(self) -> None:
+        """Doubled or percent-encoded slashes are unknown routes, not redirects or status."""
+        for path in (b"//v1/status", b"/v1//status", b"/%2Fv1/status", b"/v1%2fstatus"):
+            self.assertError(self.send(b"GET", path), 404, "not_found")
+
     def test_status(self) -> None:
         """GET /v1/status is 200 JSON, not cached, and is the StatusView's document."""
         self.scheduler.reject()

@@ -64,7 +64,7 @@ class RegistryTests(SynchronousTestCase):
         """A current-generation probe that reports loaded sets it."""
         self.registry.record_probe("mvoice", 0, REPORTS_UNLOADED)
         state = self.registry["mvoice"]
-        self.assertEqual((state.healthy, state.loaded, state.reports_loaded), (True, False, True))
+        self.assertEqual((state.healthy, state.loaded), (True, False))
 
     def test_stale_probe_cannot_undo_unload(self) -> None:
         """A probe sent before the broker's unload, answering loaded, leaves loaded False."""
@@ -95,7 +95,6 @@ class RegistryTests(SynchronousTestCase):
         self.assertIsNone(self.registry["mvoice"].loaded)
         self.registry.record_probe("mvoice", 0, HEALTHY)
         self.assertIs(self.registry["mvoice"].loaded, True)
-        self.assertIs(self.registry["mvoice"].reports_loaded, False)
 
     def test_non_reporting_tracked_by_events(self) -> None:
         """After an unload, a non-reporting consumer's healthy probes keep it unloaded."""

@@ -496,6 +496,27 @@ class RelayTests(SynchronousTestCase):
         self.flush()
         self.assertBroken("consumer_unreachable")
 
+    def test_small_answer_stalled_is_a_plain_timeout(self) -> None:
+        """A small answer whose body never comes is a 504 the client can still be told."""
+        self.start()
+        self.answer(headers={b"Content-Length": b"100"})
+        self.reactor.advance(30)
+        error = self.failureResultOf(self.result, BrokerError).value
+        self.assertNotIsInstance(error, RelayBroken)
+        self.assertEqual(error.code, "upstream_timeout")
+        self.assertEqual(self.client.value(), b"")
+        self.assertFalse(self.request.responseHeaders.hasHeader(b"content-length"))
+
+    def test_small_answer_broken_off_is_a_plain_502(self) -> None:
+        """A consumer that hangs up before a small answer's body leaves the client a 502."""
+        self.start()
+        upstream = self.answer(headers={b"Content-Length": b"100"})
+        _hang_up(upstream)
+        self.flush()
+        error = self.failureResultOf(self.result, BrokerError).value
+        self.assertNotIsInstance(error, RelayBroken)
+        self.assertEqual(error.code, "consumer_unreachable")
+
     # -- cancellation ------------------------------------------------------
 
     def test_cancel_before_answer(self) -> None:

@@ -665,6 +665,14 @@ class ReleaseTests(SchedulerCase):
         self.scheduler.stop()  # nothing held any more: no effect
         self.assertEqual(self.jobs.cancelled, [])
 
+    def test_stop_cancels_queue_timers(self) -> None:
+        """stop() leaves no queue_timeout timer behind for the requests still waiting."""
+        self.submit("a", "a")
+        self.submit("b", "b")
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.scheduler.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_stop_leaves_running_jobs_alone(self) -> None:
         """stop() cancels only detached held work, not jobs still answering their clients."""
         running = self.submit("a", "a")

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from mgpu.site import AccessLog, BrokerSite
+from mgpu.site import REFUSED_LINGER_S, AccessLog, BrokerSite
 
 
 class Hello(Resource):
@@ -96,8 +96,9 @@ class BodyLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.refused: list[bool] = []
         self.echo = Echo()
+        self.clock = Clock()
         self.site = BrokerSite(
-            self.echo, Clock(), AccessLog(Clock()), max_body_bytes=100,
+            self.echo, self.clock, AccessLog(Clock()), max_body_bytes=100,
             on_refused=lambda: self.refused.append(True),
         )  # fmt: skip
         channel = self.site.buildProtocol(None)
@@ -119,6 +120,14 @@ class BodyLimitTests(SynchronousTestCase):
         """The 413 leaves as soon as the headers are in, before any body byte."""
         self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n")
         self.assert_refused()
+
+    def test_refused_connection_closes_after_linger(self) -> None:
+        """A client that keeps the connection after its 413 is cut off after REFUSED_LINGER_S."""
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 999\r\n\r\n")
+        self.clock.advance(REFUSED_LINGER_S - 0.1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.disconnecting)
 
     def test_no_100_continue_after_413(self) -> None:
         """A client expecting 100-continue gets only the 413."""
