@@ -254,6 +254,10 @@ SmiRunner = Callable[[str, Sequence[str]], "Deferred[SmiResult]"]
 """Runs ``executable`` with ``args`` (argv[0] excluded) without blocking."""
 
 
+#: After killing a timed-out nvidia-smi, how long to wait for it to be reaped.
+REAP_GRACE_S = 2.0
+
+
 class SmiTimeout(Exception):
     """The process did not finish in time; it was killed and reaped."""
 
@@ -261,9 +265,15 @@ class SmiTimeout(Exception):
 class _Collect(ProcessProtocol):
     """Gathers a process's output and fires once the process is reaped."""
 
-    def __init__(self, done: Deferred[SmiResult], timeout_s: float) -> None:
+    def __init__(
+        self,
+        done: Deferred[SmiResult],
+        timeout_s: float,
+        call_later: Callable[..., Any] | None = None,
+    ) -> None:
         self.done = done
         self.timeout_s = timeout_s
+        self.call_later = call_later
         self.timed_out = False
         # Any: zope interfaces (IDelayedCall, IProcessTransport) confuse mypy
         # without its zope plugin.
@@ -290,6 +300,17 @@ class _Collect(ProcessProtocol):
         self.timer = None
         self.timed_out = True
         self.kill()
+        if self.call_later is not None:
+            # A process stuck in the driver (uninterruptible sleep) is never
+            # reaped: do not let the reading, and the scheduler's wait on it, hang.
+            self.timer = self.call_later(REAP_GRACE_S, self.abandon)
+
+    def abandon(self) -> None:
+        self.timer = None
+        if not self.done.called:
+            self.done.errback(
+                SmiTimeout(f"did not answer within {self.timeout_s:g}s (killed, not reaped)")
+            )
 
     def processEnded(self, reason: Failure) -> None:
         if self.timer is not None and self.timer.active():
@@ -335,7 +356,7 @@ class ProcessRunner:
             protocol.kill()
 
         done: Deferred[SmiResult] = Deferred(cancel)
-        protocol = _Collect(done, self._timeout_s)
+        protocol = _Collect(done, self._timeout_s, self._reactor.callLater)
         try:
             self._reactor.spawnProcess(protocol, path, [executable, *args], env=env)
         except OSError as exc:

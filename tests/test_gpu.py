@@ -23,6 +23,7 @@ from mgpu.config import GpuConfig
 from mgpu.gpu import (
     MIB,
     NO_SOURCE_ERROR,
+    REAP_GRACE_S,
     SMI_FORMAT,
     SMI_QUERY,
     AutoReader,
@@ -465,6 +466,16 @@ class ProcessRunnerTests(SynchronousTestCase):
         result, protocol, _ = self.spawn()
         protocol.processEnded(Failure(ProcessTerminated(exitCode=6)))
         self.assertEqual(self.successResultOf(result), (b"", b"", 6))
+
+    def test_unreapable_process_abandoned(self) -> None:
+        """A killed process that is never reaped (stuck in the driver) still ends the read."""
+        result, _, process = self.spawn()
+        self.reactor.advance(5.0)
+        self.assertEqual(process.signals, ["KILL"])
+        self.reactor.advance(REAP_GRACE_S - 0.1)
+        self.assertNoResult(result)
+        self.reactor.advance(0.1)
+        self.assertIn("not reaped", str(self.failureResultOf(result, SmiTimeout).value))
 
     def test_timeout_kills_then_waits_for_reaping(self) -> None:
         """After timeout_s the process is killed, and the result waits until it has ended."""
