@@ -578,19 +578,23 @@ class EvictionTests(_SchedCase):
         self.assertIs(doc["consumers"]["voice3"]["loaded"], True)
         self.assertIs(doc["consumers"]["comfyui"]["loaded"], False)
 
-    async def test_lazy_free_waits_then_runs_at_once(self) -> None:
-        """Memory that frees 1.5 s after the unload answers costs exactly one unload, and the
-        request reaches mvoice within 0.5 s of the memory showing free, never before."""
+    async def two_victims_stack(self) -> tuple[Sim, Sim, Sim]:
+        """comfyui (13000 MiB) and voice2 (1000), both resident and unloadable, and an
+        unloaded mvoice (2800): a second victim an impatient broker would unload too."""
         await self.fresh(
             [
                 Sim("comfyui", "comfyui", 13000, preload=True, work_s=0.1, tap=True),
-                # A second victim: an impatient broker would unload it too (2384 + 1000 fits).
                 Sim("voice2", "mvoice", 1000, preload=True, work_s=0.1, tap=True),
                 Sim("mvoice", "mvoice", 2800, work_s=0.1, load_s=0.02, tap=True),
             ],
             {"tts": "mvoice", "stt": "voice2", "image": "comfyui"},
         )
-        comfyui, voice2, mvoice = self.stack["comfyui"], self.stack["voice2"], self.stack["mvoice"]
+        return self.stack["comfyui"], self.stack["voice2"], self.stack["mvoice"]
+
+    async def test_lazy_free_waits_then_runs_at_once(self) -> None:
+        """Memory that frees 1.5 s after the unload answers costs exactly one unload, and the
+        request reaches mvoice within 0.5 s of the memory showing free, never before."""
+        comfyui, voice2, mvoice = await self.two_victims_stack()
         code, body = await post(self.http, "stt")  # voice2 used; comfyui never: comfyui first
         self.assertEqual(code, 200, body)
         await set_faults(comfyui.consumer, {"free_delay_s": 1.5})
@@ -681,15 +685,7 @@ class EvictionTests(_SchedCase):
     async def test_failing_unload_next_victim(self) -> None:
         """An unload that fails (HTTP 500) moves on to the next victim; the lock is released
         and the failed victim still counts as loaded."""
-        await self.fresh(
-            [
-                Sim("comfyui", "comfyui", 13000, preload=True, work_s=0.1, tap=True),
-                Sim("voice2", "mvoice", 1000, preload=True, work_s=0.1, tap=True),
-                Sim("mvoice", "mvoice", 2800, work_s=0.1, load_s=0.02, tap=True),
-            ],
-            {"tts": "mvoice", "stt": "voice2", "image": "comfyui"},
-        )
-        comfyui, voice2, mvoice = self.stack["comfyui"], self.stack["voice2"], self.stack["mvoice"]
+        comfyui, voice2, mvoice = await self.two_victims_stack()
         code, body = await post(self.http, "stt")  # comfyui, never used, is tried first
         self.assertEqual(code, 200, body)
         await set_faults(comfyui.consumer, {"status": {"/free": 500}})
