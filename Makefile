@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LISTEN ?= tcp:8770:interface=127.0.0.1
 
-.PHONY: run test check bench clean
+.PHONY: run test check bench clean deploy
 
 # The editable install uses the "compat" mode: setuptools' default editable
 # mode hides twisted/plugins from twistd's plugin discovery.
@@ -32,3 +32,27 @@ bench: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache
+
+# make deploy HOST=user@host: install this tree on HOST under systemd. The
+# user needs sudo there (or is root). Copies the source to $(DEPLOY_DIR),
+# builds its venv, installs the units, and (re)starts the daemon; an existing
+# /etc/mgpumanager/consumers.yaml is kept, a missing one is copied from config/.
+DEPLOY_DIR := /opt/mgpumanager
+DEPLOY_SUDO := $$([ "$$(id -u)" = 0 ] || echo sudo)
+deploy:
+	$(if $(HOST),,$(error HOST is not set: use make deploy HOST=user@host))
+	ssh $(HOST) 'set -e; S=$(DEPLOY_SUDO); \
+		id -u mgpumanager >/dev/null 2>&1 || $$S useradd --system --user-group \
+			--home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin mgpumanager; \
+		$$S mkdir -p $(DEPLOY_DIR) /etc/mgpumanager; $$S chown "$$(id -un)" $(DEPLOY_DIR)'
+	rsync -rlptz --delete --exclude .venv --exclude .git --exclude '_trial_temp*' \
+		--exclude bench/out --exclude '*.egg-info' --exclude build --exclude dist \
+		--exclude dropin.cache --exclude __pycache__ ./ '$(HOST):$(DEPLOY_DIR)/'
+	ssh $(HOST) 'set -e; S=$(DEPLOY_SUDO); cd $(DEPLOY_DIR); \
+		python3 -m venv .venv; .venv/bin/pip install -q --upgrade pip; .venv/bin/pip install -q .; \
+		.venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"; \
+		[ -e /etc/mgpumanager/consumers.yaml ] || $$S install -m 0644 config/consumers.yaml /etc/mgpumanager/; \
+		$$S install -m 0644 config/mgpumanager.service config/mgpumanager.socket /etc/systemd/system/; \
+		$$S systemctl daemon-reload; \
+		$$S systemctl enable --now mgpumanager.socket; \
+		$$S systemctl restart mgpumanager.service'
