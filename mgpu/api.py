@@ -10,12 +10,15 @@ the broker's error schema.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import re
 from collections.abc import Coroutine
+from importlib import resources
 from typing import Any, cast
 
+from attrs import frozen
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -25,10 +28,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from mgpu.config import KINDS
+from mgpu.admin import Admin
+from mgpu.config import KINDS, ConfigError
 from mgpu.errors import BrokerError
 from mgpu.facade import Facade
+from mgpu.metrics import BrokerMetrics
 from mgpu.relay import RelayBroken, abort_connection
+from mgpu.reload import Reloader
+from mgpu.sse import EventStreams
 from mgpu.status import StatusView
 
 log = Logger()
@@ -69,27 +76,68 @@ def render_error(request: Request, error: BrokerError) -> bytes:
     return error.body()
 
 
+@frozen
+class Operations:
+    """What the operator's routes need: admin actions, reload, events, metrics."""
+
+    admin: Admin
+    reloader: Reloader
+    streams: EventStreams
+    metrics: BrokerMetrics
+
+
 class BrokerResource(Resource):
     """The root resource: every request of the daemon starts here."""
 
     isLeaf = True
 
-    def __init__(self, facade: Facade, status: StatusView, token: bytes | None = None) -> None:
+    def __init__(
+        self,
+        facade: Facade,
+        status: StatusView,
+        token: bytes | None = None,
+    ) -> None:
         super().__init__()
         self._facade = facade
-        self._app = BrokerApp(status)
+        self._status = status
+        self.serve_operations(None)
+        self.set_token(token)
+
+    def serve_operations(self, operations: Operations | None) -> None:
+        """Serve the operator's routes (the dashboard, metrics, events, admin) with these."""
+        self._app = BrokerApp(self._status, operations)
         self._rest = self._app.app.resource()
-        self._expected_authorization = None if token is None else b"Bearer " + token
+        self._streams = None if operations is None else operations.streams
+
+    def set_token(self, token: bytes | None) -> None:
+        """Require ``token`` from now on (None: no auth); a reload may change it."""
+        self._token = token
+
+    def _authorized(self, request: Request) -> bool:
+        token = self._token
+        if token is None or request.path == b"/healthz":
+            return True
+        given = request.getHeader(b"authorization") or b""
+        if given[:6].lower() == b"basic ":
+            # Browsers cannot send a bearer token to the dashboard; they send
+            # Basic credentials, with the token as the password.
+            return _basic_password_is(given[6:], token)
+        scheme, _, credentials = given.partition(b" ")
+        # The scheme is case-insensitive (RFC 9110); the token is compared in constant time.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token)
 
     def render(self, request: Request) -> bytes | int:
         path = request.path
-        if self._expected_authorization is not None and path != b"/healthz":
-            given = request.getHeader(b"authorization") or b""
-            if not hmac.compare_digest(given, self._expected_authorization):
-                request.setHeader(b"www-authenticate", b'Bearer realm="mgpumanager"')
-                return render_error(
-                    request, BrokerError("unauthorized", "a valid bearer token is required")
-                )
+        if not self._authorized(request):
+            scheme = b"Basic" if path == b"/" else b"Bearer"
+            request.setHeader(b"www-authenticate", scheme + b' realm="mgpumanager"')
+            return render_error(
+                request, BrokerError("unauthorized", "a valid bearer token is required")
+            )
+        if path == b"/v1/events" and self._streams is not None:
+            if request.method != b"GET":
+                return _not_allowed(request, "GET")
+            return self._streams.render(request)
         kind = _FACADE_PATHS.get(path)
         if kind is not None:
             if request.method != b"POST":
@@ -158,6 +206,15 @@ class BrokerResource(Resource):
         return NOT_DONE_YET
 
 
+def _basic_password_is(encoded: bytes, token: bytes) -> bool:
+    """Basic credentials whose password is ``token`` (any user name), compared in constant time."""
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(decoded.partition(b":")[2], token)
+
+
 def _not_allowed(request: Request, allow: str) -> bytes:
     request.setHeader(b"allow", allow.encode("ascii"))
     return render_error(
@@ -166,19 +223,77 @@ def _not_allowed(request: Request, allow: str) -> bytes:
     )
 
 
+def _json(request: Request, value: object) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(value).encode("utf-8")
+
+
 class BrokerApp:
     """The Klein routes that are not on the hot path."""
 
     app = Klein()
 
-    def __init__(self, status: StatusView) -> None:
+    def __init__(self, status: StatusView, operations: Operations | None = None) -> None:
         self._status = status
+        self._ops = operations
+        self._dashboard = resources.files("mgpu").joinpath("dashboard.html").read_bytes()
+
+    def _operations(self) -> Operations:
+        if self._ops is None:
+            raise BrokerError("not_found", "operations are not served here")
+        return self._ops
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def dashboard(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            b"connect-src 'self'; img-src data:",
+        )
+        return self._dashboard
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def metrics(self, request: Request) -> bytes:
+        try:
+            body, content_type = self._operations().metrics.render()
+        except BrokerError as e:
+            return render_error(request, e)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        return body
+
+    @app.route("/v1/admin/consumers/<name>/<action>", methods=["POST"])
+    async def consumer_action(self, request: Request, name: str, action: str) -> bytes:
+        try:
+            admin = self._operations().admin
+            if action == "load":
+                answer = await admin.load(name)
+            elif action == "unload":
+                answer = await admin.unload(name)
+            else:
+                raise BrokerError("not_found", f"no admin action {action!r}")
+        except BrokerError as e:
+            # The access log and metrics name known consumers only (bounded labels).
+            request.consumer = e.consumer  # type: ignore[attr-defined]
+            return render_error(request, e)
+        request.consumer = name  # type: ignore[attr-defined]
+        return _json(request, answer)
+
+    @app.route("/v1/admin/reload", methods=["POST"])
+    def reload(self, request: Request) -> bytes:
+        try:
+            return _json(request, self._operations().reloader.reload())
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            return render_error(request, BrokerError("bad_request", f"reload refused: {e}"))
+        except BrokerError as e:
+            return render_error(request, e)
 
     @app.route("/v1/status", methods=["GET", "HEAD"])
     def status(self, request: Request) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self._status.document()).encode("utf-8")
+        return _json(request, self._status.document())
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> bytes:

@@ -20,6 +20,7 @@ from attrs import field, frozen
 
 KINDS: Final = ("tts", "stt", "llm", "image")
 GPU_SOURCES: Final = ("auto", "nvml", "nvidia-smi", "none")
+POLICIES: Final = ("affinity", "fifo")
 HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
 
@@ -112,6 +113,12 @@ class SchedulerConfig:
     queue_timeout_s: float = 600.0
     max_evictions: int = 5
     free_wait_s: float = 10.0
+    #: ``affinity``: requests that need no swap go first, for at most ``max_skip_s``;
+    #: ``fifo``: strict priority, then arrival.
+    policy: str = "affinity"
+    max_skip_s: float = 30.0
+    #: A consumer loaded less than this long ago is the last to be unloaded.
+    min_residency_s: float = 10.0
 
 
 @frozen
@@ -235,11 +242,13 @@ class _Parser:
             raise self.fail(where, f"must be {bound}, not {value}")
         return value
 
-    def seconds(self, value: object, where: str) -> float:
+    def seconds(self, value: object, where: str, zero: bool = False) -> float:
+        """A finite number of seconds above zero (or at least zero, with ``zero``)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(where, f"must be a number of seconds, not {_kind_of(value)}")
-        if not math.isfinite(value) or value <= 0:
-            raise self.fail(where, f"must be a positive number of seconds, not {value}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            what = "a number of seconds (0 or more)" if zero else "a positive number of seconds"
+            raise self.fail(where, f"must be {what}, not {value}")
         return float(value)
 
     def boolean(self, value: object, where: str) -> bool:
@@ -361,8 +370,14 @@ class _Parser:
         data = self.mapping(
             value,
             "scheduler",
-            ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s"),
-        )
+            ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s",
+             "policy", "max_skip_s", "min_residency_s"),
+        )  # fmt: skip
+        policy = self.string(data.get("policy", d.policy), "scheduler.policy")
+        if policy not in POLICIES:
+            raise self.fail(
+                "scheduler.policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}"
+            )
         return SchedulerConfig(
             max_queue=self.integer(data.get("max_queue", d.max_queue), "scheduler.max_queue", 1),
             aging_s=self.seconds(data.get("aging_s", d.aging_s), "scheduler.aging_s"),
@@ -374,6 +389,13 @@ class _Parser:
             ),
             free_wait_s=self.seconds(
                 data.get("free_wait_s", d.free_wait_s), "scheduler.free_wait_s"
+            ),
+            policy=policy,
+            max_skip_s=self.seconds(data.get("max_skip_s", d.max_skip_s), "scheduler.max_skip_s"),
+            min_residency_s=self.seconds(
+                data.get("min_residency_s", d.min_residency_s),
+                "scheduler.min_residency_s",
+                zero=True,
             ),
         )
 
@@ -542,3 +564,19 @@ def _kind_of(value: object) -> str:
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "a list", dict: "a mapping",
     }.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def read_token(path: str | None, source: str) -> bytes | None:
+    """The bearer token of ``auth.token_file``, or None when auth is off."""
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise ConfigError(source, "auth.token_file", f"cannot read {path}: {e.strerror}") from None
+    if not token or any(c <= 0x20 or c >= 0x7F for c in token):
+        raise ConfigError(
+            source, "auth.token_file", f"{path} must hold one token of printable ASCII"
+        )
+    return token

@@ -15,7 +15,7 @@ import string
 from collections.abc import Mapping
 from urllib.parse import quote
 
-from attrs import frozen
+from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -26,6 +26,7 @@ from twisted.web.server import Request
 from mgpu.config import Config, ConsumerConfig, HoldUntil
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
+from mgpu.events import EventBus
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, RelayResult
 from mgpu.scheduler import GpuScheduler, Lease
@@ -36,9 +37,12 @@ log = Logger()
 HOLD_CAPTURE_BYTES = 64 * 1024
 
 
-@frozen
+@define
 class Facade:
-    """Serves the facade routes with the broker's collaborators."""
+    """Serves the facade routes with the broker's collaborators.
+
+    ``config`` is replaced by a reload; a request keeps the consumer it started with.
+    """
 
     config: Config
     registry: Registry
@@ -47,18 +51,22 @@ class Facade:
     relay: Relay
     control: ConsumerControl
     clock: IReactorTime
+    events: EventBus
 
     async def serve_kind(self, request: Request, kind: str) -> None:
         """Schedule ``POST /v1/<kind>`` and relay it to the routed consumer."""
         consumer = self.config.consumer_for(kind)
         if consumer is None:
             raise BrokerError("no_consumer", f"routing names no consumer for {kind!r}")
+        _note(request, consumer=consumer.name)
         await self._admit(consumer)
+        asked_at = self.clock.seconds()
         route = consumer.paths[kind]
         target = _with_query(route.path.encode("ascii"), request.uri)
         hold = route.hold_until
 
         def job(lease: Lease) -> Deferred[RelayResult]:
+            _note(request, queue_wait_s=self.clock.seconds() - asked_at)
             forwarded = self._forward(
                 request,
                 consumer,
@@ -71,7 +79,13 @@ class Facade:
                 forwarded.addCallback(self._hold_lease, lease, consumer, hold)
             return forwarded
 
-        await self.scheduler.run(consumer.name, job)
+        try:
+            await self.scheduler.run(consumer.name, job)
+        finally:
+            if getattr(request, "queue_wait_s", None) is None:
+                # It never reached the consumer (timed out in the queue, or room
+                # could not be made): all of its time was waiting.
+                _note(request, queue_wait_s=self.clock.seconds() - asked_at)
 
     async def serve_audio(self, request: Request, target: bytes) -> None:
         """Relay ``GET``/``HEAD /audio/...`` to the audio consumer, unscheduled."""
@@ -79,6 +93,7 @@ class Facade:
         if name is None:
             raise BrokerError("no_consumer", "audio_proxy names no consumer")
         consumer = self.config.consumers[name]
+        _note(request, consumer=name)
         await self._admit(consumer)
         await self._forward(request, consumer, request.method, target, idle_timeout=True)
 
@@ -88,7 +103,7 @@ class Facade:
         if state.healthy is None:
             await self.prober.probe(consumer.name)
         if state.healthy is False:
-            self.scheduler.reject()
+            self.scheduler.reject("consumer_unreachable", consumer.name)
             raise BrokerError(
                 "consumer_unreachable",
                 f"upstream {consumer.name} last probe failed: {state.last_error}",
@@ -120,6 +135,10 @@ class Facade:
             error = failure.value
             if isinstance(error, BrokerError) and error.code == "consumer_unreachable":
                 self.registry.mark_unreachable(consumer.name, error.message)
+            elif isinstance(error, BrokerError) and error.code == "upstream_timeout":
+                self.events.publish(
+                    "timeout", consumer=consumer.name, reason="upstream", after_s=consumer.timeout_s
+                )
             return failure
 
         return d.addErrback(failed)
@@ -169,8 +188,20 @@ class Facade:
                     "{consumer}: {path} not done after {timeout} s; lease released",
                     consumer=consumer.name, path=path, timeout=consumer.timeout_s,
                 )  # fmt: skip
+                self.events.publish(
+                    "timeout",
+                    consumer=consumer.name,
+                    reason="hold_until",
+                    after_s=consumer.timeout_s,
+                )
                 return
             await deferLater(self.clock, hold.interval_s, lambda: None)
+
+
+def _note(request: Request, **facts: object) -> None:
+    """Tell the access log and the metrics about the request (see ``TimedRequest``)."""
+    for name, value in facts.items():
+        setattr(request, name, value)
 
 
 def _with_query(path: bytes, uri: bytes) -> bytes:

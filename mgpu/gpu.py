@@ -612,6 +612,16 @@ class GpuPoller(Service):
             lambda reason: _log.failure("GPU poll loop stopped", reason)
         )
 
+    def reconfigure(self, reader: GpuReader | None, interval_s: float) -> None:
+        """A reload: read through ``reader`` from the next reading on; poll at the new pace."""
+        if reader is not None:
+            self._reader = reader
+        if interval_s != self._interval_s:
+            self._interval_s = interval_s
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+                self.startService()
+
     def stopService(self) -> Deferred[None] | None:
         """Stop polling; the Deferred fires once a read in flight has finished."""
         super().stopService()

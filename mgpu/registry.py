@@ -9,6 +9,7 @@ overwrite ``loaded``: a probe that left before an unload must not undo it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 
 from mgpu.config import ConsumerConfig, HealthConfig
 from mgpu.control import ConsumerControl, ProbeResult, describe
+from mgpu.events import EventBus
 
 log = Logger()
 
@@ -49,9 +51,16 @@ class ConsumerState:
     last_error: str | None = None
     last_used: datetime | None = None
     last_used_at: float | None = None
+    #: When the broker last saw it become loaded (for the age of an eviction).
+    loaded_at: float | None = None
     in_flight: int = 0
     queued: int = 0
+    #: Bumped (from the registry's one counter) by each of the broker's own
+    #: events; ``born`` is its value when this state was created, so a probe
+    #: sent to an earlier incarnation of the consumer (before a reload changed
+    #: its URL) is recognised and dropped.
     generation: int = 0
+    born: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The consumer object of SPEC section 6."""
@@ -71,53 +80,112 @@ class ConsumerState:
 class Registry:
     """Every consumer's state, by name; updated by probes and the broker's own events."""
 
-    def __init__(self, consumers: Mapping[str, ConsumerConfig], clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        consumers: Mapping[str, ConsumerConfig],
+        clock: IReactorTime,
+        events: EventBus | None = None,
+    ) -> None:
         self._clock = cast(_Seconds, clock)
+        self._events = events or EventBus(clock)
+        self._generations = itertools.count(1)
         self._states = {name: ConsumerState(config) for name, config in consumers.items()}
         self.states: Mapping[str, ConsumerState] = MappingProxyType(self._states)
+        #: Consumers gone from the configuration whose requests have not all ended.
+        self._retired: dict[str, ConsumerState] = {}
+
+    def _new_state(self, config: ConsumerConfig) -> ConsumerState:
+        """A state for a consumer that came with a reload: born after every probe sent."""
+        generation = next(self._generations)
+        return ConsumerState(config, generation=generation, born=generation)
 
     def __getitem__(self, name: str) -> ConsumerState:
-        return self._states[name]
+        state = self._states.get(name)
+        return state if state is not None else self._retired[name]
+
+    def reconfigure(self, consumers: Mapping[str, ConsumerConfig]) -> list[str]:
+        """Take a reloaded configuration; returns the names whose state started afresh.
+
+        A consumer whose configuration is unchanged keeps its whole state. One
+        whose URL or health route changed is a different service: what was
+        known of it (healthy, loaded, last used) starts afresh. Either way the
+        counts of its requests in flight and queued carry over, so those
+        requests end undisturbed; a removed consumer is kept out of sight
+        until they have.
+        """
+        for name in [n for n, s in self._retired.items() if not (s.in_flight or s.queued)]:
+            del self._retired[name]
+        fresh = []
+        states: dict[str, ConsumerState] = {}
+        for name, config in consumers.items():
+            old = self._states.get(name) or self._retired.pop(name, None)
+            if old is None or old.config.url != config.url or old.config.health != config.health:
+                state = self._new_state(config)
+                if old is not None:
+                    state.in_flight, state.queued = old.in_flight, old.queued
+                fresh.append(name)
+            else:
+                old.config = config
+                state = old
+            states[name] = state
+        for name, old in self._states.items():
+            if name not in consumers and (old.in_flight or old.queued):
+                self._retired[name] = old
+        self._states.clear()
+        self._states.update(states)
+        return fresh
 
     def record_probe(self, name: str, generation: int, result: ProbeResult) -> None:
         """Record a probe sent under ``generation``; a stale one cannot change ``loaded``."""
-        state = self._states[name]
-        state.healthy = result.healthy
+        state = self._states.get(name)
+        if state is None or generation < state.born:
+            return  # removed, or given a new URL, by a reload while the probe was out
+        self._set_health(state, result.healthy, result.error)
         state.last_probe = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        state.last_error = result.error
         if not result.healthy:
             return
         if result.loaded is not None:
             if generation == state.generation:
-                state.loaded = result.loaded
+                self._set_loaded(state, result.loaded)
         elif state.loaded is None:
             # SPEC 3: a consumer that does not report ``loaded`` counts as
             # loaded at start if it is healthy; afterwards only events move it.
-            state.loaded = True
+            self._set_loaded(state, True)
+
+    def _set_health(self, state: ConsumerState, healthy: bool, error: str | None) -> None:
+        """Record health; a change (not the first verdict of a healthy one) is an event."""
+        changed = state.healthy is not healthy and not (state.healthy is None and healthy)
+        state.healthy = healthy
+        state.last_error = error
+        if changed:
+            self._events.publish("health", consumer=state.config.name, healthy=healthy, error=error)
+
+    def _set_loaded(self, state: ConsumerState, loaded: bool) -> None:
+        if loaded and state.loaded is not True:
+            state.loaded_at = self._clock.seconds()
+        state.loaded = loaded
 
     def mark_loaded(self, name: str) -> None:
         """The broker loaded it, or it served a request."""
-        state = self._states[name]
-        state.loaded = True
-        state.generation += 1
+        state = self[name]
+        self._set_loaded(state, True)
+        state.generation = next(self._generations)
 
     def mark_unloaded(self, name: str) -> None:
         """The broker unloaded it."""
-        state = self._states[name]
-        state.loaded = False
-        state.generation += 1
+        state = self[name]
+        self._set_loaded(state, False)
+        state.generation = next(self._generations)
 
     def mark_used(self, name: str) -> None:
         """A scheduled request of it ended: the LRU clock and the status timestamp."""
-        state = self._states[name]
+        state = self[name]
         state.last_used_at = self._clock.seconds()
         state.last_used = datetime.fromtimestamp(state.last_used_at, UTC)
 
     def mark_unreachable(self, name: str, error: str) -> None:
         """A request found it gone; the next probe may say otherwise."""
-        state = self._states[name]
-        state.healthy = False
-        state.last_error = error
+        self._set_health(self[name], False, error)
 
     def to_json(self) -> dict[str, object]:
         """The ``consumers`` object of ``/v1/status``."""
@@ -143,7 +211,8 @@ class HealthProber(Service):
         self._control = control
         self._clock = clock
         self._config = config
-        self._waiting: dict[str, list[Deferred[None]]] = {}
+        #: Probes in flight, by consumer and incarnation (``born``).
+        self._waiting: dict[tuple[str, int], list[Deferred[None]]] = {}
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -154,6 +223,13 @@ class HealthProber(Service):
             lambda f: log.failure("health probe loop stopped", f)
         )
 
+    def reconfigure(self, config: HealthConfig) -> None:
+        """A reload: probe at the new pace and with the new timeout; probe every consumer now."""
+        self._config = config
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self.startService()
+
     def stopService(self) -> Deferred[None] | None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -163,17 +239,18 @@ class HealthProber(Service):
     def probe(self, name: str) -> Deferred[None]:
         """Probe ``name`` now and record the result; joins a probe already in flight."""
         state = self._registry[name]
+        key = (name, state.born)
         waiter: Deferred[None] = Deferred()
-        waiters = self._waiting.get(name)
+        waiters = self._waiting.get(key)
         if waiters is not None:
             waiters.append(waiter)
             return waiter
-        self._waiting[name] = [waiter]
+        self._waiting[key] = [waiter]
         generation = state.generation
         d = maybeDeferred(self._control.probe, state.config, self._config.timeout_s)
         d.addCallback(lambda result: self._registry.record_probe(name, generation, result))
         d.addErrback(self._failed, name, generation)
-        d.addBoth(self._release, name)
+        d.addBoth(self._release, key)
         return waiter
 
     def _round(self) -> None:
@@ -192,7 +269,7 @@ class HealthProber(Service):
         except Exception:
             log.failure("recording the failed probe of {name} failed", name=name)
 
-    def _release(self, _: object, name: str) -> None:
-        for waiter in self._waiting.pop(name, []):
+    def _release(self, _: object, key: tuple[str, int]) -> None:
+        for waiter in self._waiting.pop(key, []):
             if not waiter.called:
                 waiter.callback(None)

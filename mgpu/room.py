@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from attrs import frozen
+from attrs import define
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -22,8 +22,17 @@ from twisted.logger import Logger
 from mgpu.config import ConsumerConfig, GpuConfig, SchedulerConfig
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
+from mgpu.events import EventBus
 from mgpu.gpu import GpuSnapshot
-from mgpu.policy import Resident, eviction_order, fits_after_evictions
+from mgpu.policy import (
+    NO_SWAP,
+    SWAP,
+    SWAP_YOUNG,
+    Resident,
+    eviction_order,
+    fits_after_evictions,
+    young_ones,
+)
 from mgpu.registry import Registry
 from mgpu.scheduler import SchedulerStats
 
@@ -34,12 +43,15 @@ FREE_POLL_S = 0.1
 
 
 class FreshReadings(Protocol):
-    """What room-making needs of the GPU poller: a reading taken now."""
+    """What room-making needs of the GPU poller: a reading taken now, and the last one."""
 
     def fresh(self) -> Deferred[GpuSnapshot]: ...
 
+    @property
+    def latest(self) -> GpuSnapshot: ...
 
-@frozen
+
+@define
 class RoomMaker:
     """Prepares a consumer for the GPU lease: ``prepare`` is the scheduler's hook."""
 
@@ -50,6 +62,7 @@ class RoomMaker:
     gpu_config: GpuConfig
     config: SchedulerConfig
     stats: SchedulerStats
+    events: EventBus
 
     def prepare(self, name: str) -> Deferred[None]:
         if self.registry[name].loaded:
@@ -110,15 +123,27 @@ class RoomMaker:
                 target=target.name, victim=victim.name, error=e.message,
             )  # fmt: skip
             return free_before
+        loaded_at = self.registry[victim.name].loaded_at
         self.registry.mark_unloaded(victim.name)
         self.stats.evictions += 1
         # free_wait_s counts from the unload's answer, not from its call: a slow
         # unload route must not eat into the wait for the memory to show free.
-        deadline = self.clock.seconds() + self.config.free_wait_s
+        answered = self.clock.seconds()
+        deadline = answered + self.config.free_wait_s
         # Once the victim's whole resident size shows free, waiting on only delays
         # the next victim: the target cannot fit without one.
         freed = free_before + victim.vram_resident_mib
         free = await self._wait_for_free(target, min(need, freed), deadline)
+        now = self.clock.seconds()
+        self.events.publish(
+            "evict",
+            consumer=victim.name,
+            target=target.name,
+            reason=f"{target.name} needs {need} MiB, {free_before} MiB were free",
+            freed_mib=free - free_before,
+            free_s=round(now - answered, 3),
+            age_s=None if loaded_at is None else round(answered - loaded_at, 3),
+        )
         log.info(
             "evict for {target} (needs {need} MiB): candidates {candidates}, victim {victim}, "
             "free {before} -> {after} MiB in {took:.2f}s",
@@ -147,6 +172,13 @@ class RoomMaker:
         state = self.registry[name]
         if state.loaded is not False or state.config.load is None:
             return  # loaded, unknown, or it cold-starts on its first request
+        await self.load(name, "request")
+
+    async def load(self, name: str, reason: str) -> None:
+        """Call ``name``'s load route now (it has one) and record the load."""
+        state = self.registry[name]
+        assert state.config.load is not None
+        started = self.clock.seconds()
         try:
             await self.control.load(state.config)
         except BrokerError as e:
@@ -155,19 +187,52 @@ class RoomMaker:
             raise
         self.registry.mark_loaded(name)
         self.stats.loads += 1
+        took = self.clock.seconds() - started
+        self.events.publish("load", consumer=name, reason=reason, took_s=round(took, 3))
+
+    def swap_cost(self, name: str) -> int:
+        """What running ``name`` now would cost, estimated from the last reading (no I/O).
+
+        ``NO_SWAP``: it is loaded. ``SWAP``: it must be loaded, and the
+        consumers it would evict (if any) are past their minimum residency.
+        ``SWAP_YOUNG``: making room would unload one loaded less than
+        ``min_residency_s`` ago. The scheduler's ``affinity`` policy prefers
+        the cheaper requests; room-making itself always reads afresh.
+        """
+        state = self.registry[name]
+        if state.loaded:
+            return NO_SWAP
+        target = state.config
+        need = target.vram_resident_mib + self.gpu_config.cushion_mib
+        try:
+            free = self._free_from(self.gpu.latest, target)
+        except BrokerError:
+            return SWAP  # no reading, no accounting: room-making will say why
+        if free >= need:
+            return SWAP
+        candidates = self._candidates(target)
+        young = young_ones(candidates, self._young_since())
+        old = [c for c in candidates if c not in young]
+        return SWAP if fits_after_evictions(need, free, old) or not young else SWAP_YOUNG
+
+    def _young_since(self) -> float:
+        return self.clock.seconds() - self.config.min_residency_s
 
     def _candidates(self, target: ConsumerConfig) -> list[Resident]:
         return eviction_order(
             target,
             (
-                Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at)
+                Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at, s.loaded_at)
                 for s in self.registry.states.values()
             ),
+            self._young_since(),
         )
 
     async def _free_mib(self, target: ConsumerConfig) -> int:
         """Free memory read now; without a reading, the broker's own accounting."""
-        snapshot = await self.gpu.fresh()
+        return self._free_from(await self.gpu.fresh(), target)
+
+    def _free_from(self, snapshot: GpuSnapshot, target: ConsumerConfig) -> int:
         if snapshot.ok and snapshot.free_mib is not None:
             return snapshot.free_mib
         total = self.gpu_config.total_mib

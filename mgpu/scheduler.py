@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 
 from mgpu.config import SchedulerConfig
 from mgpu.errors import BrokerError
-from mgpu.policy import effective_priority
+from mgpu.events import EventBus
+from mgpu.policy import NO_SWAP, SWAP, effective_priority, next_waiting
 from mgpu.registry import Registry
 
 T = TypeVar("T")
@@ -71,6 +72,8 @@ class _Ticket:
     priority: int
     arrived_at: float
     admitted: Deferred[None]
+    exclusive: bool = False
+    prepare: bool = True
     timer: IDelayedCall | None = None
 
 
@@ -124,10 +127,14 @@ class GpuScheduler:
         config: SchedulerConfig | None = None,
         prepare: Callable[[str], Deferred[None]] | None = None,
         stats: SchedulerStats | None = None,
+        events: EventBus | None = None,
+        swap_cost: Callable[[str], int] | None = None,
     ) -> None:
         self._registry = registry
         self._clock = clock
-        self._config = config or SchedulerConfig()
+        self.config = config or SchedulerConfig()
+        self._events = events or EventBus(clock)
+        self._swap_cost = swap_cost or self._resident_or_not
         self._prepare = prepare
         self._waiting: list[_Ticket] = []
         self._preparation: _Shared | None = None
@@ -135,26 +142,49 @@ class GpuScheduler:
         self._mean_s = 1.0
         self.stats = stats or SchedulerStats()
         self.holder: str | None = None
+        self._exclusive = False
         self.running = 0
+
+    def _resident_or_not(self, consumer: str) -> int:
+        """Without a room maker's estimate: a loaded consumer needs no swap."""
+        return NO_SWAP if self._registry[consumer].loaded else SWAP
 
     @property
     def queued(self) -> int:
         return len(self._waiting)
 
-    def reject(self) -> None:
-        """Count a request refused before admission."""
+    def reject(self, reason: str, consumer: str | None = None) -> None:
+        """Count a request refused before admission, and say why (an error code)."""
         self.stats.rejected += 1
+        self._events.publish("rejected", consumer=consumer, reason=reason)
 
-    def run(self, consumer: str, job: Callable[[Lease], Deferred[T]]) -> Deferred[T]:
-        """Wait for the GPU, then run ``job``; cancel the result to leave the queue."""
+    def run(
+        self,
+        consumer: str,
+        job: Callable[[Lease], Deferred[T]],
+        *,
+        exclusive: bool = False,
+        prepare: bool = True,
+        count: bool = True,
+    ) -> Deferred[T]:
+        """Wait for the GPU, then run ``job``; cancel the result to leave the queue.
+
+        ``exclusive`` work (an admin unload) waits until the lease is free and
+        holds it alone; ``prepare=False`` skips making room and loading;
+        ``count=False`` (admin work) leaves the request counters alone.
+        """
         try:
-            admitted = self._admission(consumer)
+            admitted = self._admission(consumer, exclusive, prepare)
         except BrokerError as e:
             return fail(e)
-        return Deferred.fromCoroutine(self._run(consumer, admitted, job))
+        return Deferred.fromCoroutine(self._run(consumer, admitted, job, count))
 
     async def _run(
-        self, consumer: str, admitted: Deferred[None], job: Callable[[Lease], Deferred[T]]
+        self,
+        consumer: str,
+        admitted: Deferred[None],
+        job: Callable[[Lease], Deferred[T]],
+        count: bool,
     ) -> T:
         await admitted
         lease = Lease(consumer)
@@ -172,25 +202,25 @@ class GpuScheduler:
                 lease.hold_until(preparation.wait())
             raise  # the client left: neither completed nor a broker failure
         except BaseException:
-            self.stats.failed += 1
+            self.stats.failed += count
             raise
         else:
-            self.stats.completed += 1
+            self.stats.completed += count
             return result
         finally:
             self._end(lease, started)
 
     # -- the queue -----------------------------------------------------------
 
-    def _admission(self, consumer: str) -> Deferred[None]:
+    def _admission(self, consumer: str, exclusive: bool, prepare: bool) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
         state = self._registry[consumer]
         self._dispatch()  # aging may have let a waiting request in since the last event
-        if self._may_start(consumer, state.config.priority):
-            self._admit(consumer)
+        if self._may_start(consumer, state.config.priority, exclusive):
+            self._admit(consumer, exclusive, prepare)
             return succeed(None)
-        if len(self._waiting) >= self._config.max_queue:
-            self.reject()
+        if len(self._waiting) >= self.config.max_queue:
+            self.reject("queue_full", consumer)
             wait_s = max(1, math.ceil(self._mean_s * (len(self._waiting) + self.running)))
             raise BrokerError(
                 "queue_full",
@@ -199,23 +229,30 @@ class GpuScheduler:
                 headers={"Retry-After": str(wait_s)},
             )
         ticket = _Ticket(
-            consumer, state.config.priority, self._clock.seconds(), Deferred(self._leave)
+            consumer,
+            state.config.priority,
+            self._clock.seconds(),
+            Deferred(self._leave),
+            exclusive,
+            prepare,
         )
-        ticket.timer = self._clock.callLater(self._config.queue_timeout_s, self._timed_out, ticket)
+        ticket.timer = self._clock.callLater(self.config.queue_timeout_s, self._timed_out, ticket)
         self._waiting.append(ticket)
         state.queued += 1
         return ticket.admitted
 
-    def _may_join(self, consumer: str) -> bool:
+    def _may_join(self, consumer: str, exclusive: bool = False) -> bool:
         """Whether a request of ``consumer`` may start now, ignoring the queue."""
         if self.holder is None:
             return True
+        if exclusive or self._exclusive:
+            return False
         if self._preparation is not None and self._preparation.failed:
             return False  # the lease drains; a later request gets a fresh preparation
         state = self._registry[self.holder]
         return consumer == self.holder and state.in_flight < state.config.max_concurrency
 
-    def _may_start(self, consumer: str, priority: int) -> bool:
+    def _may_start(self, consumer: str, priority: int, exclusive: bool) -> bool:
         """Whether a new request may start at once (called right after ``_dispatch``).
 
         Lease free: only with nobody waiting. Lease held by ``consumer`` with a
@@ -223,36 +260,52 @@ class GpuScheduler:
         priority waits (its own older requests, had they been admissible,
         were just admitted by ``_dispatch``).
         """
-        if not self._may_join(consumer):
+        if not self._may_join(consumer, exclusive):
             return False
         if self.holder is None:
             return not self._waiting
         now = self._clock.seconds()
-        aging = self._config.aging_s
-        return not any(
-            t.consumer != consumer
-            and effective_priority(t.priority, now - t.arrived_at, aging) > priority
+        aging = self.config.aging_s
+        return not self._overdue_elsewhere(consumer, now) and not any(
+            t.exclusive
+            or (
+                t.consumer != consumer
+                and effective_priority(t.priority, now - t.arrived_at, aging) > priority
+            )
             for t in self._waiting
         )
+
+    def _overdue_elsewhere(self, consumer: str, now: float) -> bool:
+        """Under ``affinity``: another consumer's request waited past ``max_skip_s``.
+
+        Such a request is never overtaken again, so the holder's newer
+        requests may not join the lease ahead of it.
+        """
+        if self.config.policy != "affinity":
+            return False
+        limit = self.config.max_skip_s
+        return any(t.consumer != consumer and now - t.arrived_at > limit for t in self._waiting)
 
     def _next(self) -> _Ticket | None:
         """The waiting request to admit now, if any (SPEC section 7)."""
         if not self._waiting:
             return None
         now = self._clock.seconds()
-        aging = self._config.aging_s
+        aging = self.config.aging_s
 
         def rank(t: _Ticket) -> tuple[int, float]:
             return (-effective_priority(t.priority, now - t.arrived_at, aging), t.arrived_at)
 
         if self.holder is None:
-            return min(self._waiting, key=rank)
-        if not self._may_join(self.holder):
+            return next_waiting(self._waiting, now, self.config, self._swap_cost)
+        if not self._may_join(self.holder) or self._overdue_elsewhere(self.holder, now):
             return None
-        own = [t for t in self._waiting if t.consumer == self.holder]
+        own = [t for t in self._waiting if t.consumer == self.holder and not t.exclusive]
         if not own:
             return None
         mine = min(own, key=rank)
+        if any(t.exclusive and t.arrived_at <= mine.arrived_at for t in self._waiting):
+            return None  # exclusive work waits for the lease to drain: do not refill it
         others = [t for t in self._waiting if t.consumer != self.holder]
         if others and rank(min(others, key=rank))[0] < rank(mine)[0]:
             return None  # a request of higher effective priority waits for another consumer
@@ -261,13 +314,14 @@ class GpuScheduler:
     def _dispatch(self) -> None:
         while (ticket := self._next()) is not None:
             self._dequeue(ticket)
-            self._admit(ticket.consumer)
+            self._admit(ticket.consumer, ticket.exclusive, ticket.prepare)
             ticket.admitted.callback(None)
 
-    def _admit(self, consumer: str) -> None:
+    def _admit(self, consumer: str, exclusive: bool, prepare: bool) -> None:
         if self.holder is None:
             self.holder = consumer
-            if self._prepare is not None:
+            self._exclusive = exclusive
+            if prepare and self._prepare is not None:
                 # maybeDeferred: a hook that raises must fail its requests, not strand the lease
                 self._preparation = _Shared(maybeDeferred(self._prepare, consumer))
         self.running += 1
@@ -291,11 +345,11 @@ class GpuScheduler:
     def _timed_out(self, ticket: _Ticket) -> None:
         ticket.timer = None
         self._dequeue(ticket)
-        self.reject()
+        self.reject("queue_timeout", ticket.consumer)
         ticket.admitted.errback(
             BrokerError(
                 "queue_timeout",
-                f"waited {self._config.queue_timeout_s:g}s for the GPU",
+                f"waited {self.config.queue_timeout_s:g}s for the GPU",
                 ticket.consumer,
             )
         )
@@ -326,6 +380,7 @@ class GpuScheduler:
         self.running -= 1
         if self.running == 0:
             self.holder = None
+            self._exclusive = False
             self._preparation = None
         self._dispatch()
 

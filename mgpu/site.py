@@ -15,7 +15,7 @@ leave as one log event per batch (at most ``flush_s`` late).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from mgpu.config import KINDS
 from mgpu.errors import BrokerError
 
 log = Logger()
@@ -39,6 +40,10 @@ class TimedRequest(Request):
         super().__init__(channel, *args, **kwargs)
         self.site: BrokerSite = channel.site
         self.received_at = self.site.reactor.seconds()
+        #: Set by the facade: the consumer that served it, and how long it
+        #: waited for the GPU lease (room-making and loading included).
+        self.consumer: str | None = None
+        self.queue_wait_s: float | None = None
         self._body_bytes = 0
         self._refused = False
 
@@ -91,6 +96,24 @@ class TimedRequest(Request):
         self.site.on_refused()
 
 
+#: Routes named as such in logs and metrics; any other path is ``other``.
+_ROUTES = frozenset(
+    [b"/", b"/healthz", b"/metrics", b"/v1/status", b"/v1/events", b"/v1/admin/reload"]
+    + [f"/v1/{kind}".encode() for kind in KINDS]
+)
+
+
+def route_of(path: bytes) -> str:
+    """The route a request path belongs to, with no client-chosen parts (bounded labels)."""
+    if path in _ROUTES:
+        return path.decode("ascii")
+    if path.startswith(b"/audio/"):
+        return "/audio"
+    if path.startswith(b"/v1/admin/consumers/"):
+        return "/v1/admin/consumers"
+    return "other"
+
+
 class AccessLog:
     """Collects one line per finished request and logs them in batches."""
 
@@ -103,10 +126,12 @@ class AccessLog:
 
     def record(self, request: TimedRequest) -> None:
         took_ms = (self._clock.seconds() - request.received_at) * 1000
-        client = getattr(request.getClientAddress(), "host", "-")
+        wait = "-" if request.queue_wait_s is None else f"{request.queue_wait_s * 1000:.1f}ms"
         self._lines.append(
-            f'{client} "{request.method.decode("latin-1")} {request.uri.decode("latin-1")}" '
-            f"{request.code} {request.sentLength} {took_ms:.1f}ms"
+            f"{request.method.decode('latin-1')} {route_of(request.path)} "
+            f"consumer={request.consumer or '-'} status={request.code} "
+            f"wait={wait} took={took_ms:.1f}ms bytes={request.sentLength} "
+            f"client={getattr(request.getClientAddress(), 'host', '-')}"
         )
         if len(self._lines) >= self._max_lines:
             self.flush()
@@ -140,14 +165,19 @@ class BrokerSite(Site):
         access_log: AccessLog,
         max_body_bytes: int,
         on_refused: Callable[[], object] = lambda: None,
+        observers: Sequence[Callable[[TimedRequest], object]] = (),
     ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.on_refused = on_refused
+        self.observers = list(observers)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
-        self.access_log.record(request)  # type: ignore[arg-type]
+        timed = cast(TimedRequest, request)
+        self.access_log.record(timed)
+        for observe in self.observers:
+            observe(timed)
 
     def stopFactory(self) -> None:
         self.access_log.flush()

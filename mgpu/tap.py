@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from treq.client import HTTPClient
@@ -15,17 +17,23 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-from mgpu.api import BrokerResource
-from mgpu.config import Config, ConfigError, load_config
+from mgpu.admin import Admin
+from mgpu.api import BrokerResource, Operations
+from mgpu.config import Config, ConfigError, load_config, read_token
 from mgpu.control import ConsumerControl
+from mgpu.events import EventBus
 from mgpu.facade import Facade
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
+from mgpu.metrics import BrokerMetrics
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, RelayClientFactory, make_agent
+from mgpu.reload import LiveParts, Reloader, SighupReload
 from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, SchedulerStats
 from mgpu.site import AccessLog, BrokerSite
+from mgpu.sse import EventStreams
 from mgpu.status import StatusView
+from mgpu.systemd import SystemdNotifier
 
 #: Idle upstream connections are closed before the consumers' own keep-alive
 #: (uvicorn's default is 5 s) so a reused connection is never one they just closed.
@@ -54,30 +62,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listen = options["listen"] or config.listen
         try:
             endpoint = serverFromString(reactor, listen)
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError) as e:
             source, field = ("--listen", "") if options["listen"] else (options["config"], "listen")
-            raise ConfigError(source, field, f"not a usable endpoint {listen!r}: {e}") from None
+            if isinstance(e, IndexError):  # systemd: asks for a socket nobody passed
+                why = "no socket was passed by systemd (LISTEN_FDS and LISTEN_FDNAMES)"
+            else:
+                why = f"not a usable endpoint {listen!r}: {e}"
+            raise ConfigError(source, field, why) from None
         token = read_token(config.auth.token_file, options["config"])
     except ConfigError as e:
         sys.stderr.write(f"mgpumanager: {e}\n")
         raise SystemExit(2) from None
-    return build_service(config, reactor, endpoint, gpu_reader, demo, token)
-
-
-def read_token(path: str | None, source: str) -> bytes | None:
-    """The bearer token of ``auth.token_file``, or None when auth is off."""
-    if path is None:
-        return None
-    try:
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise ConfigError(source, "auth.token_file", f"cannot read {path}: {e.strerror}") from None
-    if not token or any(c <= 0x20 or c >= 0x7F for c in token):
-        raise ConfigError(
-            source, "auth.token_file", f"{path} must hold one token of printable ASCII"
-        )
-    return token
+    config_path = None if options["demo"] else options["config"]
+    return build_service(
+        config, reactor, endpoint, gpu_reader, demo, token, config_path,
+        listen_override=bool(options["listen"]),
+    )  # fmt: skip
 
 
 def build_service(
@@ -87,20 +87,33 @@ def build_service(
     gpu_reader: GpuReader | None = None,
     extra: IService | None = None,
     token: bytes | None = None,
+    config_path: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    listen_override: bool = False,
 ) -> MultiService:
-    """The daemon: web server, health prober and GPU poller, sharing one set of collaborators."""
+    """The daemon: web server, health prober and GPU poller, sharing one set of collaborators.
+
+    ``config_path`` is the file a reload reads again (None: the demo, no reload);
+    ``environ`` is where systemd's notify socket and watchdog are named;
+    ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies.
+    """
     relay_pool = _pool(reactor, max_per_host=32, factory=RelayClientFactory)
     control_pool = _pool(reactor, max_per_host=4, factory=_QuietClientFactory)
 
-    registry = Registry(config.consumers, reactor)
+    events = EventBus(reactor)
+    registry = Registry(config.consumers, reactor, events)
     control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
     prober = HealthProber(registry, control, reactor, config.health)
     poller = GpuPoller(
         gpu_reader or reader_for(config.gpu, reactor), reactor, config.gpu.poll_interval_s
     )
     stats = SchedulerStats()
-    room = RoomMaker(registry, poller, control, reactor, config.gpu, config.scheduler, stats)
-    scheduler = GpuScheduler(registry, reactor, config.scheduler, room.prepare, stats)
+    room = RoomMaker(
+        registry, poller, control, reactor, config.gpu, config.scheduler, stats, events
+    )
+    scheduler = GpuScheduler(
+        registry, reactor, config.scheduler, room.prepare, stats, events, room.swap_cost
+    )
     facade = Facade(
         config=config,
         registry=registry,
@@ -109,13 +122,30 @@ def build_service(
         relay=Relay(make_agent(reactor, relay_pool), reactor),
         control=control,
         clock=reactor,
+        events=events,
     )
+    streams = EventStreams(events, reactor)
+    metrics = BrokerMetrics(events, poller, registry, scheduler, streams, clock=reactor)
+    resource = BrokerResource(facade, StatusView(poller, registry, scheduler), token)
     site = BrokerSite(
-        BrokerResource(facade, StatusView(poller, registry, scheduler), token),
+        resource,
         reactor,
         AccessLog(reactor),
         max_body_bytes=config.limits.max_body_mib * 2**20,
-        on_refused=scheduler.reject,
+        on_refused=lambda: scheduler.reject("payload_too_large"),
+        observers=[metrics.observe],
+    )
+    reloader = Reloader(
+        config_path,
+        config,
+        LiveParts(
+            facade, registry, scheduler, room, prober, poller, site, resource,
+            new_reader=lambda new: reader_for(new.gpu, reactor),
+        ),
+        listening_on=None if listen_override else config.listen,
+    )  # fmt: skip
+    resource.serve_operations(
+        Operations(Admin(registry, scheduler, room, control, events), reloader, streams, metrics)
     )
 
     top = MultiService()
@@ -124,7 +154,11 @@ def build_service(
     _Cleanup(scheduler, (relay_pool, control_pool)).setServiceParent(top)
     poller.setServiceParent(top)
     prober.setServiceParent(top)
-    _Listener(endpoint, site).setServiceParent(top)
+    listener = _Listener(endpoint, site)
+    listener.setServiceParent(top)
+    if config_path is not None:
+        SighupReload(reloader, reactor).setServiceParent(top)
+    SystemdNotifier(reactor, listener.listening, environ).setServiceParent(top)
     return top
 
 
@@ -136,6 +170,19 @@ class _Listener(StreamServerEndpointService):
     """
 
     _raiseSynchronously = True
+
+    def listening(self) -> Deferred[object]:
+        """Fires with the port once the server listens (after the service started)."""
+        waiting = self._waitingForPort
+        assert waiting is not None, "the listener has not started"
+        mine: Deferred[object] = Deferred()
+
+        def relay(result: object) -> object:
+            mine.callback(result)
+            return result  # the service's own chain goes on unchanged
+
+        waiting.addBoth(relay)
+        return mine
 
     def privilegedStartService(self) -> None:
         try:

@@ -7,6 +7,7 @@ sets, except where a test needs the real one (``tests.test_facade.Broker``).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,14 +18,19 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
 
-from mgpu.api import BrokerResource, audio_target
-from mgpu.config import KINDS
+from mgpu.admin import Admin
+from mgpu.api import BrokerResource, Operations, audio_target
+from mgpu.config import KINDS, ConfigError
 from mgpu.errors import BrokerError
+from mgpu.events import EventBus
 from mgpu.facade import Facade
 from mgpu.gpu import GpuPoller, GpuSnapshot
+from mgpu.metrics import BrokerMetrics
 from mgpu.registry import Registry
 from mgpu.relay import RelayBroken
+from mgpu.reload import Reloader
 from mgpu.scheduler import GpuScheduler
+from mgpu.sse import EventStreams
 from mgpu.status import StatusView
 from tests.test_facade import Broker, Client, make_config
 
@@ -171,7 +177,7 @@ class RoutingTests(ApiTestCase):
     def test_unknown_path(self) -> None:
         """Paths that are no route are 404 not_found, whatever the method."""
         for method, path in (
-            (b"GET", b"/"),
+            (b"GET", b"/index.html"),
             (b"GET", b"/v1"),
             (b"POST", b"/v1/video"),
             (b"POST", b"/v1/tts/extra"),
@@ -190,7 +196,7 @@ class RoutingTests(ApiTestCase):
 
     def test_status(self) -> None:
         """GET /v1/status is 200 JSON, not cached, and is the StatusView's document."""
-        self.scheduler.reject()
+        self.scheduler.reject("queue_full")
         client = self.send(b"GET", b"/v1/status")
         status, headers, body = client.response()
         self.assertEqual(status, 200)
@@ -536,7 +542,7 @@ class StatusViewTests(SynchronousTestCase):
         """Each call reflects the registry and scheduler as they are now."""
         before = self.view.document()
         self.registry.mark_unreachable("mvoice", "connection refused")
-        self.scheduler.reject()
+        self.scheduler.reject("queue_full")
         after = self.view.document()
         mvoice = cast(dict[str, dict[str, object]], after["consumers"])["mvoice"]
         self.assertEqual((mvoice["healthy"], mvoice["last_error"]), (False, "connection refused"))
@@ -574,6 +580,244 @@ class AuthTests(ApiTestCase):
         self.send(b"POST", b"/v1/tts", headers=(auth,))
         self.assertEqual([call[:2] for call in self.facade.calls], [("kind", "tts")])
 
+    def test_bearer_scheme_case_insensitive(self) -> None:
+        """The scheme name is case-insensitive (RFC 9110); the token itself is not."""
+        for scheme in (b"bearer", b"BEARER"):
+            auth = b"Authorization: " + scheme + b" " + self.TOKEN
+            self.assertEqual(self.send(b"GET", b"/v1/status", headers=(auth,)).response()[0], 200)
+        wrong_case = b"Authorization: Bearer " + self.TOKEN.upper()
+        self.assertError(
+            self.send(b"GET", b"/v1/status", headers=(wrong_case,)), 401, "unauthorized"
+        )
+
     def test_healthz_needs_no_token(self) -> None:
         """/healthz answers without a token, for load balancers and systemd checks."""
         self.assertEqual(self.send(b"GET", b"/healthz").response()[0], 200)
+
+
+class FakeAdmin:
+    """Admin's load and unload: answers or errors the test sets; every call recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.outcome: dict[str, object] | BrokerError = {}
+
+    async def _act(self, action: str, name: str) -> dict[str, object]:
+        self.calls.append((action, name))
+        if isinstance(self.outcome, BrokerError):
+            raise self.outcome
+        return {"consumer": name, "loaded": action == "load", **self.outcome}
+
+    async def load(self, name: str) -> dict[str, object]:
+        return await self._act("load", name)
+
+    async def unload(self, name: str) -> dict[str, object]:
+        return await self._act("unload", name)
+
+
+class FakeReloader:
+    """Reloader.reload: an answer or an error the test sets."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.outcome: dict[str, object] | Exception = {"reloaded": True}
+
+    def reload(self) -> dict[str, object]:
+        self.calls += 1
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class FakeMetrics:
+    """BrokerMetrics.render, as little as the routes here need."""
+
+    def render(self) -> tuple[bytes, str]:
+        return b"# metrics\n", "text/plain; version=0.0.4; charset=utf-8"
+
+
+class OperationsTestCase(ApiTestCase):
+    """A BrokerResource serving the operator's routes: fake admin and reloader, real streams."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.admin = FakeAdmin()
+        self.reloader = FakeReloader()
+        self.bus = EventBus(self.clock)
+        self.streams = EventStreams(self.bus, self.clock)
+        self.operations = Operations(
+            cast(Admin, self.admin),
+            cast(Reloader, self.reloader),
+            self.streams,
+            cast(BrokerMetrics, FakeMetrics()),
+        )
+        self.resource.serve_operations(self.operations)
+
+    def json_answer(self, client: Client, status: int = 200) -> Any:
+        got, headers, body = client.response()
+        self.assertEqual(got, status)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        return json.loads(body)
+
+
+class BasicAuthTests(OperationsTestCase):
+    """Basic credentials (what a browser sends to the dashboard), and changing the token."""
+
+    TOKEN = b"s3cret-token"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.resource.set_token(self.TOKEN)
+
+    def basic(self, credentials: bytes) -> bytes:
+        return b"Authorization: Basic " + base64.b64encode(credentials)
+
+    def test_token_as_password_accepted(self) -> None:
+        """Basic credentials whose password is the token pass, whatever the user name."""
+        for user in (b"", b"admin", b"anyone at all"):
+            client = self.send(
+                b"GET", b"/v1/status", headers=(self.basic(user + b":" + self.TOKEN),)
+            )
+            self.assertEqual(client.response()[0], 200, user)
+        client = self.send(b"GET", b"/", headers=(self.basic(b"me:" + self.TOKEN),))
+        self.assertEqual(client.response()[0], 200)
+
+    def test_scheme_name_case_insensitive(self) -> None:
+        """The Basic scheme name is matched whatever its case."""
+        header = b"Authorization: BASIC " + base64.b64encode(b"u:" + self.TOKEN)
+        self.assertEqual(self.send(b"GET", b"/v1/status", headers=(header,)).response()[0], 200)
+
+    def test_wrong_password_refused(self) -> None:
+        """A wrong password, the token as user name, or no colon at all is 401."""
+        for credentials in (b"u:guess", self.TOKEN + b":", self.TOKEN, b"u:" + self.TOKEN + b"x"):
+            client = self.send(b"GET", b"/v1/status", headers=(self.basic(credentials),))
+            self.assertError(client, 401, "unauthorized")
+
+    def test_malformed_basic_refused(self) -> None:
+        """Credentials that are not base64 are 401, not an error."""
+        client = self.send(b"GET", b"/v1/status", headers=(b"Authorization: Basic %%%not-b64",))
+        self.assertError(client, 401, "unauthorized")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_challenge_basic_on_dashboard_bearer_elsewhere(self) -> None:
+        """A refusal of / asks for Basic credentials (the browser's prompt); elsewhere Bearer."""
+        headers, _ = self.assertError(self.send(b"GET", b"/"), 401, "unauthorized")
+        self.assertEqual(headers[b"www-authenticate"], [b'Basic realm="mgpumanager"'])
+        for uri in (b"/v1/status", b"/v1/events", b"/metrics", b"/v1/admin/reload"):
+            headers, _ = self.assertError(self.send(b"GET", uri), 401, "unauthorized")
+            self.assertEqual(headers[b"www-authenticate"], [b'Bearer realm="mgpumanager"'], uri)
+
+    def test_operations_need_the_token(self) -> None:
+        """Without the token, admin actions and reloads are refused and never run."""
+        self.assertError(
+            self.send(b"POST", b"/v1/admin/consumers/mvoice/unload"), 401, "unauthorized"
+        )
+        self.assertError(self.send(b"POST", b"/v1/admin/reload"), 401, "unauthorized")
+        self.assertEqual((self.admin.calls, self.reloader.calls), ([], 0))
+        self.assertEqual(self.streams.clients, 0)
+
+    def test_set_token_none_turns_auth_off(self) -> None:
+        """After set_token(None) every route answers without credentials."""
+        self.resource.set_token(None)
+        self.assertEqual(self.send(b"GET", b"/v1/status").response()[0], 200)
+        self.assertEqual(self.send(b"GET", b"/").response()[0], 200)
+
+    def test_set_token_replaces_the_token(self) -> None:
+        """After set_token(new) the old token is refused and the new one accepted."""
+        self.resource.set_token(b"new-token")
+        old = self.send(b"GET", b"/v1/status", headers=(b"Authorization: Bearer " + self.TOKEN,))
+        self.assertError(old, 401, "unauthorized")
+        new = self.send(b"GET", b"/v1/status", headers=(b"Authorization: Bearer new-token",))
+        self.assertEqual(new.response()[0], 200)
+
+
+class EventsRouteTests(OperationsTestCase):
+    """/v1/events is handed to the event streams."""
+
+    def test_get_streams(self) -> None:
+        """GET /v1/events is an open event stream that gets published events."""
+        client = self.send(b"GET", b"/v1/events?history=1")
+        status, headers, _ = client.response()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(self.streams.clients, 1)
+        self.bus.publish("load", consumer="mvoice", reason="admin")
+        self.assertIn(b"event: load\n", client.response()[2])
+        client.disconnect()
+        self.assertEqual(self.streams.clients, 0)
+
+    def test_other_method_not_allowed(self) -> None:
+        """POST /v1/events is 405 with Allow: GET and opens no stream."""
+        headers, _ = self.assertError(self.send(b"POST", b"/v1/events"), 405, "method_not_allowed")
+        self.assertEqual(headers[b"allow"], [b"GET"])
+        self.assertEqual(self.streams.clients, 0)
+
+    def test_not_served_without_operations(self) -> None:
+        """A resource serving no operations answers /v1/events with 404 not_found."""
+        self.resource.serve_operations(None)
+        self.assertError(self.send(b"GET", b"/v1/events"), 404, "not_found")
+        self.assertEqual(self.streams.clients, 0)
+
+
+class AdminRouteTests(OperationsTestCase):
+    """POST /v1/admin/consumers/<name>/{load,unload} and POST /v1/admin/reload."""
+
+    def test_load_and_unload(self) -> None:
+        """load and unload reach the admin with the name and answer its JSON, not cached."""
+        answer = self.json_answer(self.send(b"POST", b"/v1/admin/consumers/mvoice/load"))
+        self.assertEqual(answer, {"consumer": "mvoice", "loaded": True})
+        client = self.send(b"POST", b"/v1/admin/consumers/comfyui/unload")
+        self.assertEqual(self.json_answer(client), {"consumer": "comfyui", "loaded": False})
+        self.assertEqual(client.response()[1][b"cache-control"], [b"no-store"])
+        self.assertEqual(self.admin.calls, [("load", "mvoice"), ("unload", "comfyui")])
+
+    def test_admin_errors_rendered(self) -> None:
+        """A BrokerError from the admin is its status and JSON body."""
+        for error, status in (
+            (BrokerError("not_found", "no consumer 'x'"), 404),
+            (BrokerError("bad_request", "ollama manages its own memory", "ollama"), 400),
+            (BrokerError("scheduler_error", "unload of mvoice failed: HTTP 500", "mvoice"), 503),
+            (BrokerError("queue_timeout", "waited 600s for the GPU", "mvoice"), 503),
+        ):
+            self.admin.outcome = error
+            client = self.send(b"POST", b"/v1/admin/consumers/mvoice/unload")
+            _, document = self.assertError(client, status, error.code, error.consumer)
+            self.assertEqual(document, error.to_dict())
+
+    def test_unknown_action_not_found(self) -> None:
+        """An action other than load or unload is 404 not_found; the admin is not called."""
+        self.assertError(self.send(b"POST", b"/v1/admin/consumers/mvoice/reset"), 404, "not_found")
+        self.assertEqual(self.admin.calls, [])
+
+    def test_admin_routes_post_only(self) -> None:
+        """GET on an admin route is 405 naming POST; nothing is run."""
+        for uri in (b"/v1/admin/consumers/mvoice/load", b"/v1/admin/reload"):
+            headers, _ = self.assertError(self.send(b"GET", uri), 405, "method_not_allowed")
+            self.assertEqual(headers[b"allow"], [b"POST"])
+        self.assertEqual((self.admin.calls, self.reloader.calls), ([], 0))
+
+    def test_reload_answer(self) -> None:
+        """POST /v1/admin/reload answers the reloader's JSON."""
+        self.reloader.outcome = {"reloaded": True, "added": ["whisper"], "needs_restart": []}
+        answer = self.json_answer(self.send(b"POST", b"/v1/admin/reload"))
+        self.assertEqual(answer, self.reloader.outcome)
+
+    def test_reload_refused(self) -> None:
+        """A bad file is 400 bad_request saying why; the running configuration stays."""
+        self.reloader.outcome = ConfigError("/etc/mgpu.yaml", "scheduler.max_queue", "must be >= 1")
+        client = self.send(b"POST", b"/v1/admin/reload")
+        _, document = self.assertError(client, 400, "bad_request")
+        self.assertIn("reload refused", document["message"])
+        self.assertIn("scheduler.max_queue: must be >= 1", document["message"])
+        self.assertEqual(self.reloader.calls, 1)
+
+    def test_reload_broker_error(self) -> None:
+        """A BrokerError from the reloader is rendered as itself."""
+        self.reloader.outcome = BrokerError("bad_request", "the demo has no file")
+        self.assertError(self.send(b"POST", b"/v1/admin/reload"), 400, "bad_request")
+
+    def test_not_served_without_operations(self) -> None:
+        """Without operations the admin routes answer 404 not_found."""
+        self.resource.serve_operations(None)
+        self.assertError(self.send(b"POST", b"/v1/admin/reload"), 404, "not_found")
+        self.assertError(self.send(b"POST", b"/v1/admin/consumers/mvoice/load"), 404, "not_found")

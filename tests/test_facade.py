@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from mgpu.config import Config, ConsumerConfig, HealthConfig, HoldUntil, KindPath, Route
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
+from mgpu.events import EventBus
 from mgpu.facade import Facade
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, RelayBroken, make_agent
@@ -216,7 +217,8 @@ class Broker:
         self.pumps: list[IOPump] = []
         self.stub = StubTreq(ByHost(by_host))
         self.control = ConsumerControl(cast(HTTPClient, self.stub), self.reactor)
-        self.registry = Registry(self.config.consumers, self.reactor)
+        self.events = EventBus(self.reactor)
+        self.registry = Registry(self.config.consumers, self.reactor, self.events)
         self.prober = HealthProber(self.registry, self.control, self.reactor, self.config.health)
         self.scheduler = GpuScheduler(self.registry, self.reactor)
         self.pool = HTTPConnectionPool(self.reactor, persistent=False)
@@ -229,6 +231,7 @@ class Broker:
             relay=self.relay,
             control=self.control,
             clock=self.reactor,
+            events=self.events,
         )
         for fake in self.consumers.values():
             fake.answer(b"GET", consumer_health_path(self.config, fake.name), 200, b"{}")

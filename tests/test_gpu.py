@@ -846,3 +846,107 @@ class FakeSmiProcessTests(TestCase):
         reading = await self.reader(timeout_s=0.3).read()
         self.assertFalse(reading.ok)
         self.assertEqual(reading.error, f"{FAKE_SMI} did not answer within 0.3s (killed)")
+
+
+class GpuPollerReconfigureTests(SynchronousTestCase):
+    """GpuPoller.reconfigure: a reload's new reader and interval."""
+
+    def setUp(self) -> None:
+        self.clock = started_clock()
+        self.reader = ControlledReader()
+        self.poller = GpuPoller(self.reader, self.clock, 2.0)
+
+    def start(self) -> None:
+        """Start polling; on cleanup, answer what is pending and stop."""
+        self.poller.startService()
+
+        def stop() -> None:
+            for pending in (p for p in self.reader.pending if not p.called):
+                pending.callback(snapshot())
+            if self.poller.running:
+                self.poller.stopService()
+
+        self.addCleanup(stop)
+
+    def read_times(self, reader: ControlledReader, until: float) -> list[float]:
+        """Advance ``until`` seconds in small steps, answering reads; the times of new reads."""
+        start, seen, times = self.clock.seconds(), len(reader.pending), []
+        while self.clock.seconds() < start + until - 1e-9:
+            self.clock.advance(0.5)
+            for pending in reader.pending[seen:]:
+                times.append(round(self.clock.seconds() - start, 3))
+                pending.callback(snapshot())
+            seen = len(reader.pending)
+        return times
+
+    def test_new_reader_from_the_next_reading_on(self) -> None:
+        """A new reader (same interval) is used from the next poll on, without an extra read now."""
+        self.start()
+        self.reader.pending[0].callback(snapshot(1000))
+        new = StaticReader(snapshot(2000, source="nvidia-smi"))
+        self.poller.reconfigure(new, 2.0)
+        self.assertEqual((new.reads, len(self.reader.pending)), (0, 1))
+        self.clock.advance(2.0)
+        self.assertEqual((new.reads, len(self.reader.pending)), (1, 1))
+        self.assertEqual(
+            (self.poller.latest.source, self.poller.latest.used_mib), ("nvidia-smi", 2000)
+        )
+        self.assertEqual(self.successResultOf(self.poller.fresh()).used_mib, 2000)
+        self.assertEqual(new.reads, 2)
+
+    def test_no_reader_keeps_the_reader(self) -> None:
+        """reconfigure(None, ...) keeps reading through the reader it had."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.poller.reconfigure(None, 2.0)
+        self.clock.advance(2.0)
+        self.assertEqual(len(self.reader.pending), 2)
+
+    def test_new_interval_takes_effect(self) -> None:
+        """A new interval restarts polling: a read now, then at the new pace only."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.clock.advance(0.5)
+        self.poller.reconfigure(None, 5.0)
+        self.assertEqual(len(self.reader.pending), 2)
+        self.reader.pending[1].callback(snapshot())
+        self.assertEqual(self.read_times(self.reader, until=12), [5.0, 10.0])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_same_interval_no_restart(self) -> None:
+        """The same interval neither reads at once nor shifts the pace."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.clock.advance(0.5)
+        self.poller.reconfigure(None, 2.0)
+        self.assertEqual(len(self.reader.pending), 1)
+        self.assertEqual(self.read_times(self.reader, until=4), [1.5, 3.5])
+
+    def test_new_interval_while_a_read_is_in_flight(self) -> None:
+        """A restart while a read is in flight shares it rather than reading twice."""
+        self.start()
+        self.poller.reconfigure(None, 5.0)
+        self.assertEqual(len(self.reader.pending), 1)
+        self.reader.pending[0].callback(snapshot(700))
+        self.assertEqual(self.poller.latest.used_mib, 700)
+        self.assertEqual(self.read_times(self.reader, until=5), [5.0])
+
+    def test_stopped_poller_takes_the_interval_for_later(self) -> None:
+        """A poller not running reads nothing on reconfigure and polls at the new pace once
+        started."""
+        self.poller.reconfigure(None, 3.0)
+        self.assertEqual((self.reader.pending, self.clock.getDelayedCalls()), ([], []))
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.assertEqual(self.read_times(self.reader, until=6), [3.0, 6.0])
+
+    def test_stop_after_reconfigure(self) -> None:
+        """stopService after a reconfigure leaves no timer and no more reads."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.poller.reconfigure(None, 5.0)
+        self.reader.pending[1].callback(snapshot())
+        self.assertIsNone(self.poller.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.clock.advance(60)
+        self.assertEqual(len(self.reader.pending), 2)

@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from mgpu.config import ConsumerConfig, GpuConfig, KindPath, Route, SchedulerConfig
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
+from mgpu.events import Event, EventBus
 from mgpu.gpu import GpuSnapshot, failed_snapshot
 from mgpu.registry import Registry
 from mgpu.room import FREE_POLL_S, RoomMaker
@@ -125,13 +126,17 @@ class FakeGpu:
         return self.total_mib - self.other_mib - sum(self.resident.values())
 
     def fresh(self) -> Deferred[GpuSnapshot]:
-        now = self.clock.seconds()
-        self.reads.append(now)
-        read_at = datetime.fromtimestamp(now, UTC)
+        self.reads.append(self.clock.seconds())
+        return succeed(self.latest)
+
+    @property
+    def latest(self) -> GpuSnapshot:
+        """The reading as it would be now (the poller's cache, read without counting)."""
+        read_at = datetime.fromtimestamp(self.clock.seconds(), UTC)
         if not self.ok:
-            return succeed(failed_snapshot("nvml", 0, "NVML: driver not loaded", read_at))
+            return failed_snapshot("nvml", 0, "NVML: driver not loaded", read_at)
         free = self.free_mib
-        return succeed(
+        return (
             GpuSnapshot(
                 source="nvml", ok=True, error=None, index=0, name="Fake GPU",
                 total_mib=self.total_mib, used_mib=self.total_mib - free, free_mib=free,
@@ -249,7 +254,10 @@ class Harness:
         }
         self.stub = StubTreq(ByHost(by_host))
         self.control = ConsumerControl(cast(HTTPClient, self.stub), self.as_time)
-        self.registry = Registry(configs, self.as_time)
+        self.events = EventBus(self.as_time)
+        self.published: list[Event] = []
+        self.events.subscribe(self.published.append)
+        self.registry = Registry(configs, self.as_time, self.events)
         for name in configs:
             self.registry[name].healthy = True
         self.stats = SchedulerStats()
@@ -261,6 +269,7 @@ class Harness:
             gpu_config=gpu_config or GpuConfig(cushion_mib=CUSHION),
             config=scheduler or SchedulerConfig(max_evictions=5, free_wait_s=10.0),
             stats=self.stats,
+            events=self.events,
         )
 
     @property
@@ -799,3 +808,107 @@ class EvictionLogTests(RoomTestCase):
         text = formatEvent(event)
         for part in ("mvoice", "comfyui, vllm", "victim comfyui", "2476", "15476"):
             self.assertIn(part, text.replace("'", ""))
+
+
+class RoomEventTests(RoomTestCase):
+    """``evict`` and ``load`` events published by make_room, ensure_loaded and load."""
+
+    def published(self, kind: str) -> list[dict[str, object]]:
+        return [dict(e.data) for e in self.h.published if e.kind == kind]
+
+    def test_evict_event(self) -> None:
+        """One evict event per victim: victim, target, why, MiB freed, seconds until free (from
+        the unload's answer) and how long the victim had been loaded."""
+        self.big_card_scene()  # comfyui seen loaded at 0
+        self.h.gpu.free_delay["comfyui"] = 1.5
+        self.h.clock.advance(100)
+        d = self.h.prepare("mvoice")
+        self.h.run(d, until=110.0)
+        self.successResultOf(d)
+        [evict] = self.published("evict")
+        free_s = evict.pop("free_s")
+        assert isinstance(free_s, float)
+        self.assertGreaterEqual(free_s, 1.5 - EPSILON)
+        self.assertLessEqual(free_s, 1.5 + FREE_POLL_S + EPSILON)
+        self.assertEqual(
+            evict,
+            {"consumer": "comfyui", "target": "mvoice",
+             "reason": "mvoice needs 3056 MiB, 2476 MiB were free",
+             "freed_mib": 13000, "age_s": 100.0},
+        )  # fmt: skip
+
+    def test_evict_age_from_the_load_that_made_it_resident(self) -> None:
+        """age_s counts from when the victim became loaded, not from a later mark_loaded."""
+        self.big_card_scene()
+        self.h.clock.advance(40)
+        self.h.registry.mark_loaded("comfyui")  # served a request: still the same load
+        self.h.clock.advance(60)
+        d = self.h.prepare("mvoice")
+        self.h.run(d, until=110.0)
+        [evict] = self.published("evict")
+        self.assertEqual(evict["age_s"], 100.0)
+
+    def test_freed_mib_when_memory_never_frees(self) -> None:
+        """A victim whose memory never shows free is published with what did free (nothing)."""
+        self.big_card_scene()
+        self.h.gpu.free_delay["comfyui"] = None
+        d = self.h.prepare("mvoice")
+        self.h.run(d, until=60.0)
+        evicts = self.published("evict")
+        self.assertEqual([e["consumer"] for e in evicts], ["comfyui", "vllm"])
+        self.assertEqual([e["freed_mib"] for e in evicts], [0, 7000])
+        self.assertGreaterEqual(cast(float, evicts[0]["free_s"]), 10.0 - FREE_POLL_S - EPSILON)
+
+    def test_failed_unload_is_no_evict_event(self) -> None:
+        """A victim whose unload fails is not published as evicted."""
+        self.big_card_scene()
+        self.h.consumers["comfyui"].mode["unload"] = "fail"
+        d = self.h.prepare("mvoice")
+        self.h.run(d, until=60.0)
+        self.successResultOf(d)
+        self.assertEqual([e["consumer"] for e in self.published("evict")], ["vllm"])
+
+    def test_load_event_with_time_taken(self) -> None:
+        """ensure_loaded's load publishes a load event with reason request and the seconds the
+        load route took."""
+        self.h.absent("mvoice")
+        self.h.consumers["mvoice"].mode["load"] = "hang"
+        d = self.h.prepare("mvoice")
+        self.h.stub.flush()
+        self.h.clock.advance(2.5)
+        self.h.consumers["mvoice"].finish_held()
+        self.h.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(
+            self.published("load"), [{"consumer": "mvoice", "reason": "request", "took_s": 2.5}]
+        )
+
+    def test_load_with_reason(self) -> None:
+        """load(name, reason) publishes the reason given."""
+        d = Deferred.fromCoroutine(self.h.room.load("vllm", "admin"))
+        self.h.stub.flush()
+        self.successResultOf(d)
+        [load] = self.published("load")
+        self.assertEqual((load["consumer"], load["reason"]), ("vllm", "admin"))
+
+    def test_failed_load_is_no_load_event(self) -> None:
+        """A load that fails publishes nothing."""
+        self.h.absent("mvoice")
+        self.h.consumers["mvoice"].mode["load"] = "fail"
+        self.failureResultOf(self.h.prepare("mvoice"), BrokerError)
+        self.assertEqual(self.h.published, [])
+
+    def test_events_in_order(self) -> None:
+        """Evictions are published before the load they made room for."""
+        self.big_card_scene()
+        d = self.h.prepare("mvoice")
+        self.h.run(d, until=10.0)
+        self.successResultOf(d)
+        self.assertEqual([e.kind for e in self.h.published], ["evict", "load"])
+        self.assertEqual([e.id for e in self.h.published], [1, 2])
+
+    def test_no_room_needed_no_events(self) -> None:
+        """A target already loaded publishes nothing."""
+        self.h.resident("mvoice")
+        self.successResultOf(self.h.prepare("mvoice"))
+        self.assertEqual(self.h.published, [])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConsumerConfig, KindPath, SchedulerConfig
 from mgpu.errors import BrokerError
+from mgpu.events import Event, EventBus
 from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler, Lease, SchedulerStats
 
@@ -150,7 +153,7 @@ class GpuSchedulerTests(SynchronousTestCase):
 
     def test_reject_counts(self) -> None:
         """A refusal before admission counts as rejected."""
-        self.scheduler.reject()
+        self.scheduler.reject("queue_full")
         self.assertEqual(self.scheduler.to_json()["rejected"], 1)
 
 
@@ -913,3 +916,219 @@ class FigureTests(SchedulerCase):
         self.assertEqual(stats.completed, 1)
         figures = self.scheduler.to_json()
         self.assertEqual((figures["evictions"], figures["loads"]), (3, 2))
+
+
+class EventCase(SchedulerCase):
+    """A SchedulerCase whose scheduler publishes on a bus the test reads."""
+
+    def build(
+        self,
+        *configs: ConsumerConfig,
+        config: SchedulerConfig | None = None,
+        prepare: Callable[[str], Deferred[None]] | None = None,
+        stats: SchedulerStats | None = None,
+    ) -> None:
+        configs = configs or tuple(consumers().values())
+        self.registry = Registry({c.name: c for c in configs}, self.clock)
+        self.events = EventBus(cast(IReactorTime, self.clock))
+        self.published: list[Event] = []
+        self.events.subscribe(self.published.append)
+        self.scheduler = GpuScheduler(
+            self.registry, self.clock, config, prepare, stats, events=self.events
+        )
+
+    def exclusive(self, name: str, label: str, prepare: bool = True) -> Deferred[object]:
+        """Ask for the GPU alone for ``name`` with a gated job called ``label``."""
+        return self.scheduler.run(name, self.jobs.gated(label), exclusive=True, prepare=prepare)
+
+    def rejections(self) -> list[dict[str, object]]:
+        return [dict(e.data) for e in self.published if e.kind == "rejected"]
+
+
+class ExclusiveTests(EventCase):
+    """run(exclusive=True): work that waits for a free lease and holds it alone."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.build(consumer("a", max_concurrency=3), consumer("b"))
+
+    def test_admitted_at_once_when_free(self) -> None:
+        """With the lease free and nobody waiting, exclusive work starts at once."""
+        done = self.exclusive("a", "x")
+        self.assertEqual(self.jobs.started, ["x"])
+        self.assertEqual((self.scheduler.holder, self.scheduler.running), ("a", 1))
+        self.jobs.finish("x")
+        self.assertEqual(self.successResultOf(done), "x")
+        self.assertEqual((self.scheduler.holder, self.scheduler.running), (None, 0))
+
+    def test_waits_for_the_holders_running_request(self) -> None:
+        """Exclusive work does not join its own consumer's lease: it waits until the lease is free,
+        though the holder has free slots."""
+        self.submit("a", "a1")
+        waiting = self.exclusive("a", "x")
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.assertEqual((self.scheduler.running, self.registry["a"].queued), (1, 1))
+        self.assertNoResult(waiting)
+        self.jobs.finish("a1")
+        self.assertEqual(self.jobs.started, ["a1", "x"])
+        self.assertEqual((self.scheduler.holder, self.scheduler.running), ("a", 1))
+
+    def test_holds_the_lease_alone(self) -> None:
+        """While exclusive work runs, no request starts beside it, its own consumer's included."""
+        self.exclusive("a", "x")
+        self.submit("a", "a2")
+        self.submit("b", "b")
+        self.assertEqual(self.jobs.started, ["x"])
+        self.assertEqual((self.scheduler.running, self.scheduler.queued), (1, 2))
+        self.jobs.finish("x")
+        self.assertEqual(self.jobs.started, ["x", "a2"])
+        self.jobs.finish("a2")
+        self.assertEqual(self.jobs.started, ["x", "a2", "b"])
+
+    def test_later_own_requests_do_not_overtake(self) -> None:
+        """A request of the holder arriving after the exclusive work waits behind it, though a
+        slot is free."""
+        self.submit("a", "a1")
+        self.exclusive("a", "x")
+        self.clock.advance(1)
+        later = self.submit("a", "a2")
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.assertNoResult(later)
+        self.jobs.finish("a1")
+        self.assertEqual(self.jobs.started, ["a1", "x"])
+        self.jobs.finish("x")
+        self.assertEqual(self.jobs.started, ["a1", "x", "a2"])
+
+    def test_earlier_own_requests_go_first(self) -> None:
+        """The holder's requests that were waiting before the exclusive work still go first."""
+        self.build(consumer("a", max_concurrency=1), consumer("b"))
+        self.submit("a", "a1")
+        self.clock.advance(1)
+        self.submit("a", "a2")
+        self.clock.advance(1)
+        self.exclusive("a", "x")
+        self.jobs.finish("a1")
+        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.jobs.finish("a2")
+        self.assertEqual(self.jobs.started, ["a1", "a2", "x"])
+
+    def test_waiting_exclusive_of_another_consumer_stops_holder_refill(self) -> None:
+        """Exclusive work waiting for another consumer stops the holder admitting new requests."""
+        self.submit("a", "a1")
+        self.exclusive("b", "x")
+        self.clock.advance(1)
+        self.submit("a", "a2")
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.jobs.finish("a1")
+        self.assertEqual((self.jobs.started, self.scheduler.holder), (["a1", "x"], "b"))
+        self.jobs.finish("x")
+        self.assertEqual(self.jobs.started, ["a1", "x", "a2"])
+
+    def test_cancelled_while_waiting_lets_the_holder_admit(self) -> None:
+        """Exclusive work cancelled while waiting no longer holds the holder's own requests back."""
+        self.submit("a", "a1")
+        waiting = self.exclusive("a", "x")
+        self.clock.advance(1)
+        self.submit("a", "a2")
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.assertEqual((self.scheduler.queued, self.registry["a"].in_flight), (0, 2))
+
+    def test_timed_out_while_waiting_lets_the_holder_admit(self) -> None:
+        """Exclusive work that times out in the queue fails with queue_timeout, and the holder's
+        own requests proceed."""
+        self.build(
+            consumer("a", max_concurrency=3), consumer("b"),
+            config=SchedulerConfig(queue_timeout_s=10),
+        )  # fmt: skip
+        self.submit("a", "a1")
+        waiting = self.exclusive("a", "x")
+        self.clock.advance(1)
+        self.submit("a", "a2")
+        self.clock.advance(9)
+        self.broker_error(waiting, "queue_timeout")
+        self.assertEqual(self.jobs.started, ["a1", "a2"])
+
+    def test_failure_releases_and_ends_exclusivity(self) -> None:
+        """Exclusive work that fails frees the lease; the next requests share it as usual."""
+        failing = self.exclusive("a", "x")
+        self.submit("a", "a1")
+        self.submit("a", "a2")
+        self.jobs.fail("x", BrokerError("scheduler_error", "unload failed", "a"))
+        self.broker_error(failing, "scheduler_error")
+        self.assertEqual(self.jobs.started, ["x", "a1", "a2"])
+        self.assertEqual(self.scheduler.running, 2)
+
+
+class PrepareFlagTests(EventCase):
+    """run(prepare=False) skips the preparation hook."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.prepare = Preparations()
+        self.build(prepare=self.prepare)
+
+    def test_prepare_false_skips_the_hook(self) -> None:
+        """A request admitted with prepare=False starts at once and calls no preparation."""
+        self.scheduler.run("a", self.jobs.gated("a1"), prepare=False)
+        self.assertEqual((self.jobs.started, self.prepare.calls), (["a1"], []))
+
+    def test_exclusive_without_preparation(self) -> None:
+        """Exclusive work with prepare=False (an unload) starts without a preparation, and the next
+        holder is prepared as usual."""
+        self.exclusive("a", "x", prepare=False)
+        self.submit("b", "b")
+        self.assertEqual((self.jobs.started, self.prepare.calls), (["x"], []))
+        self.jobs.finish("x")
+        self.assertEqual(self.prepare.calls, ["b"])
+        self.prepare.succeed()
+        self.assertEqual(self.jobs.started, ["x", "b"])
+
+    def test_prepare_true_still_prepares(self) -> None:
+        """The default (prepare=True) calls the hook before the job."""
+        self.submit("a", "a1")
+        self.assertEqual((self.jobs.started, self.prepare.calls), ([], ["a"]))
+
+
+class RejectedEventTests(EventCase):
+    """Refusals before admission are published as ``rejected`` events."""
+
+    def test_reject_publishes(self) -> None:
+        """reject(reason, consumer) counts and publishes the reason and the consumer."""
+        self.scheduler.reject("consumer_unreachable", "a")
+        self.scheduler.reject("payload_too_large")
+        self.assertEqual(
+            self.rejections(),
+            [{"consumer": "a", "reason": "consumer_unreachable"},
+             {"consumer": None, "reason": "payload_too_large"}],
+        )  # fmt: skip
+        self.assertEqual(self.scheduler.stats.rejected, 2)
+
+    def test_queue_full_publishes(self) -> None:
+        """A queue_full refusal publishes rejected with reason queue_full and its consumer."""
+        self.build(config=SchedulerConfig(max_queue=1))
+        self.submit("a", "a")
+        self.submit("b", "b1")
+        self.broker_error(self.submit("b", "b2"), "queue_full")
+        self.assertEqual(self.rejections(), [{"consumer": "b", "reason": "queue_full"}])
+
+    def test_queue_timeout_publishes(self) -> None:
+        """A queue timeout publishes rejected with reason queue_timeout, once, when it happens."""
+        self.build(config=SchedulerConfig(queue_timeout_s=10))
+        self.submit("a", "a")
+        waiting = self.submit("b", "b")
+        self.clock.advance(9.9)
+        self.assertEqual(self.rejections(), [])
+        self.clock.advance(0.1)
+        self.broker_error(waiting, "queue_timeout")
+        self.assertEqual(self.rejections(), [{"consumer": "b", "reason": "queue_timeout"}])
+
+    def test_admitted_and_cancelled_publish_nothing(self) -> None:
+        """Requests that are admitted, or cancelled while waiting, publish no rejected event."""
+        self.submit("a", "a")
+        cancelled = self.submit("b", "b")
+        cancelled.cancel()
+        self.failureResultOf(cancelled, CancelledError)
+        self.jobs.finish("a")
+        self.assertEqual(self.published, [])

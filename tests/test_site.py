@@ -20,7 +20,10 @@ from mgpu.site import REFUSED_LINGER_S, AccessLog, BrokerSite
 class Hello(Resource):
     isLeaf = True
 
-    def render_GET(self, request: object) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
+        if request.path == b"/v1/tts":  # as the facade notes a scheduled request
+            request.consumer = "mvoice"  # type: ignore[attr-defined]
+            request.queue_wait_s = 0.0125  # type: ignore[attr-defined]
         return b"hello"
 
 
@@ -32,7 +35,10 @@ class AccessLogTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.access = AccessLog(self.clock, flush_s=0.5, max_lines=3)
-        self.site = BrokerSite(Hello(), self.clock, self.access, max_body_bytes=1024)
+        self.observed: list[Request] = []
+        self.site = BrokerSite(
+            Hello(), self.clock, self.access, max_body_bytes=1024, observers=[self.observed.append]
+        )
 
     def get(self, path: bytes, took: float = 0.0) -> None:
         channel = self.site.buildProtocol(None)
@@ -52,19 +58,41 @@ class AccessLogTests(SynchronousTestCase):
 
     def test_lines_leave_in_one_batch(self) -> None:
         """Requests within flush_s are logged together as one event, after flush_s."""
-        self.get(b"/a")
-        self.get(b"/b")
+        self.get(b"/healthz")
+        self.get(b"/no/such/route")
         self.assertEqual(self.access_lines(), [])
         self.clock.advance(0.5)
         self.assertEqual(len([e for e in self.events if e.get("log_namespace") == "mgpu.site"]), 1)
         lines = self.access_lines()
         self.assertEqual(len(lines), 2)
-        self.assertIn('"GET /a" 200 5 ', lines[0])
-        self.assertIn('"GET /b" 200 5 ', lines[1])
+        self.assertTrue(
+            lines[0].startswith("GET /healthz consumer=- status=200 wait=- took=0.0ms bytes=5 "),
+            lines[0],
+        )
+        # A path the client chose is not echoed as a route: logs and labels stay bounded.
+        self.assertTrue(lines[1].startswith("GET other consumer=- status=200 "), lines[1])
+
+    def test_line_names_consumer_and_queue_wait(self) -> None:
+        """A scheduled request's line says which consumer served it and how long it queued."""
+        self.get(b"/v1/tts")
+        self.access.flush()
+        [line] = self.access_lines()
+        self.assertTrue(
+            line.startswith(
+                "GET /v1/tts consumer=mvoice status=200 wait=12.5ms took=0.0ms bytes=5 "
+            ),
+            line,
+        )
+
+    def test_observers_see_every_finished_request(self) -> None:
+        """The site hands each finished request to its observers (the metrics)."""
+        self.get(b"/healthz")
+        self.get(b"/v1/tts")
+        self.assertEqual([r.path for r in self.observed], [b"/healthz", b"/v1/tts"])
 
     def test_full_batch_leaves_at_once(self) -> None:
         """max_lines lines are logged without waiting for the timer."""
-        for path in (b"/1", b"/2", b"/3"):
+        for path in (b"/healthz", b"/v1/status", b"/metrics"):
             self.get(path)
         self.assertEqual(len(self.access_lines()), 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])

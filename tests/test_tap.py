@@ -63,6 +63,15 @@ class MakeServiceTests(SynchronousTestCase):
             makeService(self.options("--listen", "bogus:1"), MemoryReactorClock())
         self.assertIn("--listen", self.stderr.getvalue())
 
+    def test_systemd_listen_without_a_socket_exits_2(self) -> None:
+        """``systemd:`` with no socket passed (not under socket activation) exits 2, saying so."""
+        with self.assertRaises(SystemExit) as raised:
+            makeService(
+                self.options("--listen", "systemd:domain=INET:index=0"), MemoryReactorClock()
+            )
+        self.assertEqual(raised.exception.code, 2)
+        self.assertIn("no socket was passed by systemd", self.stderr.getvalue())
+
     def test_unreadable_token_file_exits_2(self) -> None:
         """An auth.token_file that cannot be read stops the daemon, naming auth.token_file."""
         config = CONFIG + "auth: {token_file: /nonexistent/token}\n"

@@ -450,6 +450,19 @@ class _SchedCase(TestCase):
         self.assertEqual(error["consumer"], who, error)
         self.assertIs(error["retryable"], True, error)
 
+    async def fresh(self, sims: Iterable[Sim], routing: Mapping[str, str], **kw: Any) -> None:
+        """A stack for this test alone, stopped at cleanup; waits for the first probes."""
+        await shared_stacks.release()  # one daemon at a time on this machine
+        stack = await build_stack("mgpu-evict-", sims, routing, **kw)
+        self.addCleanup(lambda: ensureDeferred(stack.stop()))
+        self.use(stack)
+
+        async def probed() -> bool:
+            consumers = (await self.status())["consumers"]
+            return all(c["healthy"] is True and c["loaded"] is not None for c in consumers.values())
+
+        await wait_for(probed, 10, "every consumer's first probe")
+
     def clear_faults_at_cleanup(self, *sims: Sim) -> None:
         for sim in sims:
             self.addCleanup(clear_faults, sim.consumer)
@@ -465,19 +478,6 @@ def clear_faults(consumer: Consumer) -> Any:
 
 class EvictionTests(_SchedCase):
     """Making room for a target on a 16384 MiB card (cushion 256 MiB)."""
-
-    async def fresh(self, sims: Iterable[Sim], routing: Mapping[str, str], **kw: Any) -> None:
-        """A stack for this test alone, stopped at cleanup; waits for the first probes."""
-        await shared_stacks.release()  # one daemon at a time on this machine
-        stack = await build_stack("mgpu-evict-", sims, routing, **kw)
-        self.addCleanup(lambda: ensureDeferred(stack.stop()))
-        self.use(stack)
-
-        async def probed() -> bool:
-            consumers = (await self.status())["consumers"]
-            return all(c["healthy"] is True and c["loaded"] is not None for c in consumers.values())
-
-        await wait_for(probed, 10, "every consumer's first probe")
 
     async def test_resident_target_no_unload_no_load(self) -> None:
         """A target that is already resident runs with no unload and no load, even with less
