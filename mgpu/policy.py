@@ -8,11 +8,12 @@ are tested with plain values and hypothesis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from attrs import frozen
 
-from mgpu.config import ConsumerConfig
+from mgpu.config import ConsumerConfig, SchedulerConfig
 
 
 @frozen
@@ -23,14 +24,19 @@ class Resident:
     loaded: bool
     busy: bool  # running or holding a request
     last_used_at: float | None  # end of its last scheduled request; None: never used
+    loaded_at: float | None = None  # when it was last seen to become loaded
 
 
-def eviction_order(target: ConsumerConfig, consumers: Iterable[Resident]) -> list[Resident]:
+def eviction_order(
+    target: ConsumerConfig, consumers: Iterable[Resident], young_since: float | None = None
+) -> list[Resident]:
     """The consumers that may be unloaded for ``target``, least recently used first.
 
     A candidate is loaded, has an unload route, is not the target, may not
     coexist with it (declared on either side), is not ``vram_managed`` and is
     not busy. Never-used consumers come first; ties keep the given order.
+    Consumers loaded after ``young_since`` (``min_residency_s`` ago) come
+    last of all: they go only if nothing else makes room.
     """
     candidates = [
         c
@@ -42,12 +48,22 @@ def eviction_order(target: ConsumerConfig, consumers: Iterable[Resident]) -> lis
         and c.config.name != target.name
         and not c.config.coexists_with(target)
     ]
-    return sorted(candidates, key=_lru_key)
+    return sorted(candidates, key=lambda c: (_young(c, young_since), *_lru_key(c)))
+
+
+def _young(resident: Resident, young_since: float | None) -> bool:
+    loaded_at = resident.loaded_at
+    return young_since is not None and loaded_at is not None and loaded_at > young_since
 
 
 def _lru_key(resident: Resident) -> tuple[bool, float]:
     used = resident.last_used_at
     return (used is not None, used if used is not None else 0.0)
+
+
+def young_ones(candidates: Iterable[Resident], young_since: float) -> list[Resident]:
+    """The candidates still within their minimum residency."""
+    return [c for c in candidates if _young(c, young_since)]
 
 
 def fits_after_evictions(need_mib: int, free_mib: int, candidates: Sequence[Resident]) -> bool:
@@ -58,3 +74,53 @@ def fits_after_evictions(need_mib: int, free_mib: int, candidates: Sequence[Resi
 def effective_priority(priority: int, waited_s: float, aging_s: float) -> int:
     """The consumer's priority, raised one level for every ``aging_s`` waited."""
     return priority + int(max(0.0, waited_s) // aging_s)
+
+
+class Waiting(Protocol):
+    """A queued request as the dispatch rule sees it."""
+
+    @property
+    def consumer(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def arrived_at(self) -> float: ...
+
+
+W = TypeVar("W", bound=Waiting)
+
+#: ``swap_cost`` values: what admitting a consumer would cost the GPU.
+NO_SWAP, SWAP, SWAP_YOUNG = 0, 1, 2
+
+
+def next_waiting(
+    waiting: Sequence[W], now: float, config: SchedulerConfig, swap_cost: Callable[[str], int]
+) -> W | None:
+    """The request to admit when the lease is free.
+
+    Priority first: only the requests of the highest effective priority are
+    considered. ``fifo`` takes the oldest of them. ``affinity`` takes the
+    oldest that needs no swap (its consumer is resident), else the oldest
+    whose swap evicts nobody within its minimum residency, else the oldest;
+    except that a request that has waited more than ``max_skip_s`` is never
+    overtaken again: the oldest such goes first.
+    """
+    if not waiting:
+        return None
+
+    def level(w: W) -> int:
+        return effective_priority(w.priority, now - w.arrived_at, config.aging_s)
+
+    top = max(level(w) for w in waiting)
+    best = [w for w in waiting if level(w) == top]
+    if config.policy == "fifo":
+        return min(best, key=_arrival)
+    overdue = [w for w in best if now - w.arrived_at > config.max_skip_s]
+    if overdue:
+        return min(overdue, key=_arrival)
+    costs = {name: swap_cost(name) for name in {w.consumer for w in best}}
+    return min(best, key=lambda w: (costs[w.consumer], w.arrived_at))
+
+
+def _arrival(w: Waiting) -> float:
+    return w.arrived_at
