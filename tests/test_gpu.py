@@ -623,8 +623,8 @@ class ControlledReader:
         return self.pending[-1]
 
 
-class GpuPollerTests(SynchronousTestCase):
-    """GpuPoller with a Clock and a hand-driven reader."""
+class PollerCase(SynchronousTestCase):
+    """A GpuPoller with a Clock and a hand-driven reader, stopped at cleanup."""
 
     def setUp(self) -> None:
         self.clock = started_clock()
@@ -641,6 +641,10 @@ class GpuPollerTests(SynchronousTestCase):
                 if not pending.called:
                     pending.callback(snapshot())
             self.poller.stopService()
+
+
+class GpuPollerTests(PollerCase):
+    """GpuPoller with a Clock and a hand-driven reader."""
 
     def test_not_read_yet(self) -> None:
         """Before the first read, latest says so."""
@@ -848,25 +852,8 @@ class FakeSmiProcessTests(TestCase):
         self.assertEqual(reading.error, f"{FAKE_SMI} did not answer within 0.3s (killed)")
 
 
-class GpuPollerReconfigureTests(SynchronousTestCase):
+class GpuPollerReconfigureTests(PollerCase):
     """GpuPoller.reconfigure: a reload's new reader and interval."""
-
-    def setUp(self) -> None:
-        self.clock = started_clock()
-        self.reader = ControlledReader()
-        self.poller = GpuPoller(self.reader, self.clock, 2.0)
-
-    def start(self) -> None:
-        """Start polling; on cleanup, answer what is pending and stop."""
-        self.poller.startService()
-
-        def stop() -> None:
-            for pending in (p for p in self.reader.pending if not p.called):
-                pending.callback(snapshot())
-            if self.poller.running:
-                self.poller.stopService()
-
-        self.addCleanup(stop)
 
     def read_times(self, reader: ControlledReader, until: float) -> list[float]:
         """Advance ``until`` seconds in small steps, answering reads; the times of new reads."""

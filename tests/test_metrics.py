@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
+from attrs import evolve
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +32,7 @@ from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler, Lease
 from mgpu.site import TimedRequest
 from mgpu.sse import EventStreams
+from tests.test_api import SNAPSHOT
 
 START = 1_795_000_000.0
 READ_AT = datetime.fromtimestamp(START, UTC)
@@ -58,17 +60,8 @@ CONFIG = parse_config(
     }
 )
 
-OK_READING = GpuSnapshot(
-    source="nvidia-smi",
-    ok=True,
-    error=None,
-    index=0,
-    name="NVIDIA GeForce RTX 4090",
-    total_mib=24564,
-    used_mib=16012,
-    free_mib=8552,
-    read_at=READ_AT,
-)
+#: The reading of tests.test_api, as nvidia-smi took it at START.
+OK_READING = evolve(SNAPSHOT, source="nvidia-smi", read_at=READ_AT)
 
 
 class ControlledReader:

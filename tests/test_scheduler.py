@@ -235,7 +235,12 @@ class SchedulerCase(SynchronousTestCase):
     ) -> None:
         configs = configs or tuple(consumers().values())
         self.registry = Registry({c.name: c for c in configs}, self.clock)
-        self.scheduler = GpuScheduler(self.registry, self.clock, config, prepare, stats)
+        self.events = EventBus(cast(IReactorTime, self.clock))
+        self.published: list[Event] = []
+        self.events.subscribe(self.published.append)
+        self.scheduler = GpuScheduler(
+            self.registry, self.clock, config, prepare, stats, events=self.events
+        )
 
     def submit(self, name: str, label: str) -> Deferred[object]:
         """Ask for the GPU for ``name`` with a gated job called ``label``."""
@@ -919,23 +924,7 @@ class FigureTests(SchedulerCase):
 
 
 class EventCase(SchedulerCase):
-    """A SchedulerCase whose scheduler publishes on a bus the test reads."""
-
-    def build(
-        self,
-        *configs: ConsumerConfig,
-        config: SchedulerConfig | None = None,
-        prepare: Callable[[str], Deferred[None]] | None = None,
-        stats: SchedulerStats | None = None,
-    ) -> None:
-        configs = configs or tuple(consumers().values())
-        self.registry = Registry({c.name: c for c in configs}, self.clock)
-        self.events = EventBus(cast(IReactorTime, self.clock))
-        self.published: list[Event] = []
-        self.events.subscribe(self.published.append)
-        self.scheduler = GpuScheduler(
-            self.registry, self.clock, config, prepare, stats, events=self.events
-        )
+    """A SchedulerCase with helpers for exclusive work and the events it publishes."""
 
     def exclusive(self, name: str, label: str, prepare: bool = True) -> Deferred[object]:
         """Ask for the GPU alone for ``name`` with a gated job called ``label``."""
