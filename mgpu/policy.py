@@ -66,6 +66,33 @@ def young_ones(candidates: Iterable[Resident], young_since: float) -> list[Resid
     return [c for c in candidates if _young(c, young_since)]
 
 
+def eviction_plan(need_mib: int, free_mib: int, candidates: Sequence[Resident]) -> list[Resident]:
+    """``candidates`` (in eviction order) with the victims worth unloading first.
+
+    Walking the order until ``need_mib`` would fit can pick a victim that the
+    later, larger ones make needless (unloading mvoice, whisper and ollama
+    where mvoice and ollama were enough). The plan takes that prefix, then
+    drops from it, most recently used first, every victim without which
+    there would still be room; the victims kept stay in eviction order, and
+    the other candidates follow, in case the memory frees less than sizes
+    say. When nothing would make room, the order is returned unchanged.
+    """
+    chosen: list[Resident] = []
+    total = free_mib
+    for candidate in candidates:
+        if total >= need_mib:
+            break
+        chosen.append(candidate)
+        total += candidate.config.vram_resident_mib
+    if total < need_mib:
+        return list(candidates)
+    for candidate in reversed(chosen[:-1]):  # the last one is what made it fit
+        if total - candidate.config.vram_resident_mib >= need_mib:
+            chosen.remove(candidate)
+            total -= candidate.config.vram_resident_mib
+    return chosen + [c for c in candidates if c not in chosen]
+
+
 def fits_after_evictions(need_mib: int, free_mib: int, candidates: Sequence[Resident]) -> bool:
     """Whether ``need_mib`` could ever fit, with every candidate unloaded."""
     return free_mib + sum(c.config.vram_resident_mib for c in candidates) >= need_mib

@@ -30,6 +30,7 @@ from mgpu.policy import (
     SWAP_YOUNG,
     Resident,
     eviction_order,
+    eviction_plan,
     fits_after_evictions,
     young_ones,
 )
@@ -99,7 +100,7 @@ class RoomMaker:
                     f"{name} needs {need} MiB, {free} MiB free: {why}",
                     name,
                 )
-            victim = candidates[0].config
+            victim = eviction_plan(need, free, candidates)[0].config
             tried.add(victim.name)
             free = await self._evict(victim, target, need, free, candidates)
 

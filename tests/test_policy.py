@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConsumerConfig, KindPath, Route
-from mgpu.policy import Resident, effective_priority, eviction_order, fits_after_evictions
+from mgpu.policy import (
+    Resident,
+    effective_priority,
+    eviction_order,
+    eviction_plan,
+    fits_after_evictions,
+)
 
 NAMES = ("mvoice", "whisper", "ollama", "comfyui", "vllm", "sdxl", "piper")
 
@@ -222,6 +228,60 @@ class FitsAfterEvictionsPropertyTests(SynchronousTestCase):
         need."""
         expected = free + sum(c.config.vram_resident_mib for c in candidates) >= need
         self.assertEqual(fits_after_evictions(need, free, candidates), expected)
+
+
+@st.composite
+def lru_candidates(draw: st.DrawFn) -> list[Resident]:
+    """Distinct candidates of any sizes, in eviction order."""
+    names = draw(st.lists(st.sampled_from(NAMES), max_size=len(NAMES), unique=True))
+    sizes = st.integers(min_value=0, max_value=20_000)
+    return [Resident(config(n, draw(sizes), unload=UNLOAD), True, False, None) for n in names]
+
+
+class EvictionPlanPropertyTests(SynchronousTestCase):
+    """eviction_plan: the fewest victims worth unloading, in eviction order, first."""
+
+    @properties
+    @given(
+        st.integers(min_value=0, max_value=60_000),
+        st.integers(min_value=0, max_value=30_000),
+        lru_candidates(),
+    )
+    def test_plan(self, need: int, free: int, candidates: list[Resident]) -> None:
+        """The plan reorders the candidates; when room can be made, a prefix of it makes
+        room, no victim of that prefix could be spared, and the prefix keeps eviction order."""
+
+        def size(r: Resident) -> int:
+            return r.config.vram_resident_mib
+
+        plan = eviction_plan(need, free, candidates)
+        self.assertEqual(sorted(map(id, plan)), sorted(map(id, candidates)))
+        if not fits_after_evictions(need, free, candidates):
+            self.assertEqual(plan, candidates)
+            return
+        total, prefix = free, []
+        for r in plan:
+            if total >= need:
+                break
+            prefix.append(r)
+            total += size(r)
+        self.assertGreaterEqual(total, need)
+        for r in prefix:
+            self.assertLess(total - size(r), need, "a victim of the plan could be spared")
+        order = [candidates.index(r) for r in prefix]
+        self.assertEqual(order, sorted(order))
+
+    def test_needless_lru_victim_kept(self) -> None:
+        """mvoice, whisper, ollama in LRU order: all three is the first prefix that makes room,
+        but mvoice and ollama alone do; whisper, the more recently used of the two that could
+        be spared, is kept."""
+        mvoice, whisper, ollama = (
+            Resident(config(name, size, unload=UNLOAD), True, False, used)
+            for name, size, used in (("mvoice", 2800, 1.0), ("whisper", 1500, 2.0),
+                                     ("ollama", 6000, 3.0))
+        )  # fmt: skip
+        plan = eviction_plan(13256, 6084, [mvoice, whisper, ollama])
+        self.assertEqual(plan, [mvoice, ollama, whisper])
 
 
 class EffectivePriorityPropertyTests(SynchronousTestCase):
