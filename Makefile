@@ -25,10 +25,16 @@ check: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(BIN)/.installed
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $@
+
+# make bench [BENCH="trace --seed 2"]: what python -m bench runs (default: latency,
+# throughput, evict; the trace replay takes minutes and runs only when named).
+bench: $(BIN)/.bench-installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache

@@ -5,7 +5,9 @@ next to what nginx adds. ``throughput``: requests per second through the GPU
 lease (16 clients, one consumer of ``max_concurrency`` 1, 2 ms jobs) against
 the consumer's own rate. ``evict``: from the moment an evicted consumer's
 memory shows free to the moment the waiting request reaches its target.
-With no name, all three run, one after the other. Each prints a table and
+``trace``: a seeded bursty trace of four consumers replayed per scheduler
+policy, against Belady's reference (about 2 minutes; run only when named).
+With no name, the first three run, one after the other. Each prints a table and
 writes ``bench/out/<name>.json``. Exit status: 0 when every benchmark ran
 (with ``--strict``: and its targets held), 1 otherwise, 2 on bad arguments.
 """
@@ -18,10 +20,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import evict, latency, throughput
+from bench import evict, latency, throughput, trace
 from bench.common import OUT_DIR, write_json
 
-BENCHES = ("latency", "throughput", "evict")
+BENCHES = ("latency", "throughput", "evict", "trace")
+#: What runs with no name (or ``all``): ``trace`` takes minutes and runs only when named.
+DEFAULT_BENCHES = ("latency", "throughput", "evict")
+MODULES: dict[str, Any] = {
+    "latency": latency,
+    "throughput": throughput,
+    "evict": evict,
+    "trace": trace,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bench",
         nargs="*",
         metavar="NAME",
-        help=f"which to run, in this order: {', '.join(BENCHES)} (default: all)",
+        help=f"which to run, in this order: {', '.join(BENCHES)} "
+        f"(default: {', '.join(DEFAULT_BENCHES)})",
     )
     p.add_argument(
         "--profile",
@@ -77,6 +88,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar=("MIN_S", "MAX_S"),
         help="free the memory this long after the unload call arrives, spread over the rounds",
     )
+
+    tr = trace.Options()
+    g = p.add_argument_group("trace")
+    g.add_argument("--seed", type=int, default=tr.seed, help="the trace's seed")
+    g.add_argument(
+        "--card-mib", type=int, default=tr.card_mib, choices=[16384, 24576], help="the GPU's size"
+    )
+    g.add_argument(
+        "--scale", type=float, default=tr.scale, help="replay time per trace second (0.1: 10x)"
+    )
+    g.add_argument(
+        "--duration", type=float, default=tr.duration_s, help="trace length, trace seconds"
+    )
+    g.add_argument(
+        "--busy",
+        type=float,
+        default=tr.busy,
+        help="idle periods this many times shorter (2: bursts overlap more)",
+    )
+    g.add_argument(
+        "--policy",
+        action="append",
+        choices=list(trace.POLICIES),
+        help="replay this policy only (repeatable; default: both)",
+    )
+    g.add_argument(
+        "--max-skip-s", type=float, default=tr.max_skip_s, help="scheduler.max_skip_s, trace s"
+    )
+    g.add_argument(
+        "--min-residency-s",
+        type=float,
+        default=tr.min_residency_s,
+        help="scheduler.min_residency_s, trace seconds",
+    )
+    g.add_argument("--no-plot", action="store_true", help="skip bench/out/trace.png")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1 or args.requests < args.rounds:
         p.error("need --requests >= --rounds >= 1 and --warmup >= 0")
@@ -86,15 +132,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"no benchmark {unknown[0]!r}: choose from all, {', '.join(BENCHES)}")
     if not args.bench or "all" in args.bench:
-        args.bench = list(BENCHES) if not args.profile else ["latency", "throughput"]
+        args.bench = list(DEFAULT_BENCHES) if not args.profile else ["latency", "throughput"]
         if args.profile == "handoff":
             args.bench = ["throughput"]
     if args.profile == "handoff" and args.bench != ["throughput"]:
         p.error("--profile handoff profiles the throughput benchmark only")
-    if args.profile and "evict" in args.bench:
-        p.error("--profile profiles latency or throughput (evict has no hot path)")
+    if args.profile and ("evict" in args.bench or "trace" in args.bench):
+        p.error("--profile profiles latency or throughput (evict and trace have no hot path)")
     if args.evictions < 1 or not 0 <= args.free_after[0] <= args.free_after[1]:
         p.error("need --evictions >= 1 and 0 <= MIN_S <= MAX_S for --free-after")
+    if not 0 < args.scale <= 1 or args.duration <= 0 or args.max_skip_s < 0 or args.busy <= 0:
+        p.error("need 0 < --scale <= 1, --duration > 0 and --max-skip-s >= 0")
     return args
 
 
@@ -123,6 +171,21 @@ def options(name: str, args: argparse.Namespace) -> Any:
             cpus=args.cpus or "all",
             **common,
         )
+    if name == "trace":
+        return trace.Options(
+            seed=args.seed,
+            card_mib=args.card_mib,
+            scale=args.scale,
+            duration_s=args.duration,
+            busy=args.busy,
+            policies=tuple(dict.fromkeys(args.policy)) if args.policy else trace.POLICIES,
+            max_skip_s=args.max_skip_s,
+            min_residency_s=args.min_residency_s,
+            out_dir=args.out_dir,
+            plot=not args.no_plot,
+            cpus=args.cpus or "all",
+            **common,
+        )
     return evict.Options(
         rounds=args.evictions,
         free_after_min_s=args.free_after[0],
@@ -134,7 +197,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
 
 def run_one(name: str, args: argparse.Namespace, log: Callable[[str], None]) -> bool:
     """Run one benchmark, print its table, write its JSON; whether it ran (and held)."""
-    module: Any = {"latency": latency, "throughput": throughput, "evict": evict}[name]
+    module: Any = MODULES[name]
     log(f"== {name}")
     result, ok = module.run(options(name, args), log=log)
     print(module.render(result))
