@@ -190,11 +190,19 @@ class GpuScheduler:
         lease = Lease(consumer)
         started = self._clock.seconds()
         preparation = self._preparation
+        collected = False
         try:
             if preparation is not None and not (preparation.done and not preparation.failed):
                 await preparation.wait()
             lease.reached_consumer = True
             result = await job(lease)
+        except GeneratorExit:
+            # Closed by the garbage collector: nothing refers to this request
+            # or its job any more. Releasing now would run the scheduler from
+            # inside a collection and resume other requests' coroutines that
+            # may be being collected too; leave the state alone.
+            collected = True
+            raise
         except CancelledError:
             if preparation is not None and not preparation.done:
                 # The client left while its consumer was being prepared: the
@@ -208,7 +216,8 @@ class GpuScheduler:
             self.stats.completed += count
             return result
         finally:
-            self._end(lease, started)
+            if not collected:
+                self._end(lease, started)
 
     # -- the queue -----------------------------------------------------------
 

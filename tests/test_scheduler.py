@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -1121,3 +1123,30 @@ class RejectedEventTests(EventCase):
         self.failureResultOf(cancelled, CancelledError)
         self.jobs.finish("a")
         self.assertEqual(self.published, [])
+
+
+class CollectedTests(SynchronousTestCase):
+    """Requests whose jobs nobody refers to any more are garbage, not scheduling events."""
+
+    def test_collected_requests_leave_the_scheduler_alone(self) -> None:
+        """A running and a queued request, dropped with their scheduler, are collected without
+        running the scheduler from inside the collection (nothing is logged, nothing resumed)."""
+        started: list[str] = []
+
+        def abandon() -> None:
+            clock = Clock()
+            scheduler = GpuScheduler(Registry(consumers(), clock), clock)
+            for name in ("a", "b", "a", "b"):
+                scheduler.run(name, partial(_never, started, name))
+
+        for _ in range(20):
+            abandon()
+            gc.collect()
+        self.assertEqual(started, ["a"] * 20)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def _never(started: list[str], name: str, lease: Lease) -> Deferred[None]:
+    """A job that never ends, and that nothing but its request refers to."""
+    started.append(name)
+    return Deferred()
