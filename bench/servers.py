@@ -209,11 +209,18 @@ def wait_until(
 
 def http_get(host: str, port: int, path: str, timeout_s: float = 1.0) -> tuple[int, bytes] | None:
     """``GET path``: (status, body), or None if no answer (one short-lived connection)."""
+    return http_call(host, port, "GET", path, timeout_s)
+
+
+def http_call(
+    host: str, port: int, method: str, path: str, timeout_s: float = 1.0
+) -> tuple[int, bytes] | None:
+    """``METHOD path`` with an empty body: (status, body), or None if no answer."""
     import http.client
 
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
-        conn.request("GET", path)
+        conn.request(method, path, body=b"" if method in ("POST", "PUT") else None)
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (OSError, http.client.HTTPException):

@@ -56,6 +56,7 @@ from bench.servers import (
     ManagedProcess,
     ProcessGroup,
     StartError,
+    http_call,
     http_get_json,
     repo_env,
     wait_for_http,
@@ -302,7 +303,9 @@ class Stack:
                 raise StartError(f"the consumers were not all healthy: {consumers}")
             time.sleep(0.05)
         for name in self.ports:
-            got = _post(self.broker_port, f"/v1/admin/consumers/{name}/unload")
+            got = http_call(
+                HOST, self.broker_port, "POST", f"/v1/admin/consumers/{name}/unload", 30.0
+            )
             if got is None or got[0] != 200:
                 raise StartError(f"admin unload of {name} failed: {got}")
         consumers = self.status().get("consumers", {})
@@ -357,18 +360,6 @@ class Stack:
 
     def close(self) -> None:
         self.group.close()
-
-
-def _post(port: int, path: str, timeout_s: float = 30.0) -> tuple[int, bytes] | None:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-    try:
-        conn.request("POST", path, body=b"", headers={"Content-Length": "0"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException):
-        return None
-    finally:
-        conn.close()
 
 
 def fire(trace: Trace, scale: float, port: int, t0: float, deadline: float) -> list[Sent]:
