@@ -15,6 +15,8 @@ from typing import TypeVar
 
 from attrs import define
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
@@ -24,6 +26,8 @@ from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, Lease
 
 T = TypeVar("T")
+
+log = Logger()
 
 
 @define
@@ -107,6 +111,8 @@ def _finish_anyway(lease: Lease, work: Deferred[T]) -> Deferred[T]:
     def settle(result: object) -> None:
         if not outcome.called:
             outcome.callback(result)  # type: ignore[arg-type]  # a Failure errbacks
+        elif isinstance(result, Failure):  # the caller left: nobody else will say it
+            log.failure("admin work went on after its caller left, and failed", result)
 
     work.addBoth(settle)
     return outcome

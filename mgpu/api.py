@@ -110,8 +110,15 @@ class BrokerResource(Resource):
         self._streams = None if operations is None else operations.streams
 
     def set_token(self, token: bytes | None) -> None:
-        """Require ``token`` from now on (None: no auth); a reload may change it."""
+        """Require ``token`` from now on (None: no auth); a reload may change it.
+
+        A changed token ends the open event streams: a client whose token was
+        revoked must not go on hearing what happens.
+        """
+        changed = getattr(self, "_token", token) != token
         self._token = token
+        if changed and self._streams is not None:
+            self._streams.end_all()
 
     def _authorized(self, request: Request) -> bool:
         token = self._token

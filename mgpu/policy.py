@@ -112,6 +112,8 @@ class Waiting(Protocol):
     def priority(self) -> int: ...
     @property
     def arrived_at(self) -> float: ...
+    @property
+    def prepare(self) -> bool: ...  # False: nothing is loaded for it (an admin unload)
 
 
 W = TypeVar("W", bound=Waiting)
@@ -145,8 +147,8 @@ def next_waiting(
     overdue = [w for w in best if now - w.arrived_at > config.max_skip_s]
     if overdue:
         return min(overdue, key=_arrival)
-    costs = {name: swap_cost(name) for name in {w.consumer for w in best}}
-    return min(best, key=lambda w: (costs[w.consumer], w.arrived_at))
+    costs = {name: swap_cost(name) for name in {w.consumer for w in best if w.prepare}}
+    return min(best, key=lambda w: (costs[w.consumer] if w.prepare else NO_SWAP, w.arrived_at))
 
 
 def _arrival(w: Waiting) -> float:

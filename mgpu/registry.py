@@ -165,27 +165,35 @@ class Registry:
             state.loaded_at = self._clock.seconds()
         state.loaded = loaded
 
+    def get(self, name: str) -> ConsumerState | None:
+        """``name``'s state, or None if a reload removed it (and nothing of it is running)."""
+        return self._states.get(name) or self._retired.get(name)
+
+    # The broker's own events may arrive after a reload removed the consumer
+    # (an unload answered, a download failed): then they concern nobody.
+
     def mark_loaded(self, name: str) -> None:
         """The broker loaded it, or it served a request."""
-        state = self[name]
-        self._set_loaded(state, True)
-        state.generation = next(self._generations)
+        if (state := self.get(name)) is not None:
+            self._set_loaded(state, True)
+            state.generation = next(self._generations)
 
     def mark_unloaded(self, name: str) -> None:
         """The broker unloaded it."""
-        state = self[name]
-        self._set_loaded(state, False)
-        state.generation = next(self._generations)
+        if (state := self.get(name)) is not None:
+            self._set_loaded(state, False)
+            state.generation = next(self._generations)
 
     def mark_used(self, name: str) -> None:
         """A scheduled request of it ended: the LRU clock and the status timestamp."""
-        state = self[name]
-        state.last_used_at = self._clock.seconds()
-        state.last_used = datetime.fromtimestamp(state.last_used_at, UTC)
+        if (state := self.get(name)) is not None:
+            state.last_used_at = self._clock.seconds()
+            state.last_used = datetime.fromtimestamp(state.last_used_at, UTC)
 
     def mark_unreachable(self, name: str, error: str) -> None:
         """A request found it gone; the next probe may say otherwise."""
-        self._set_health(self[name], False, error)
+        if (state := self.get(name)) is not None:
+            self._set_health(state, False, error)
 
     def to_json(self) -> dict[str, object]:
         """The ``consumers`` object of ``/v1/status``."""

@@ -124,7 +124,8 @@ class RoomMaker:
                 target=target.name, victim=victim.name, error=e.message,
             )  # fmt: skip
             return free_before
-        loaded_at = self.registry[victim.name].loaded_at
+        state = self.registry.get(victim.name)  # None: a reload removed it meanwhile
+        loaded_at = None if state is None else state.loaded_at
         self.registry.mark_unloaded(victim.name)
         self.stats.evictions += 1
         # free_wait_s counts from the unload's answer, not from its call: a slow

@@ -74,6 +74,7 @@ class _Ticket:
     admitted: Deferred[None]
     exclusive: bool = False
     prepare: bool = True
+    count: bool = True
     timer: IDelayedCall | None = None
 
 
@@ -174,7 +175,7 @@ class GpuScheduler:
         ``count=False`` (admin work) leaves the request counters alone.
         """
         try:
-            admitted = self._admission(consumer, exclusive, prepare)
+            admitted = self._admission(consumer, exclusive, prepare, count)
         except BrokerError as e:
             return fail(e)
         return Deferred.fromCoroutine(self._run(consumer, admitted, job, count))
@@ -221,15 +222,20 @@ class GpuScheduler:
 
     # -- the queue -----------------------------------------------------------
 
-    def _admission(self, consumer: str, exclusive: bool, prepare: bool) -> Deferred[None]:
+    def _admission(
+        self, consumer: str, exclusive: bool, prepare: bool, count: bool
+    ) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
-        state = self._registry[consumer]
+        state = self._registry.get(consumer)
+        if state is None:
+            raise BrokerError("no_consumer", f"{consumer} was removed by a reload", consumer)
         self._dispatch()  # aging may have let a waiting request in since the last event
         if self._may_start(consumer, state.config.priority, exclusive):
             self._admit(consumer, exclusive, prepare)
             return succeed(None)
         if len(self._waiting) >= self.config.max_queue:
-            self.reject("queue_full", consumer)
+            if count:
+                self.reject("queue_full", consumer)
             wait_s = max(1, math.ceil(self._mean_s * (len(self._waiting) + self.running)))
             raise BrokerError(
                 "queue_full",
@@ -244,6 +250,7 @@ class GpuScheduler:
             Deferred(self._leave),
             exclusive,
             prepare,
+            count,
         )
         ticket.timer = self._clock.callLater(self.config.queue_timeout_s, self._timed_out, ticket)
         self._waiting.append(ticket)
@@ -275,7 +282,7 @@ class GpuScheduler:
             return not self._waiting
         now = self._clock.seconds()
         aging = self.config.aging_s
-        return not self._overdue_elsewhere(consumer, now) and not any(
+        return not self._overdue_elsewhere(consumer, priority, now) and not any(
             t.exclusive
             or (
                 t.consumer != consumer
@@ -284,16 +291,23 @@ class GpuScheduler:
             for t in self._waiting
         )
 
-    def _overdue_elsewhere(self, consumer: str, now: float) -> bool:
-        """Under ``affinity``: another consumer's request waited past ``max_skip_s``.
+    def _overdue_elsewhere(self, consumer: str, level: int, now: float) -> bool:
+        """Under ``affinity``: another consumer's request of effective priority ``level`` or
+        more waited past ``max_skip_s``.
 
         Such a request is never overtaken again, so the holder's newer
-        requests may not join the lease ahead of it.
+        requests may not join the lease ahead of it; one of a lower level
+        does not hold the holder back (priority first).
         """
         if self.config.policy != "affinity":
             return False
-        limit = self.config.max_skip_s
-        return any(t.consumer != consumer and now - t.arrived_at > limit for t in self._waiting)
+        limit, aging = self.config.max_skip_s, self.config.aging_s
+        return any(
+            t.consumer != consumer
+            and now - t.arrived_at > limit
+            and effective_priority(t.priority, now - t.arrived_at, aging) >= level
+            for t in self._waiting
+        )
 
     def _next(self) -> _Ticket | None:
         """The waiting request to admit now, if any (SPEC section 7)."""
@@ -307,12 +321,14 @@ class GpuScheduler:
 
         if self.holder is None:
             return next_waiting(self._waiting, now, self.config, self._swap_cost)
-        if not self._may_join(self.holder) or self._overdue_elsewhere(self.holder, now):
+        if not self._may_join(self.holder):
             return None
         own = [t for t in self._waiting if t.consumer == self.holder and not t.exclusive]
         if not own:
             return None
         mine = min(own, key=rank)
+        if self._overdue_elsewhere(self.holder, -rank(mine)[0], now):
+            return None
         if any(t.exclusive and t.arrived_at <= mine.arrived_at for t in self._waiting):
             return None  # exclusive work waits for the lease to drain: do not refill it
         others = [t for t in self._waiting if t.consumer != self.holder]
@@ -354,7 +370,8 @@ class GpuScheduler:
     def _timed_out(self, ticket: _Ticket) -> None:
         ticket.timer = None
         self._dequeue(ticket)
-        self.reject("queue_timeout", ticket.consumer)
+        if ticket.count:
+            self.reject("queue_timeout", ticket.consumer)
         ticket.admitted.errback(
             BrokerError(
                 "queue_timeout",

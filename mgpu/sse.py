@@ -49,6 +49,12 @@ class EventStreams:
         self._buffer = buffer
         self.dropped = 0
         self.clients = 0
+        self._open: set[_Stream] = set()
+
+    def end_all(self) -> None:
+        """End every open stream (the token changed: each must authenticate again)."""
+        for stream in list(self._open):
+            stream.end()
 
     def render(self, request: Request) -> int:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
@@ -92,6 +98,7 @@ class _Stream:
         """Begin the stream: ``history`` first, after a note of the ``lost`` events."""
         self._missed = lost
         self._streams.clients += 1
+        self._streams._open.add(self)
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._closed)
         self._request.write(f"retry: {RETRY_MS}\n\n".encode())
@@ -141,7 +148,14 @@ class _Stream:
     def stopProducing(self) -> None:
         self._paused = True
 
+    def end(self) -> None:
+        """Finish the stream from our side; an ``EventSource`` reconnects."""
+        if not self._request.finished:
+            self._request.unregisterProducer()
+            self._request.finish()
+
     def _closed(self, _: object) -> Failure | None:
+        self._streams._open.discard(self)
         self._streams.clients -= 1
         self._unsubscribe()
         self._pending.clear()

@@ -24,6 +24,7 @@ class Ticket:
     consumer: str
     priority: int
     arrived_at: float
+    prepare: bool = True
 
 
 def costs(**by_name: int) -> Callable[[str], int]:
@@ -55,6 +56,11 @@ class PolicyTests(SchedulerCase):
         cost = costs(hot=NO_SWAP)
         self.assertEqual(next_waiting(waiting, 10.0, AFFINITY, cost), waiting[2])
         self.assertEqual(next_waiting(waiting, 10.1, AFFINITY, cost), waiting[0])
+
+    def test_unload_costs_no_swap(self) -> None:
+        """Work that loads nothing (an admin unload) is priced as needing no swap."""
+        waiting = [Ticket("hot", 2, 1.0), Ticket("cold", 2, 0.5, prepare=False)]
+        self.assertEqual(next_waiting(waiting, 2.0, AFFINITY, costs(hot=NO_SWAP)), waiting[1])
 
     def test_priority_first(self) -> None:
         """A higher-priority request that needs a swap beats a resident lower-priority one."""
@@ -157,6 +163,17 @@ class AffinitySchedulerTests(SchedulerCase):
         self.jobs.finish("a1")
         self.jobs.finish("a2")
         self.assertEqual(self.jobs.started, ["a1", "a2", "b"])
+
+    def test_lower_priority_overdue_does_not_stop_joins(self) -> None:
+        """An overdue request of a lower priority does not hold the holder to one slot: it
+        waits for its own level, as priority comes first."""
+        self.build(consumer("hi", 4, max_concurrency=4), consumer("lo", 0), config=AFFINITY)
+        self.resident("hi")
+        self.submit("hi", "h1")
+        self.submit("lo", "lo")
+        self.clock.advance(AFFINITY.max_skip_s + 1)
+        self.submit("hi", "h2")
+        self.assertEqual(self.jobs.started, ["h1", "h2"])
 
     def test_priority_before_residency(self) -> None:
         """A higher-priority consumer that needs a load goes before a resident one."""

@@ -730,6 +730,16 @@ class BasicAuthTests(OperationsTestCase):
         new = self.send(b"GET", b"/v1/status", headers=(b"Authorization: Bearer new-token",))
         self.assertEqual(new.response()[0], 200)
 
+    def test_new_token_ends_open_streams(self) -> None:
+        """A changed token ends the event streams opened with the old one; the same token
+        set again (a reload that did not touch it) leaves them open."""
+        auth = b"Authorization: Bearer " + self.TOKEN
+        self.send(b"GET", b"/v1/events", headers=(auth,))
+        self.resource.set_token(self.TOKEN)
+        self.assertEqual(self.streams.clients, 1)
+        self.resource.set_token(b"rotated")
+        self.assertEqual(self.streams.clients, 0)
+
 
 class EventsRouteTests(OperationsTestCase):
     """/v1/events is handed to the event streams."""

@@ -414,6 +414,22 @@ class EvictionTests(RoomTestCase):
         self.assertEqual(self.h.actions("unload"), ["vllm"])
         self.assertIs(self.h.registry["mvoice"].loaded, True)
 
+    def test_victim_removed_by_a_reload_mid_unload(self) -> None:
+        """A reload that removes the victim while its unload is out: the unload's answer
+        concerns nobody any more, and making room goes on without a crash."""
+        self.h = Harness(total_mib=16 * GIB)
+        self.h.resident("comfyui")
+        self.h.absent("mvoice")
+        self.h.consumers["comfyui"].mode["unload"] = "hang"
+        d = self.h.prepare("mvoice")
+        self.h.stub.flush()
+        self.h.registry.reconfigure({c.name: c for c in EVERYONE if c.name != "comfyui"})
+        self.h.consumers["comfyui"].finish_held()
+        self.h.run(d, until=30.0)
+        self.successResultOf(d)
+        self.assertEqual(self.h.actions("load"), ["mvoice"])
+        self.assertIsNone(self.h.registry.get("comfyui"))
+
     def test_coexistent_lru_passed_over_declared_on_its_side(self) -> None:
         """vllm, least recently used but declaring it may coexist with mvoice, is not unloaded;
         comfyui is."""

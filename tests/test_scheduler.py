@@ -1125,6 +1125,21 @@ class RejectedEventTests(EventCase):
         self.assertEqual(self.published, [])
 
 
+class AdminCountingTests(EventCase):
+    """count=False work (admin calls) is not a request: never counted rejected."""
+
+    def test_uncounted_work_never_rejected(self) -> None:
+        """A queue_timeout or queue_full of admin work fails it, but rejected stays 0."""
+        self.build(config=SchedulerConfig(queue_timeout_s=5, max_queue=1))
+        self.submit("a", "a")
+        waiting = self.scheduler.run("b", self.jobs.gated("b"), count=False)
+        full = self.scheduler.run("b", self.jobs.gated("b2"), count=False)
+        self.broker_error(full, "queue_full")
+        self.clock.advance(6)
+        self.broker_error(waiting, "queue_timeout")
+        self.assertEqual((self.scheduler.stats.rejected, self.rejections()), (0, []))
+
+
 class CollectedTests(SynchronousTestCase):
     """Requests whose jobs nobody refers to any more are garbage, not scheduling events."""
 

@@ -285,3 +285,12 @@ class ClosingTests(StreamCase):
         client.disconnect()
         self.assertEqual((streams.clients, self.clock.getDelayedCalls()), (0, []))
         self.assertEqual(streams.dropped, 1)
+
+    def test_end_all_finishes_every_stream(self) -> None:
+        """end_all ends each open stream from the daemon's side and releases it."""
+        first, second = self.connect(), self.connect()
+        self.streams.end_all()
+        self.assertEqual((self.streams.clients, self.clock.getDelayedCalls()), (0, []))
+        self.assertTrue(all(request.finished for request in self.requests))
+        self.publish(1)
+        self.assertEqual((self.ids(first), self.ids(second)), ([], []))
