@@ -122,6 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=tr.min_residency_s,
         help="scheduler.min_residency_s, trace seconds",
     )
+    g.add_argument(
+        "--linger-s", type=float, default=tr.linger_s, help="scheduler.linger_s, trace seconds"
+    )
     g.add_argument("--no-plot", action="store_true", help="skip bench/out/trace.png")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1 or args.requests < args.rounds:
@@ -181,6 +184,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
             policies=tuple(dict.fromkeys(args.policy)) if args.policy else trace.POLICIES,
             max_skip_s=args.max_skip_s,
             min_residency_s=args.min_residency_s,
+            linger_s=args.linger_s,
             out_dir=args.out_dir,
             plot=not args.no_plot,
             cpus=args.cpus or "all",

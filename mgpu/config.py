@@ -119,6 +119,9 @@ class SchedulerConfig:
     max_skip_s: float = 30.0
     #: A consumer loaded less than this long ago is the last to be unloaded.
     min_residency_s: float = 10.0
+    #: ``affinity``: how long a drained lease waits for its holder's next request
+    #: before passing to a request that needs a swap (0: not at all).
+    linger_s: float = 0.0
 
 
 @frozen
@@ -371,7 +374,7 @@ class _Parser:
             value,
             "scheduler",
             ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s",
-             "policy", "max_skip_s", "min_residency_s"),
+             "policy", "max_skip_s", "min_residency_s", "linger_s"),
         )  # fmt: skip
         policy = self.string(data.get("policy", d.policy), "scheduler.policy")
         if policy not in POLICIES:
@@ -396,6 +399,9 @@ class _Parser:
                 data.get("min_residency_s", d.min_residency_s),
                 "scheduler.min_residency_s",
                 zero=True,
+            ),
+            linger_s=self.seconds(
+                data.get("linger_s", d.linger_s), "scheduler.linger_s", zero=True
             ),
         )
 

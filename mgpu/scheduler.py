@@ -144,6 +144,7 @@ class GpuScheduler:
         self.stats = stats or SchedulerStats()
         self.holder: str | None = None
         self._exclusive = False
+        self._lingering: IDelayedCall | None = None
         self.running = 0
 
     def _resident_or_not(self, consumer: str) -> int:
@@ -343,6 +344,7 @@ class GpuScheduler:
             ticket.admitted.callback(None)
 
     def _admit(self, consumer: str, exclusive: bool, prepare: bool) -> None:
+        self._stop_lingering()  # the lease was kept for this very request
         if self.holder is None:
             self.holder = consumer
             self._exclusive = exclusive
@@ -404,14 +406,62 @@ class GpuScheduler:
         if lease.reached_consumer:  # LRU order counts real use only
             self._registry.mark_used(lease.consumer)
         self.running -= 1
-        if self.running == 0:
-            self.holder = None
-            self._exclusive = False
-            self._preparation = None
+        if self.running == 0 and not self._linger(lease.consumer):
+            self._free_lease()
         self._dispatch()
+
+    def _free_lease(self) -> None:
+        self.holder = None
+        self._exclusive = False
+        self._preparation = None
+
+    def _linger(self, holder: str) -> bool:
+        """Under ``affinity`` with ``linger_s``: keep the drained lease a moment for ``holder``.
+
+        Only when passing it on now would mean a swap: nothing waiting needs
+        none, nobody waiting outranks the holder, and nobody is overdue. A
+        request of the holder arriving meanwhile runs at once (a burst goes
+        on without a swap); otherwise the lease passes when the time is up,
+        at the latest when the oldest waiting request would become overdue.
+        """
+        config = self.config
+        state = self._registry.get(holder)
+        if (
+            config.policy != "affinity"
+            or config.linger_s <= 0
+            or self._exclusive
+            or not self._waiting
+            or state is None
+            or not state.loaded
+        ):
+            return False
+        now = self._clock.seconds()
+        levels = [effective_priority(t.priority, now - t.arrived_at, config.aging_s)
+                  for t in self._waiting]  # fmt: skip
+        if max(levels) > state.config.priority:
+            return False
+        if any(not t.prepare or self._swap_cost(t.consumer) == NO_SWAP for t in self._waiting):
+            return False
+        budget = config.max_skip_s - (now - min(t.arrived_at for t in self._waiting))
+        if budget <= 0:
+            return False
+        self._lingering = self._clock.callLater(min(config.linger_s, budget), self._linger_ends)
+        return True
+
+    def _linger_ends(self) -> None:
+        self._lingering = None
+        if self.running == 0:
+            self._free_lease()
+        self._dispatch()
+
+    def _stop_lingering(self) -> None:
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        self._lingering = None
 
     def stop(self) -> None:
         """Daemon shutdown: cancel held work and the queue's timers (requests end with it)."""
+        self._stop_lingering()
         for held in list(self._detached):
             held.cancel()
         for ticket in self._waiting:

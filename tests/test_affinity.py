@@ -196,6 +196,78 @@ class AffinitySchedulerTests(SchedulerCase):
         self.assertEqual(self.jobs.started, ["a1", "c"])
 
 
+LINGER = evolve(AFFINITY, linger_s=2.0)
+
+
+class LingerTests(SchedulerCase):
+    """``linger_s``: a drained lease waits a moment for its holder's next request."""
+
+    def scene(self, config: SchedulerConfig = LINGER, **priorities: int) -> None:
+        """a (resident) runs a1 while b (not resident) waits."""
+        self.build(
+            consumer("a", priorities.get("a", 2)), consumer("b", priorities.get("b", 2)),
+            config=config,
+        )  # fmt: skip
+        self.registry.mark_loaded("a")
+        self.submit("a", "a1")
+        self.submit("b", "b")
+        self.clock.advance(1)
+        self.jobs.finish("a1")
+
+    def test_burst_goes_on_without_a_swap(self) -> None:
+        """The holder's next request, arriving within linger_s, runs before b's swap."""
+        self.scene()
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.assertEqual(self.scheduler.holder, "a")
+        self.clock.advance(1.5)
+        self.submit("a", "a2")
+        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.clock.advance(2.5)  # the lingering ended when a2 came: b waits for a2
+        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.jobs.finish("a2")
+        self.clock.advance(2)
+        self.assertEqual(self.jobs.started, ["a1", "a2", "b"])
+
+    def test_lease_passes_when_the_time_is_up(self) -> None:
+        """Without a request of the holder, the lease passes after linger_s."""
+        self.scene()
+        self.clock.advance(1.9)
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.clock.advance(0.1)
+        self.assertEqual(self.jobs.started, ["a1", "b"])
+        self.assertEqual(self.scheduler.holder, "b")
+
+    def test_never_past_the_skip_bound(self) -> None:
+        """Lingering ends when the oldest waiting request would become overdue."""
+        self.scene(evolve(LINGER, linger_s=60.0))
+        self.clock.advance(AFFINITY.max_skip_s - 1 - 0.01)
+        self.assertEqual(self.jobs.started, ["a1"])
+        self.clock.advance(0.01)
+        self.assertEqual(self.jobs.started, ["a1", "b"])
+
+    def test_no_linger(self) -> None:
+        """Not with fifo, not with linger_s 0, not when a higher priority waits."""
+        for config, priorities in (
+            (evolve(LINGER, policy="fifo"), {}),
+            (evolve(LINGER, linger_s=0.0), {}),
+            (LINGER, {"b": 3}),
+        ):
+            self.jobs = type(self.jobs)()
+            self.scene(config, **priorities)
+            self.assertEqual(self.jobs.started, ["a1", "b"], (config, priorities))
+
+    def test_no_linger_when_something_runs_without_a_swap(self) -> None:
+        """A waiting request that needs no swap is served at once instead."""
+        self.build(consumer("a"), consumer("b"), consumer("c"), config=LINGER)
+        for name in ("a", "c"):
+            self.registry.mark_loaded(name)
+        self.submit("a", "a1")
+        self.submit("b", "b")
+        self.submit("c", "c")
+        self.jobs.finish("a1")
+        self.assertEqual(self.jobs.started, ["a1", "c"])
+
+
 class MinResidencyTests(RoomTestCase):
     """``min_residency_s`` in room-making and in the swap cost."""
 

@@ -44,6 +44,7 @@ class Options(CommonOptions):
     # The daemon's settings, in real-life seconds (scaled for the replay): its defaults.
     max_skip_s: float = 30.0
     min_residency_s: float = 10.0
+    linger_s: float = 0.0
     aging_s: float = 30.0
     queue_timeout_s: float = 600.0
     cushion_mib: int = 256
@@ -68,6 +69,7 @@ class _Run(Bench):
                 cushion_mib=opts.cushion_mib,
                 max_skip_s=opts.max_skip_s * s,
                 min_residency_s=opts.min_residency_s * s,
+                linger_s=opts.linger_s * s,
                 aging_s=opts.aging_s * s,
                 queue_timeout_s=opts.queue_timeout_s * s,
                 hold_interval_s=max(0.01, 0.5 * s),
@@ -140,6 +142,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
             "scheduler_replay_s": {
                 "max_skip_s": opts.max_skip_s * opts.scale,
                 "min_residency_s": opts.min_residency_s * opts.scale,
+                "linger_s": opts.linger_s * opts.scale,
                 "aging_s": opts.aging_s * opts.scale,
                 "queue_timeout_s": opts.queue_timeout_s * opts.scale,
             },
@@ -189,7 +192,8 @@ def render(result: dict[str, Any]) -> str:
         f"trace time, replayed at x{p['scale']:g}; {p['card_mib']:,} MiB card, cushion "
         f"{p['cushion_mib']} MiB; " + ", ".join(f"{k}->{c}" for k, c in p["routing"].items()),
         f"scheduler (replay s): max_skip_s {sched['max_skip_s']:g}, min_residency_s "
-        f"{sched['min_residency_s']:g}, aging_s {sched['aging_s']:g}; seconds below are "
+        f"{sched['min_residency_s']:g}, linger_s {sched.get('linger_s', 0):g}, "
+        f"aging_s {sched['aging_s']:g}; seconds below are "
         f"replay seconds (x{1 / p['scale']:g} for real life); swaps: loads + unloads, "
         "less each consumer's first load",
         f"{'':<18} {'loads':>6} {'unloads':>7} {'swaps':>6} {'makespan':>9} {'busy':>5} "

@@ -98,6 +98,7 @@ class StackSettings:
     cushion_mib: int
     max_skip_s: float
     min_residency_s: float
+    linger_s: float
     aging_s: float
     queue_timeout_s: float
     hold_interval_s: float
@@ -146,6 +147,7 @@ def daemon_config(
             "policy": settings.policy,
             "max_skip_s": settings.max_skip_s,
             "min_residency_s": settings.min_residency_s,
+            "linger_s": settings.linger_s,
             "aging_s": settings.aging_s,
             "queue_timeout_s": settings.queue_timeout_s,
             "max_queue": 4096,
