@@ -697,6 +697,38 @@ class TypeAndRangeTests(_ConfigTestCase):
         )
 
 
+class SchedulingPolicyTests(_ConfigTestCase):
+    """scheduler.policy, max_skip_s, min_residency_s and linger_s."""
+
+    def test_defaults(self) -> None:
+        """affinity, a 30 s skip bound, 10 s minimum residency, no lingering."""
+        scheduler = parse(document()).scheduler
+        self.assertEqual(
+            (scheduler.policy, scheduler.max_skip_s, scheduler.min_residency_s, scheduler.linger_s),
+            ("affinity", 30.0, 10.0, 0.0),
+        )
+
+    def test_values(self) -> None:
+        """Each key is read; zero turns min_residency_s and linger_s off."""
+        keys = {"policy": "fifo", "max_skip_s": 5, "min_residency_s": 0, "linger_s": 0}
+        scheduler = parse(document(scheduler=keys)).scheduler
+        self.assertEqual(
+            (scheduler.policy, scheduler.max_skip_s, scheduler.min_residency_s, scheduler.linger_s),
+            ("fifo", 5.0, 0.0, 0.0),
+        )
+
+    def test_refused(self) -> None:
+        """An unknown policy, a skip bound of zero, negative times are refused by name."""
+        for key, value, reason in (
+            ("policy", "lru", "must be one of affinity, fifo"),
+            ("max_skip_s", 0, "positive number of seconds"),
+            ("min_residency_s", -1, "0 or more"),
+            ("linger_s", -0.5, "0 or more"),
+            ("linger_s", "2s", "number of seconds"),
+        ):
+            self.assertRefused(document(scheduler={key: value}), f"scheduler.{key}", reason)
+
+
 class ReferenceTests(_ConfigTestCase):
     """routing, audio_proxy and can_coexist_with name declared consumers and kinds."""
 
