@@ -169,6 +169,13 @@ class MetricsTests(TestCase):
     async def test_scrape_does_not_wait_for_slow_nvidia_smi(self) -> None:
         """While the stand-in nvidia-smi takes 3 s to answer, a scrape answers at once with
         the last reading, and the reading is still running when it does."""
+
+        async def read_once() -> bool:
+            _, samples = await self.scrape()
+            return samples["mgpu_gpu_reading_ok"] == {frozenset(): 1.0}
+
+        # A scrape serves the last reading: first make sure there is a good one.
+        await wait_for(read_once, 10, "a first good GPU reading")
         set_smi_delay(self.stack.gpu_state, 3.0)
         self.addCleanup(set_smi_delay, self.stack.gpu_state, 0)
         daemon = self.stack.daemon
