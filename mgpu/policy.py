@@ -137,11 +137,11 @@ def next_waiting(
     if not waiting:
         return None
 
-    def level(w: W) -> int:
-        return effective_priority(w.priority, now - w.arrived_at, config.aging_s)
-
-    top = max(level(w) for w in waiting)
-    best = [w for w in waiting if level(w) == top]
+    aging = config.aging_s
+    # Each level once: this runs at every release of the lease, the whole queue waiting.
+    levels = [effective_priority(w.priority, now - w.arrived_at, aging) for w in waiting]
+    top = max(levels)
+    best = [w for w, level in zip(waiting, levels, strict=True) if level == top]
     if config.policy == "fifo":
         return min(best, key=_arrival)
     overdue = [w for w in best if now - w.arrived_at > config.max_skip_s]

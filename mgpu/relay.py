@@ -409,7 +409,8 @@ class _Exchange(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._done:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # Not reason.check(): it works out the error's base class names on every answer.
+        if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             self._end(None)
         else:
             name = self._consumer.name
