@@ -118,6 +118,33 @@ class _Shared:
         return waiter
 
 
+#: How many of the holder's usual gaps between requests a drained lease waits.
+LINGER_GAPS = 1.5
+
+
+class _Arrivals:
+    """Per consumer, the usual gap between two requests within a burst (a running mean).
+
+    Gaps longer than ``max_skip_s`` are pauses between bursts, not part of one,
+    and are left out.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._gap: dict[str, float] = {}
+
+    def note(self, consumer: str, now: float, burst_gap_s: float) -> None:
+        last, self._last[consumer] = self._last.get(consumer), now
+        if last is None or now - last > burst_gap_s:
+            return
+        mean = self._gap.get(consumer)
+        gap = now - last
+        self._gap[consumer] = gap if mean is None else mean + _MEAN_WEIGHT * (gap - mean)
+
+    def expected_gap(self, consumer: str) -> float | None:
+        return self._gap.get(consumer)
+
+
 class GpuScheduler:
     """Queues GPU requests and runs them under one lease."""
 
@@ -145,6 +172,7 @@ class GpuScheduler:
         self.holder: str | None = None
         self._exclusive = False
         self._lingering: IDelayedCall | None = None
+        self._arrivals = _Arrivals()
         self.running = 0
 
     def _resident_or_not(self, consumer: str) -> int:
@@ -230,6 +258,7 @@ class GpuScheduler:
         state = self._registry.get(consumer)
         if state is None:
             raise BrokerError("no_consumer", f"{consumer} was removed by a reload", consumer)
+        self._arrivals.note(consumer, self._clock.seconds(), self.config.max_skip_s)
         self._dispatch()  # aging may have let a waiting request in since the last event
         if self._may_start(consumer, state.config.priority, exclusive):
             self._admit(consumer, exclusive, prepare)
@@ -443,9 +472,11 @@ class GpuScheduler:
         if any(not t.prepare or self._swap_cost(t.consumer) == NO_SWAP for t in self._waiting):
             return False
         budget = config.max_skip_s - (now - min(t.arrived_at for t in self._waiting))
-        if budget <= 0:
-            return False
-        self._lingering = self._clock.callLater(min(config.linger_s, budget), self._linger_ends)
+        gap = self._arrivals.expected_gap(holder)
+        if budget <= 0 or gap is None:
+            return False  # nothing says another request of the holder is coming soon
+        wait = min(config.linger_s, budget, LINGER_GAPS * gap)
+        self._lingering = self._clock.callLater(wait, self._linger_ends)
         return True
 
     def _linger_ends(self) -> None:

@@ -200,72 +200,89 @@ LINGER = evolve(AFFINITY, linger_s=2.0)
 
 
 class LingerTests(SchedulerCase):
-    """``linger_s``: a drained lease waits a moment for its holder's next request."""
+    """``linger_s``: a drained lease waits a moment for its holder's next request, as long
+    as the holder's usual gap between requests says one is coming."""
 
-    def scene(self, config: SchedulerConfig = LINGER, **priorities: int) -> None:
-        """a (resident) runs a1 while b (not resident) waits."""
+    def scene(self, config: SchedulerConfig = LINGER, gap: float = 1.0, **priorities: int) -> None:
+        """a (resident) gets a0 then, ``gap`` later, a1, which runs while b (not resident)
+        waits; a1 ends 1 s after that."""
         self.build(
             consumer("a", priorities.get("a", 2)), consumer("b", priorities.get("b", 2)),
             config=config,
         )  # fmt: skip
         self.registry.mark_loaded("a")
+        self.submit("a", "a0")
+        self.jobs.finish("a0")  # nobody waits: the lease is simply free
+        self.clock.advance(gap)
         self.submit("a", "a1")
         self.submit("b", "b")
         self.clock.advance(1)
         self.jobs.finish("a1")
 
     def test_burst_goes_on_without_a_swap(self) -> None:
-        """The holder's next request, arriving within linger_s, runs before b's swap."""
+        """The holder's next request, arriving within 1.5 of its gaps, runs before b's swap."""
         self.scene()
-        self.assertEqual(self.jobs.started, ["a1"])
+        self.assertEqual(self.jobs.started, ["a0", "a1"])
         self.assertEqual(self.scheduler.holder, "a")
-        self.clock.advance(1.5)
+        self.clock.advance(1.0)
         self.submit("a", "a2")
-        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.assertEqual(self.jobs.started, ["a0", "a1", "a2"])
         self.clock.advance(2.5)  # the lingering ended when a2 came: b waits for a2
-        self.assertEqual(self.jobs.started, ["a1", "a2"])
+        self.assertEqual(self.jobs.started, ["a0", "a1", "a2"])
         self.jobs.finish("a2")
         self.clock.advance(2)
-        self.assertEqual(self.jobs.started, ["a1", "a2", "b"])
+        self.assertEqual(self.jobs.started, ["a0", "a1", "a2", "b"])
 
-    def test_lease_passes_when_the_time_is_up(self) -> None:
-        """Without a request of the holder, the lease passes after linger_s."""
+    def test_lease_passes_after_one_and_a_half_gaps(self) -> None:
+        """Without a request of the holder, the lease passes after 1.5 of its gaps (1 s)."""
         self.scene()
-        self.clock.advance(1.9)
-        self.assertEqual(self.jobs.started, ["a1"])
-        self.clock.advance(0.1)
-        self.assertEqual(self.jobs.started, ["a1", "b"])
+        self.clock.advance(1.49)
+        self.assertEqual(self.jobs.started, ["a0", "a1"])
+        self.clock.advance(0.01)
+        self.assertEqual(self.jobs.started, ["a0", "a1", "b"])
         self.assertEqual(self.scheduler.holder, "b")
+
+    def test_at_most_linger_s(self) -> None:
+        """A long usual gap (4 s) is cut to linger_s (2 s)."""
+        self.scene(gap=4.0)
+        self.clock.advance(1.99)
+        self.assertEqual(self.jobs.started, ["a0", "a1"])
+        self.clock.advance(0.01)
+        self.assertEqual(self.jobs.started, ["a0", "a1", "b"])
 
     def test_never_past_the_skip_bound(self) -> None:
         """Lingering ends when the oldest waiting request would become overdue."""
-        self.scene(evolve(LINGER, linger_s=60.0))
+        self.scene(evolve(LINGER, linger_s=60.0), gap=8.0)
         self.clock.advance(AFFINITY.max_skip_s - 1 - 0.01)
-        self.assertEqual(self.jobs.started, ["a1"])
+        self.assertEqual(self.jobs.started, ["a0", "a1"])
         self.clock.advance(0.01)
-        self.assertEqual(self.jobs.started, ["a1", "b"])
+        self.assertEqual(self.jobs.started, ["a0", "a1", "b"])
 
     def test_no_linger(self) -> None:
-        """Not with fifo, not with linger_s 0, not when a higher priority waits."""
-        for config, priorities in (
-            (evolve(LINGER, policy="fifo"), {}),
-            (evolve(LINGER, linger_s=0.0), {}),
-            (LINGER, {"b": 3}),
+        """Not with fifo, not with linger_s 0, not when a higher priority waits, and not when
+        the holder's last gap was a pause between bursts (over max_skip_s)."""
+        for config, gap, priorities in (
+            (evolve(LINGER, policy="fifo"), 1.0, {}),
+            (evolve(LINGER, linger_s=0.0), 1.0, {}),
+            (LINGER, 1.0, {"b": 3}),
+            (LINGER, AFFINITY.max_skip_s + 1, {}),
         ):
             self.jobs = type(self.jobs)()
-            self.scene(config, **priorities)
-            self.assertEqual(self.jobs.started, ["a1", "b"], (config, priorities))
+            self.scene(config, gap, **priorities)
+            self.assertEqual(self.jobs.started, ["a0", "a1", "b"], (config, gap, priorities))
 
     def test_no_linger_when_something_runs_without_a_swap(self) -> None:
         """A waiting request that needs no swap is served at once instead."""
         self.build(consumer("a"), consumer("b"), consumer("c"), config=LINGER)
         for name in ("a", "c"):
             self.registry.mark_loaded(name)
+        self.submit("a", "a0")
+        self.jobs.finish("a0")
         self.submit("a", "a1")
         self.submit("b", "b")
         self.submit("c", "c")
         self.jobs.finish("a1")
-        self.assertEqual(self.jobs.started, ["a1", "c"])
+        self.assertEqual(self.jobs.started, ["a0", "a1", "c"])
 
 
 class MinResidencyTests(RoomTestCase):
