@@ -8,6 +8,7 @@ configuration for them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Protocol
 
@@ -56,6 +57,55 @@ def demo_settings() -> list[ConsumerSettings]:
     ]
 
 
+#: The consumers of ``config/consumers.yaml``, less their URLs: what the demo
+#: runs, and what the integration tests build their consumers from. A test
+#: keeps the two equal.
+PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
+    "mvoice": {
+        "health": {"method": "GET", "path": "/api/health"},
+        "paths": {
+            "tts": {"method": "POST", "path": "/api/synthesize"},
+            "stt": {"method": "POST", "path": "/api/transcribe"},
+        },
+        "vram_resident_mib": 2800,
+        "unload": {"method": "POST", "path": "/api/admin/unload"},
+        "load": {"method": "POST", "path": "/api/admin/load"},
+        "can_coexist_with": ["ollama"],
+        "priority": 2,
+        "max_concurrency": 1,
+        "timeout_s": 300,
+    },
+    "whisper": {
+        "health": {"method": "GET", "path": "/health"},
+        "paths": {"stt": {"method": "POST", "path": "/inference"}},
+        "vram_resident_mib": 1500,
+        "can_coexist_with": ["mvoice", "ollama"],
+    },
+    "ollama": {
+        "health": {"method": "GET", "path": "/api/version"},
+        "paths": {"llm": {"method": "POST", "path": "/api/generate"}},
+        "vram_resident_mib": 6000,
+        "vram_managed": True,
+    },
+    "comfyui": {
+        "health": {"method": "GET", "path": "/system_stats"},
+        "paths": {
+            "image": {
+                "method": "POST",
+                "path": "/prompt",
+                "hold_until": {"path": "/history/{prompt_id}", "interval_s": 0.5},
+            }
+        },
+        "vram_resident_mib": 13000,
+        "unload": {
+            "method": "POST",
+            "path": "/free",
+            "body": {"unload_models": True, "free_memory": True},
+        },
+    },
+}
+
+
 def demo_config(urls: Mapping[str, str]) -> dict[str, Any]:
     """``config/consumers.yaml``'s consumers at ``urls``, with a short health and GPU poll.
 
@@ -69,52 +119,8 @@ def demo_config(urls: Mapping[str, str]) -> dict[str, Any]:
         "routing": {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
         "audio_proxy": "mvoice",
         "consumers": {
-            "mvoice": {
-                "url": urls["mvoice"],
-                "health": {"method": "GET", "path": "/api/health"},
-                "paths": {
-                    "tts": {"method": "POST", "path": "/api/synthesize"},
-                    "stt": {"method": "POST", "path": "/api/transcribe"},
-                },
-                "vram_resident_mib": 2800,
-                "unload": {"method": "POST", "path": "/api/admin/unload"},
-                "load": {"method": "POST", "path": "/api/admin/load"},
-                "can_coexist_with": ["ollama"],
-                "priority": 2,
-                "max_concurrency": 1,
-                "timeout_s": 300,
-            },
-            "whisper": {
-                "url": urls["whisper"],
-                "health": {"method": "GET", "path": "/health"},
-                "paths": {"stt": {"method": "POST", "path": "/inference"}},
-                "vram_resident_mib": 1500,
-                "can_coexist_with": ["mvoice", "ollama"],
-            },
-            "ollama": {
-                "url": urls["ollama"],
-                "health": {"method": "GET", "path": "/api/version"},
-                "paths": {"llm": {"method": "POST", "path": "/api/generate"}},
-                "vram_resident_mib": 6000,
-                "vram_managed": True,
-            },
-            "comfyui": {
-                "url": urls["comfyui"],
-                "health": {"method": "GET", "path": "/system_stats"},
-                "paths": {
-                    "image": {
-                        "method": "POST",
-                        "path": "/prompt",
-                        "hold_until": {"path": "/history/{prompt_id}", "interval_s": 0.5},
-                    }
-                },
-                "vram_resident_mib": 13000,
-                "unload": {
-                    "method": "POST",
-                    "path": "/free",
-                    "body": {"unload_models": True, "free_memory": True},
-                },
-            },
+            name: {"url": urls[name], **copy.deepcopy(dict(block))}
+            for name, block in PRODUCTION_CONSUMERS.items()
         },
     }
 

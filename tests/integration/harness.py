@@ -47,6 +47,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
+from mgpu.sim.demo import PRODUCTION_CONSUMERS
+
 reactor: Any = _global_reactor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -384,50 +386,31 @@ def read_gpu_state(path: Path) -> dict[str, Any]:
     return data
 
 
+def _test_block(name: str, **changes: Any) -> dict[str, Any]:
+    """``config/consumers.yaml``'s block for ``name`` (less its URL), with no coexistence
+    and a 60 s timeout: each test declares what may coexist, and a hung consumer is told
+    within the test's time."""
+    block: dict[str, Any] = json.loads(json.dumps(PRODUCTION_CONSUMERS[name]))
+    block.pop("can_coexist_with", None)
+    return {**block, "timeout_s": 60, **changes}
+
+
 #: Each simulated service's block in ``config/consumers.yaml``, less its URL.
 CONSUMER_BLOCKS: Mapping[str, Mapping[str, Any]] = {
-    "mvoice": {
-        "health": {"method": "GET", "path": "/api/health"},
-        "paths": {
-            "tts": {"method": "POST", "path": "/api/synthesize"},
-            "stt": {"method": "POST", "path": "/api/transcribe"},
-        },
-        "vram_resident_mib": 2800,
-        "unload": {"method": "POST", "path": "/api/admin/unload"},
-        "load": {"method": "POST", "path": "/api/admin/load"},
-        "can_coexist_with": [],
-        "timeout_s": 60,
-    },
-    "whisper": {
-        "health": {"method": "GET", "path": "/health"},
-        "paths": {"stt": {"method": "POST", "path": "/inference"}},
-        "vram_resident_mib": 1500,
-        "timeout_s": 60,
-    },
-    "ollama": {
-        "health": {"method": "GET", "path": "/api/version"},
-        "paths": {"llm": {"method": "POST", "path": "/api/generate"}},
-        "vram_resident_mib": 6000,
-        "vram_managed": True,
-        "timeout_s": 60,
-    },
-    "comfyui": {
-        "health": {"method": "GET", "path": "/system_stats"},
-        "paths": {
+    "mvoice": _test_block("mvoice"),
+    "whisper": _test_block("whisper"),
+    "ollama": _test_block("ollama"),
+    # The job is polled every 0.1 s rather than 0.5 s: the tests wait for it.
+    "comfyui": _test_block(
+        "comfyui",
+        paths={
             "image": {
                 "method": "POST",
                 "path": "/prompt",
                 "hold_until": {"path": "/history/{prompt_id}", "interval_s": 0.1},
             }
         },
-        "vram_resident_mib": 13000,
-        "unload": {
-            "method": "POST",
-            "path": "/free",
-            "body": {"unload_models": True, "free_memory": True},
-        },
-        "timeout_s": 60,
-    },
+    ),
     "recorder": {
         "health": {"method": "GET", "path": "/"},
         "paths": {

@@ -263,7 +263,6 @@ class Sim:
 
     def config(self) -> dict[str, Any]:
         block: dict[str, Any] = json.loads(json.dumps(CONSUMER_BLOCKS[self.service]))
-        block.pop("can_coexist_with", None)
         block["vram_resident_mib"] = self.vram_mib
         block.update(self.block)
         block["url"] = self.url
