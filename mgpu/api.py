@@ -100,6 +100,7 @@ class BrokerResource(Resource):
         super().__init__()
         self._facade = facade
         self._status = status
+        self._token: bytes | None = None
         self.serve_operations(None)
         self.set_token(token)
 
@@ -115,7 +116,7 @@ class BrokerResource(Resource):
         A changed token ends the open event streams: a client whose token was
         revoked must not go on hearing what happens.
         """
-        changed = getattr(self, "_token", token) != token
+        changed = self._token != token
         self._token = token
         if changed and self._streams is not None:
             self._streams.end_all()

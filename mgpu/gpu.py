@@ -344,10 +344,24 @@ class ProcessRunner:
         self._reactor = reactor
         self._timeout_s = timeout_s
         self._env = env
+        #: Where each (executable, PATH) was found: a poll every few seconds, and
+        #: every 100 ms while memory frees, need not search PATH each time.
+        self._found: dict[tuple[str, str], str] = {}
+
+    def _resolve(self, executable: str, search: str) -> str | None:
+        key = (executable, search)
+        path = self._found.get(key)
+        if path is None or not os.access(path, os.X_OK):  # one check, not a search
+            path = shutil.which(executable, path=search)
+            if path is None:
+                self._found.pop(key, None)
+                return None
+            self._found[key] = path
+        return path
 
     def __call__(self, executable: str, args: Sequence[str]) -> Deferred[SmiResult]:
         env = dict(os.environ if self._env is None else self._env)
-        path = shutil.which(executable, path=env.get("PATH", os.defpath))
+        path = self._resolve(executable, env.get("PATH", os.defpath))
         if path is None:
             return fail(FileNotFoundError(f"{executable!r} not found or not executable"))
         protocol: _Collect

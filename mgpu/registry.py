@@ -100,8 +100,10 @@ class Registry:
         return ConsumerState(config, generation=generation, born=generation)
 
     def __getitem__(self, name: str) -> ConsumerState:
-        state = self._states.get(name)
-        return state if state is not None else self._retired[name]
+        state = self.get(name)
+        if state is None:
+            raise KeyError(name)
+        return state
 
     def reconfigure(self, consumers: Mapping[str, ConsumerConfig]) -> list[str]:
         """Take a reloaded configuration; returns the names whose state started afresh.

@@ -461,6 +461,25 @@ class ProcessRunnerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(result), (b"0, GPU, 1, 0, 1\n", b"warn\n", 0))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_found_executable_kept_while_it_stays(self) -> None:
+        """A name found on PATH is run from there while it stays executable; once it is
+        gone, PATH is searched again and a copy further on is found."""
+        first, second = Path(self.mktemp()), Path(self.mktemp())
+        for directory in (first, second):
+            directory.mkdir()
+            tool = directory / "smi"
+            tool.write_text("#!/bin/sh\n")
+            tool.chmod(0o755)
+        runner = ProcessRunner(self.reactor, env={"PATH": f"{first}:{second}"})
+        runner("smi", [])
+        (second / "smi").chmod(0o644)  # not executable any more: not looked at again
+        runner("smi", [])
+        (first / "smi").unlink()
+        (second / "smi").chmod(0o755)
+        runner("smi", [])
+        ran = [executable for _, executable, *_ in self.reactor.spawned]
+        self.assertEqual(ran, [str(first / "smi")] * 2 + [str(second / "smi")])
+
     def test_nonzero_exit(self) -> None:
         """A failing process gives its exit code as a result, not an errback."""
         result, protocol, _ = self.spawn()
