@@ -14,50 +14,22 @@ from io import BytesIO
 from typing import Any, Final, cast
 
 from attrs import frozen
-from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import NO_CONTENT, NOT_MODIFIED, PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    UNKNOWN_LENGTH,
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IResponse,
-)
+from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
-from zope.interface import implementer
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
+from mgpu.upstream import Answer, UpstreamClient
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), never relayed in either direction.
 HOP_BY_HOP: Final = frozenset(
@@ -74,95 +46,14 @@ HOP_BY_HOP: Final = frozenset(
         b"proxy-authorization",
     }
 )
-# Also not forwarded upstream: Host and Content-Length are the Agent's to set,
+# Also not forwarded upstream: Host and Content-Length are the client's to set,
 # X-Forwarded-For is rebuilt, and twisted.web has already answered Expect.
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"expect"}
+_NOT_RELAYED: Final = HOP_BY_HOP | {b"content-length"}
 _NO_BODY_CODES: Final = (NO_CONTENT, NOT_MODIFIED)
 #: Answers of known length up to this size are relayed without backpressure.
 SMALL_BODY: Final = 64 * 1024
 _BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
-
-
-@implementer(IAgentEndpointFactory)
-class EndpointCache:
-    """One endpoint per (scheme, host, port), built once: the Agent asks on every request.
-
-    IP literals get a plain TCP endpoint (no name resolution), names a
-    ``HostnameEndpoint``; https is wrapped in TLS.  The keys come from the
-    configured consumers, so the cache stays small.
-    """
-
-    def __init__(self, reactor: IReactorTime, connect_timeout: float) -> None:
-        self._reactor = reactor
-        self._timeout = connect_timeout
-        self._tls = BrowserLikePolicyForHTTPS()
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        """The endpoint for the URI's origin, built on first use."""
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoints[key] = self._build(*key)
-        return endpoint
-
-    def _build(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
-        if scheme not in (b"http", b"https"):
-            raise SchemeNotSupported(f"unsupported scheme: {scheme!r}")
-        name = host.decode("ascii")  # UnicodeDecodeError is a ValueError: bad URL
-        if name.startswith("[") and name.endswith("]"):
-            name = name[1:-1]
-        endpoint: IStreamClientEndpoint
-        if isIPAddress(name):
-            endpoint = TCP4ClientEndpoint(self._reactor, name, port, timeout=self._timeout)
-        elif isIPv6Address(name):
-            endpoint = TCP6ClientEndpoint(self._reactor, name, port, timeout=self._timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, name, port, timeout=self._timeout)
-        if scheme == b"https":
-            endpoint = wrapClientTLS(self._tls.creatorForNetloc(host, port), endpoint)
-        return endpoint
-
-
-class _EagerClientProtocol(HTTP11ClientProtocol):
-    """Puts each request on the wire at once instead of on the next reactor turn.
-
-    The request that follows a hand-off of the GPU lease is sent from inside
-    the previous request's callbacks; buffered, it would wait until the rest
-    of that turn (finishing the previous client's answer) and that client's
-    write, keeping the consumer idle for about 0.2 ms per hand-off. A failed
-    send is left in the buffer for the reactor to find again and report.
-    """
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        answer: Deferred[IResponse] = super().request(request)
-        transport = self.transport
-        if (
-            isinstance(transport, FileDescriptor)
-            and transport.connected
-            and not transport.disconnecting
-        ):
-            transport.doWrite()
-        return answer
-
-
-class RelayClientFactory(_HTTP11ClientFactory):
-    """The relay pool's connection factory: eager request writes, no log line per connection."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _EagerClientProtocol(self._quiescentCallback)
-
-
-def make_agent(
-    reactor: IReactorTime, pool: HTTPConnectionPool, connect_timeout: float = 5.0
-) -> IAgent:
-    """A bare Agent for relaying: no cookies, redirects or gzip, and cached endpoints."""
-    agent: IAgent = Agent.usingEndpointFactory(
-        reactor, EndpointCache(reactor, connect_timeout), pool
-    )
-    return agent
 
 
 @frozen
@@ -187,10 +78,10 @@ class RelayBroken(BrokerError):
 
 
 class Relay:
-    """Forwards client requests to consumers through one shared ``IAgent``."""
+    """Forwards client requests to consumers through one shared ``UpstreamClient``."""
 
-    def __init__(self, agent: IAgent, clock: IReactorTime) -> None:
-        self._agent = agent
+    def __init__(self, client: UpstreamClient, clock: IReactorTime) -> None:
+        self._client = client
         self._clock = clock
         # FileBodyProducer's default cooperator runs on the global reactor.
         self._cooperator = Cooperator(scheduler=lambda step: clock.callLater(0, step))
@@ -219,18 +110,18 @@ class Relay:
         wait for the answer and then the silence between two body chunks.
         ``capture`` keeps that many leading body bytes in the result.
         """
-        headers = _upstream_headers(request, drop_authorization)
+        fields = _upstream_headers(request, drop_authorization)
         content = request.content
-        body: IBodyProducer | None = None
+        body: bytes | IBodyProducer | None = None
         if isinstance(content, BytesIO):
             data = content.getvalue()
             if data or method not in (b"GET", b"HEAD"):
-                body = BytesProducer(data)
+                body = data
         elif content is not None:  # twisted.web spooled a large body to a file
             body = FileBodyProducer(content, self._cooperator)
         try:
-            upstream = self._agent.request(method, consumer.url.encode() + path, headers, body)
-        except ValueError as e:  # the Agent refuses an invalid URL before any I/O
+            upstream = self._client.request(method, consumer.url.encode() + path, fields, body)
+        except _BAD_URL as e:  # refused before any I/O
             return fail(_bad_url(consumer, e))
         exchange = _Exchange(
             request, consumer, method, self._clock, timeout_s, idle_timeout, capture
@@ -238,51 +129,28 @@ class Relay:
         return exchange.start(upstream)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory, written at once.
-
-    ``FileBodyProducer`` would take an extra reactor turn and a timer per
-    request to read a small body it could have sent straight away.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _upstream_headers(request: Request, drop_authorization: bool) -> Headers:
+def _upstream_headers(request: Request, drop_authorization: bool) -> list[tuple[bytes, bytes]]:
     """The client's end-to-end headers, plus the client's address in X-Forwarded-For."""
     source = request.requestHeaders
     named = source.getRawHeaders(b"connection")
     extra = {t.strip().lower() for v in named for t in v.split(b",")} if named else set()
     if drop_authorization:
         extra.add(b"authorization")
-    headers = Headers()
-    for name, values in source.getAllRawHeaders():
-        low = name.lower()
-        if low not in _NOT_FORWARDED and low not in extra and not low.startswith(b"proxy-"):
-            headers.setRawHeaders(name, values)
+    fields = [
+        (name, value)
+        for name, values in source.getAllRawHeaders()
+        if (low := name.lower()) not in _NOT_FORWARDED
+        and low not in extra
+        and not low.startswith(b"proxy-")
+        for value in values
+    ]
     forwarded = source.getRawHeaders(b"x-forwarded-for", [])
     host = getattr(request.getClientAddress(), "host", None)
     if host is not None:
         forwarded = [*forwarded, host.encode("ascii")]
     if forwarded:
-        headers.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded)])
-    return headers
+        fields.append((b"X-Forwarded-For", b", ".join(forwarded)))
+    return fields
 
 
 def _bad_url(consumer: ConsumerConfig, reason: BaseException) -> BrokerError:
@@ -294,10 +162,7 @@ def _bad_url(consumer: ConsumerConfig, reason: BaseException) -> BrokerError:
 
 
 def _describe(reason: BaseException | None) -> str:
-    """The useful part of an Agent error: the first wrapped reason, if any."""
-    wrapped = getattr(reason, "reasons", None)
-    if wrapped:
-        reason = wrapped[0].value
+    """An upstream error's message, or its type where it has none."""
     return str(reason) or type(reason).__name__
 
 
@@ -328,13 +193,13 @@ class _Exchange(Protocol):
         self._status = 0
         self._small = False
         self._done = False
-        self._upstream: Deferred[IResponse] | None = None
+        self._upstream: Deferred[Answer] | None = None
         self._producer: IPushProducer | None = None
         self._registered = False
         self._timer: IDelayedCall | None = clock.callLater(timeout_s, self._timed_out)
         self.result: Deferred[RelayResult] = Deferred(self._cancel)
 
-    def start(self, upstream: Deferred[IResponse]) -> Deferred[RelayResult]:
+    def start(self, upstream: Deferred[Answer]) -> Deferred[RelayResult]:
         self._upstream = upstream
         upstream.addCallbacks(self._answered, self._unanswered)
         if not self._done:
@@ -343,33 +208,34 @@ class _Exchange(Protocol):
 
     # -- upstream events ---------------------------------------------------
 
-    def _answered(self, response: IResponse) -> None:
+    def _answered(self, answer: Answer) -> None:
         """Send the consumer's status and headers now, then stream its body."""
         self._upstream = None
         request = self._request
-        request.setResponseCode(response.code, response.phrase)
+        request.setResponseCode(answer.code, answer.phrase)
         out = request.responseHeaders
-        for name, values in response.headers.getAllRawHeaders():
+        for name, values in answer.headers.getAllRawHeaders():
             low = name.lower()
-            if low not in HOP_BY_HOP and not low.startswith(b"proxy-"):
+            if low not in _NOT_RELAYED and not low.startswith(b"proxy-"):
                 out.setRawHeaders(name, values)
-        # A HEAD answer's Content-Length is in response.headers (length is 0);
-        # otherwise the Agent keeps it as response.length.
-        if (
-            response.length is not UNKNOWN_LENGTH
-            and not self._head_only
-            and response.code not in _NO_BODY_CODES
-        ):
-            out.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+        # The length of an answer without a body (HEAD, 204, 304) is the
+        # consumer's to state; otherwise it is the body's own, if framed so.
+        length = answer.length
+        if self._head_only or answer.code in _NO_BODY_CODES:
+            given = answer.headers.getRawHeaders(b"content-length")
+            if given:
+                out.setRawHeaders(b"Content-Length", given)
+        elif length is not None:
+            out.setRawHeaders(b"Content-Length", [b"%d" % length])
         request.defaultContentType = None  # no text/html the consumer did not send
-        self._status = response.code
+        self._status = answer.code
         # A small answer of known length is relayed whole within a turn or two:
         # no producer to register, and its headers leave with its first bytes.
-        self._small = response.length is not UNKNOWN_LENGTH and response.length <= SMALL_BODY
+        self._small = length is not None and length <= SMALL_BODY
         if not self._small:
             request.write(b"")  # the status line and headers go out now
         self._rearm()
-        response.deliverBody(self)
+        answer.deliver(self)
 
     def _unanswered(self, failure: Failure) -> None:
         self._upstream = None

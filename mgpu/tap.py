@@ -26,7 +26,7 @@ from mgpu.facade import Facade
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.metrics import BrokerMetrics
 from mgpu.registry import HealthProber, Registry
-from mgpu.relay import Relay, RelayClientFactory, make_agent
+from mgpu.relay import Relay
 from mgpu.reload import LiveParts, Reloader, SighupReload
 from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, SchedulerStats
@@ -34,6 +34,7 @@ from mgpu.site import AccessLog, BrokerSite
 from mgpu.sse import EventStreams
 from mgpu.status import StatusView
 from mgpu.systemd import SystemdNotifier
+from mgpu.upstream import UpstreamClient
 
 #: Idle upstream connections are closed before the consumers' own keep-alive
 #: (uvicorn's default is 5 s) so a reused connection is never one they just closed.
@@ -97,7 +98,7 @@ def build_service(
     ``environ`` is where systemd's notify socket and watchdog are named;
     ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies.
     """
-    relay_pool = _pool(reactor, max_per_host=32, factory=RelayClientFactory)
+    upstream = UpstreamClient(reactor, max_idle=32, idle_timeout_s=CACHED_CONNECTION_TIMEOUT_S)
     control_pool = _pool(reactor, max_per_host=4, factory=_QuietClientFactory)
 
     events = EventBus(reactor)
@@ -119,7 +120,7 @@ def build_service(
         registry=registry,
         prober=prober,
         scheduler=scheduler,
-        relay=Relay(make_agent(reactor, relay_pool), reactor),
+        relay=Relay(upstream, reactor),
         control=control,
         clock=reactor,
         events=events,
@@ -151,7 +152,7 @@ def build_service(
     top = MultiService()
     if extra is not None:
         extra.setServiceParent(top)
-    _Cleanup(scheduler, (relay_pool, control_pool)).setServiceParent(top)
+    _Cleanup(scheduler, upstream, control_pool).setServiceParent(top)
     poller.setServiceParent(top)
     prober.setServiceParent(top)
     listener = _Listener(endpoint, site)
@@ -211,14 +212,18 @@ def _pool(
 class _Cleanup(Service):
     """On shutdown: cancel detached GPU work and close the connection pools."""
 
-    def __init__(self, scheduler: GpuScheduler, pools: tuple[HTTPConnectionPool, ...]) -> None:
+    def __init__(
+        self, scheduler: GpuScheduler, upstream: UpstreamClient, control: HTTPConnectionPool
+    ) -> None:
         self._scheduler = scheduler
-        self._pools = pools
+        self._upstream = upstream
+        self._control = control
 
     def stopService(self) -> Deferred[object]:
         super().stopService()
         self._scheduler.stop()
-        return gatherResults([pool.closeCachedConnections() for pool in self._pools])  # type: ignore[return-value]
+        closing = [self._upstream.close(), self._control.closeCachedConnections()]
+        return gatherResults(closing)  # type: ignore[return-value]
 
 
 def _demo(reactor: Any) -> tuple[Config, GpuReader, IService]:

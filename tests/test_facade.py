@@ -1,6 +1,6 @@
 """Tests for mgpu.facade: one request from the health gate through the GPU lease to the relay.
 
-Everything is real but the network: the relay's Agent connects through a
+Everything is real but the network: the relay's upstream client connects through a
 ``MemoryReactorClock`` that the test joins to in-memory consumer sites with
 iosim pumps; the prober and the ``hold_until`` polls go through ``StubTreq``
 to the same consumer resources; the client is an ``HTTPChannel`` over a
@@ -23,7 +23,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -33,8 +32,9 @@ from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.facade import Facade
 from mgpu.registry import HealthProber, Registry
-from mgpu.relay import Relay, RelayBroken, make_agent
+from mgpu.relay import Relay, RelayBroken
 from mgpu.scheduler import GpuScheduler
+from mgpu.upstream import UpstreamClient
 
 CLIENT_ADDRESS = IPv4Address("TCP", "10.0.0.7", 40000)
 
@@ -221,8 +221,7 @@ class Broker:
         self.registry = Registry(self.config.consumers, self.reactor, self.events)
         self.prober = HealthProber(self.registry, self.control, self.reactor, self.config.health)
         self.scheduler = GpuScheduler(self.registry, self.reactor)
-        self.pool = HTTPConnectionPool(self.reactor, persistent=False)
-        self.relay = Relay(make_agent(self.reactor, self.pool), self.reactor)
+        self.relay = Relay(UpstreamClient(self.reactor, max_idle=0), self.reactor)
         self.facade = Facade(
             config=self.config,
             registry=self.registry,

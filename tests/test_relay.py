@@ -1,45 +1,30 @@
 # -*- test-case-name: tests.test_relay -*-
-"""Tests for mgpu.relay: a real Agent and real twisted.web on both sides, all in memory.
+"""Tests for mgpu.relay: its upstream client and real twisted.web on both sides, in memory.
 
 The client is an ``HTTPChannel`` over a ``StringTransport``; the consumer is a
-``Site`` whose resource answers only when the test says, joined to the Agent's
-connection attempt on a ``MemoryReactorClock`` by an iosim pump.
+``Site`` whose resource answers only when the test says, joined to the
+upstream client's connection attempt on a ``MemoryReactorClock`` by an iosim pump.
 """
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, fail
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import Request as ClientRequest
-from twisted.web.client import URI, HTTPConnectionPool
-from twisted.web.error import SchemeNotSupported
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from zope.interface import implementer
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
-from mgpu.relay import (
-    SMALL_BODY,
-    EndpointCache,
-    Relay,
-    RelayBroken,
-    RelayClientFactory,
-    RelayResult,
-    make_agent,
-)
+from mgpu.relay import SMALL_BODY, Relay, RelayBroken, RelayResult
+from mgpu.upstream import UpstreamClient
 
 CONSUMER = ConsumerConfig(
     name="ollama", url="http://127.0.0.1:11434", paths={}, vram_resident_mib=0, timeout_s=30
@@ -75,8 +60,8 @@ class _Front(Resource):
         return NOT_DONE_YET
 
 
-class _AgentEnd(FakeTransport):
-    """The Agent's end of the upstream connection, recording producer calls."""
+class _ClientEnd(FakeTransport):
+    """The upstream client's end of the connection, recording producer calls."""
 
     state = "producing"
 
@@ -90,15 +75,19 @@ class _AgentEnd(FakeTransport):
         self.state = "stopped"
         super().stopProducing()
 
+    def abortConnection(self) -> None:
+        self.state = "aborted"
+        super().abortConnection()
 
-@implementer(IAgent)
-class _FailingAgent:
-    """An IAgent whose every request fails with one error."""
+
+class _FailingClient(UpstreamClient):
+    """An upstream client whose every request fails with one error."""
 
     def __init__(self, error: Exception) -> None:
+        super().__init__(MemoryReactorClock())
         self.error = error
 
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None):
+    def request(self, *args: Any, **kwargs: Any) -> Any:
         return fail(self.error)
 
 
@@ -125,9 +114,7 @@ class RelayTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.relay = Relay(
-            make_agent(self.reactor, HTTPConnectionPool(self.reactor, False)), self.reactor
-        )
+        self.relay = Relay(UpstreamClient(self.reactor, max_idle=0), self.reactor)
         self.upstream = _Upstream()
         self.upstream_site = Site(self.upstream, reactor=Clock())
         self.pump: IOPump | None = None
@@ -159,15 +146,15 @@ class RelayTests(SynchronousTestCase):
         channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
 
     def connect(self) -> Request:
-        """Accept the Agent's connection and return the request the consumer received."""
+        """Accept the upstream client's connection and return the request the consumer received."""
         host, port, factory, timeout, _ = self.reactor.tcpClients.pop(0)
         self.reactor.connectors.pop(0)
         self.assertEqual((host, port, timeout), ("127.0.0.1", 11434, 5.0))
-        agent_side = factory.buildProtocol(None)
+        client_side = factory.buildProtocol(None)
         server = self.upstream_site.buildProtocol(None)
-        self.agent_end = _AgentEnd(agent_side, isServer=False)
+        self.client_end = _ClientEnd(client_side, isServer=False)
         self.pump = connect(
-            server, FakeTransport(server, isServer=True), agent_side, self.agent_end,
+            server, FakeTransport(server, isServer=True), client_side, self.client_end,
             clock=self.reactor,
         )  # fmt: skip
         self.flush()
@@ -222,12 +209,12 @@ class RelayTests(SynchronousTestCase):
         """A client transport that pauses pauses the consumer's transport, and resumes it."""
         self.start()
         self.answer()
-        self.assertEqual(self.agent_end.state, "producing")
+        self.assertEqual(self.client_end.state, "producing")
         assert self.client.producer is not None
         self.client.producer.pauseProducing()
-        self.assertEqual(self.agent_end.state, "paused")
+        self.assertEqual(self.client_end.state, "paused")
         self.client.producer.resumeProducing()
-        self.assertEqual(self.agent_end.state, "producing")
+        self.assertEqual(self.client_end.state, "producing")
 
     def test_large_known_length_body_has_backpressure(self) -> None:
         """A body of known length over SMALL_BODY is still paced by the client."""
@@ -235,7 +222,7 @@ class RelayTests(SynchronousTestCase):
         self.answer(headers={b"Content-Length": b"%d" % (SMALL_BODY + 1)})
         assert self.client.producer is not None
         self.client.producer.pauseProducing()
-        self.assertEqual(self.agent_end.state, "paused")
+        self.assertEqual(self.client_end.state, "paused")
 
     def test_small_known_length_body_relayed_whole(self) -> None:
         """A small body of known length reaches the client whole, headers first, no producer."""
@@ -303,7 +290,7 @@ class RelayTests(SynchronousTestCase):
         seen = self.connect().requestHeaders
         for gone in (b"keep-alive", b"te", b"upgrade", b"proxy-authorization", b"x-secret"):
             self.assertFalse(seen.hasHeader(gone), gone)
-        self.assertEqual(seen.getRawHeaders(b"connection"), [b"close"])  # the Agent's own
+        self.assertFalse(seen.hasHeader(b"connection"))  # kept alive: HTTP/1.1's default
         self.assertEqual(seen.getRawHeaders(b"host"), [b"127.0.0.1:11434"])
         self.assertEqual(seen.getRawHeaders(b"x-request-id"), [b"r-1"])
         self.assertEqual(seen.getRawHeaders(b"authorization"), [b"Bearer t"])
@@ -410,21 +397,19 @@ class RelayTests(SynchronousTestCase):
         self.assertBrokerError("consumer_unreachable")
 
     def test_unsupported_scheme(self) -> None:
-        """A consumer URL with a scheme the Agent cannot use is bad_consumer_url."""
+        """A consumer URL with a scheme the client cannot use is bad_consumer_url."""
         self.start(consumer=ConsumerConfig("ollama", "ftp://127.0.0.1", {}, 0))
         self.assertBrokerError("bad_consumer_url")
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_invalid_url(self) -> None:
-        """A consumer URL the Agent rejects outright is bad_consumer_url."""
+        """A consumer URL the client rejects outright is bad_consumer_url."""
         self.start(consumer=ConsumerConfig("ollama", "http://bad host", {}, 0))
         self.assertBrokerError("bad_consumer_url")
 
     def test_dns_failure(self) -> None:
         """A consumer host name that does not resolve is bad_consumer_url."""
-        self.relay = Relay(
-            cast(IAgent, _FailingAgent(DNSLookupError("no.such.host"))), self.reactor
-        )
+        self.relay = Relay(_FailingClient(DNSLookupError("no.such.host")), self.reactor)
         self.start()
         self.assertBrokerError("bad_consumer_url")
 
@@ -462,7 +447,7 @@ class RelayTests(SynchronousTestCase):
         self.flush()
         self.reactor.advance(30)
         self.assertBroken("upstream_timeout")
-        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertEqual(self.client_end.state, "aborted")
         self.assertConsumerSawLoss(upstream)
 
     def test_chunks_do_not_extend_whole_timeout(self) -> None:
@@ -536,7 +521,7 @@ class RelayTests(SynchronousTestCase):
         self.flush()
         self.result.cancel()
         self.failureResultOf(self.result, CancelledError)
-        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertEqual(self.client_end.state, "aborted")
         self.assertIsNone(self.request.producer)
         self.assertConsumerSawLoss(upstream)
         self.assertNoTimers()
@@ -547,73 +532,6 @@ class RelayTests(SynchronousTestCase):
         upstream = self.answer()
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(self.result, CancelledError)
-        self.assertEqual(self.agent_end.state, "stopped")
+        self.assertEqual(self.client_end.state, "aborted")
         self.assertConsumerSawLoss(upstream)
         self.assertNoTimers()
-
-
-class EndpointCacheTests(SynchronousTestCase):
-    """The Agent's endpoint factory: one endpoint per origin, of the cheapest kind."""
-
-    def setUp(self) -> None:
-        self.cache = EndpointCache(MemoryReactorClock(), 5.0)
-
-    def endpoint(self, url: bytes) -> object:
-        return self.cache.endpointForURI(URI.fromBytes(url))
-
-    def test_same_origin_same_endpoint(self) -> None:
-        """The same host and port give the very same endpoint object; another port does not."""
-        first = self.endpoint(b"http://127.0.0.1:11434/api/generate")
-        self.assertIs(self.endpoint(b"http://127.0.0.1:11434/api/ps"), first)
-        self.assertIsNot(self.endpoint(b"http://127.0.0.1:8188/"), first)
-
-    def test_endpoint_kinds(self) -> None:
-        """IP literals get plain TCP endpoints, names a HostnameEndpoint, https a TLS wrapper."""
-        self.assertIsInstance(self.endpoint(b"http://127.0.0.1:1/"), TCP4ClientEndpoint)
-        self.assertIsInstance(self.endpoint(b"http://[::1]:1/"), TCP6ClientEndpoint)
-        self.assertIsInstance(self.endpoint(b"http://localhost:1/"), HostnameEndpoint)
-        tls = self.endpoint(b"https://127.0.0.1:1/")
-        self.assertNotIsInstance(tls, TCP4ClientEndpoint)
-        self.assertIsInstance(tls._wrappedEndpoint, TCP4ClientEndpoint)  # type: ignore[attr-defined]
-
-    def test_unsupported_scheme(self) -> None:
-        """A scheme other than http or https is refused with SchemeNotSupported."""
-        self.assertRaises(SchemeNotSupported, self.endpoint, b"ftp://127.0.0.1/")
-
-
-class _RecordingDescriptor(FileDescriptor):
-    """A transport that records what reaches the socket, as a TCP connection would."""
-
-    def __init__(self) -> None:
-        super().__init__(MemoryReactorClock())
-        self.connected = 1
-        self.sent: list[bytes] = []
-
-    def writeSomeData(self, data: bytes) -> int:
-        self.sent.append(bytes(data))
-        return len(data)
-
-    def getPeer(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 1)
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 2)
-
-    def startWriting(self) -> None:
-        pass
-
-    def stopWriting(self) -> None:
-        pass
-
-
-class EagerWriteTests(SynchronousTestCase):
-    def test_request_sent_without_waiting_for_the_reactor(self) -> None:
-        """A relay connection puts the request on the socket at once, not on the next turn."""
-        factory = RelayClientFactory(lambda protocol: None, "test")
-        protocol = factory.buildProtocol(None)
-        transport = _RecordingDescriptor()
-        protocol.makeConnection(transport)
-        protocol.request(
-            ClientRequest(b"POST", b"/api/synthesize", Headers({b"host": [b"c"]}), None)
-        )
-        self.assertTrue(b"".join(transport.sent).startswith(b"POST /api/synthesize HTTP/1.1"))

@@ -166,6 +166,26 @@ class NoConsumerTests(_GuardCase):
         self.assertIs(error["retryable"], False)
 
 
+class UpstreamConnectionTests(_GuardCase):
+    """The relay's connections to a consumer are kept alive and closed when idle."""
+
+    async def test_one_connection_serves_requests_in_turn_then_closes(self) -> None:
+        """Requests one after the other share one upstream connection, closed once idle."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+        await self.idle()
+        for n in range(5):
+            response, body = await self.http.json("POST", "/v1/tts", json_body={"text": f"{n}"})
+            self.assertEqual(response.code, 200, body)
+            self.assertEqual(established_connections(daemon.pid, self.mvoice.port), 1)
+        await wait_for(
+            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
+            CACHED_CONNECTION_TIMEOUT_S + 3,
+            "the idle connection to close",
+            0.1,
+        )
+
+
 class CancellationTests(_GuardCase):
     """A client that disconnects cancels its request, queued or running."""
 
@@ -212,6 +232,10 @@ class CancellationTests(_GuardCase):
         daemon = self.stack.daemon
         assert daemon is not None
         await self.idle()
+        # mvoice loaded first, so that the request below goes straight to it, whatever
+        # ran before this test.
+        response, body = await self.http.json("POST", "/v1/tts", json_body={"text": "a"})
+        self.assertEqual(response.code, 200, body)
         await set_faults(self.mvoice, {"hang": ["/api/synthesize"]})
         self.addCleanup(lambda: ensureDeferred(set_faults(self.mvoice, {})))
         # Idle pooled connections close after a few seconds: wait for none, so that the

@@ -1,0 +1,620 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""Tests for mgpu.upstream: the relay's HTTP/1.1 client, byte for byte, on a memory reactor."""
+
+from __future__ import annotations
+
+import itertools
+from io import BytesIO
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI, FileBodyProducer, ResponseDone
+from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from mgpu.upstream import (
+    MAX_HEAD,
+    Answer,
+    AnswerError,
+    EndpointCache,
+    NoAnswer,
+    UpstreamClient,
+    _Chunked,
+    _host,
+)
+
+URL = b"http://127.0.0.1:11434/api/generate?x=1"
+
+
+class _Wire(StringTransport):
+    """A connection's transport that tells an abort from a clean close."""
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 11434))
+        self.aborted = False
+        self.protocol: Any = None
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().abortConnection()
+
+
+class _Receiver(Protocol):
+    """Collects a body and how it ended."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.end: Failure | None = None
+        self.pool_size_at_end = -1
+        self.client: UpstreamClient | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.end = reason
+        if self.client is not None:
+            self.pool_size_at_end = self.client.idle_connections()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.data)
+
+
+class UpstreamClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = UpstreamClient(self.reactor, idle_timeout_s=4.0, max_idle=2)
+        self.wires: list[_Wire] = []
+
+    def request(self, url: bytes = URL, method: bytes = b"POST", **kwargs: Any) -> Deferred[Answer]:
+        kwargs.setdefault("body", b"{}")
+        return self.client.request(method, url, **kwargs)
+
+    def connect(self) -> tuple[Any, _Wire]:
+        """Accept the client's next connection attempt; return its protocol and wire."""
+        host, port, factory, timeout, _ = self.reactor.tcpClients.pop(0)
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 11434, 5.0))
+        protocol: Any = factory.buildProtocol(None)
+        wire = _Wire()
+        protocol.makeConnection(wire)
+        wire.protocol = protocol
+        self.wires.append(wire)
+        return protocol, wire
+
+    def answer(self, raw: bytes, method: bytes = b"POST") -> tuple[Answer, _Receiver, _Wire]:
+        """Send a request on a new connection, feed ``raw`` as the answer, deliver its body."""
+        d = self.request(method=method)
+        if self.reactor.tcpClients:
+            protocol, wire = self.connect()
+        else:  # sent on the kept connection
+            wire = self.wires[-1]
+            protocol = wire.protocol
+        receiver = _Receiver()
+        receiver.client = self.client
+        answers: list[Answer] = []
+
+        def answered(answer: Answer) -> None:
+            answers.append(answer)
+            answer.deliver(receiver)
+
+        d.addCallback(answered)
+        protocol.dataReceived(raw)
+        self.assertEqual(len(answers), 1, "no answer head")
+        return answers[0], receiver, wire
+
+    # -- the request -------------------------------------------------------
+
+    def test_request_written_whole(self) -> None:
+        """Request line, Host, the fields, Content-Length and the body, in that order."""
+        self.request(fields=[(b"X-Request-Id", b"r-1"), (b"Accept", b"*/*")], body=b'{"a":1}')
+        _, wire = self.connect()
+        self.assertEqual(
+            wire.value(),
+            b"POST /api/generate?x=1 HTTP/1.1\r\nHost: 127.0.0.1:11434\r\n"
+            b"X-Request-Id: r-1\r\nAccept: */*\r\nContent-Length: 7\r\n\r\n"
+            b'{"a":1}',
+        )
+
+    def test_no_body_no_length(self) -> None:
+        """A request without a body says nothing of a length."""
+        self.request(method=b"GET", body=None)
+        _, wire = self.connect()
+        self.assertEqual(
+            wire.value(), b"GET /api/generate?x=1 HTTP/1.1\r\nHost: 127.0.0.1:11434\r\n\r\n"
+        )
+
+    def test_host_header(self) -> None:
+        """The default port is left out of Host; an IPv6 literal keeps its brackets."""
+        for url, host in [
+            (b"http://example.test/a", b"example.test"),
+            (b"https://example.test:443/a", b"example.test"),
+            (b"http://example.test:8080/a", b"example.test:8080"),
+            (b"http://[::1]:8080/a", b"[::1]:8080"),
+        ]:
+            self.assertEqual(_host(URI.fromBytes(url)), host, url)
+        self.client.request(b"GET", b"http://[::1]:8080/a")
+        wire = _Wire()
+        protocol: Any = self.reactor.tcpClients.pop()[2].buildProtocol(None)
+        protocol.makeConnection(wire)
+        self.assertIn(b"\r\nHost: [::1]:8080\r\n", wire.value())
+
+    def test_line_breaks_in_values_flattened(self) -> None:
+        """A header value can never start a new header line upstream."""
+        self.request(fields=[(b"X-A", b"one\r\nX-Injected: yes\nz")])
+        _, wire = self.connect()
+        self.assertIn(b"\r\nX-A: one  X-Injected: yes z\r\n", wire.value())
+        self.assertNotIn(b"\r\nX-Injected", wire.value())
+
+    def test_bad_urls_refused_before_any_io(self) -> None:
+        """An unusable target or scheme raises at once, and nothing connects."""
+        self.assertRaises(ValueError, self.request, b"http://127.0.0.1:1/a b")
+        self.assertRaises(ValueError, self.request, b"http://127.0.0.1:1/a\x01")
+        self.assertRaises(SchemeNotSupported, self.request, b"ftp://127.0.0.1:1/")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_producer_body_of_known_length(self) -> None:
+        """A producer's body is streamed after the head, framed by its length."""
+        producer = FileBodyProducer(BytesIO(b"x" * 10), _immediate())
+        d = self.request(body=producer)
+        protocol, wire = self.connect()
+        self.assertTrue(wire.value().endswith(b"Content-Length: 10\r\n\r\n" + b"x" * 10))
+        self.assertIsNone(wire.producer)  # unregistered once the body is out
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 204)
+
+    def test_producer_body_of_unknown_length_is_chunked(self) -> None:
+        """A body of unknown length is sent chunked, ending with the zero chunk."""
+        producer = _Streaming()
+        self.request(body=producer)
+        _, wire = self.connect()
+        self.assertIn(b"\r\nTransfer-Encoding: chunked\r\n\r\n", wire.value())
+        self.assertIs(wire.producer, producer)
+        assert producer.consumer is not None
+        producer.consumer.write(b"hello")
+        producer.done.callback(None)
+        self.assertTrue(wire.value().endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
+        self.assertIsNone(wire.producer)
+
+    def test_producer_stopped_when_connection_lost(self) -> None:
+        """A connection lost while the body is still produced stops the producer."""
+        producer = _Streaming()
+        d = self.request(body=producer)
+        protocol, _ = self.connect()
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(producer.stopped)
+        self.failureResultOf(d, NoAnswer)
+
+    # -- the answer ------------------------------------------------------------
+
+    def test_length_framed_answer(self) -> None:
+        """Status, phrase, headers and length; the body; ResponseDone; the connection kept."""
+        answer, receiver, wire = self.answer(
+            b"HTTP/1.1 201 Made\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+            b"X-Many: 1\r\nX-Many: 2\r\n\r\nhello"
+        )
+        self.assertEqual((answer.code, answer.phrase, answer.length), (201, b"Made", 5))
+        self.assertEqual(answer.headers.getRawHeaders(b"content-type"), [b"text/plain"])
+        self.assertEqual(answer.headers.getRawHeaders(b"x-many"), [b"1", b"2"])
+        self.assertEqual(receiver.body, b"hello")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ResponseDone)
+        self.assertFalse(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 1)
+
+    def test_connection_back_in_pool_before_receiver_hears_the_end(self) -> None:
+        """The request that the end releases can take the very same connection."""
+        _, receiver, _ = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(receiver.pool_size_at_end, 1)
+
+    def test_kept_connection_reused(self) -> None:
+        """The next request to the same origin goes out on the kept connection."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        wire.clear()
+        d = self.request(body=b"again")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertTrue(wire.value().startswith(b"POST /api/generate?x=1 HTTP/1.1\r\n"))
+        assert wire.protocol is not None
+        wire.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+
+    def test_answer_in_pieces(self) -> None:
+        """Head and body may arrive a byte at a time."""
+        d = self.request()
+        protocol, _ = self.connect()
+        receiver = _Receiver()
+        d.addCallback(lambda a: a.deliver(receiver))
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc":
+            protocol.dataReceived(bytes([byte]))
+        self.assertEqual(receiver.body, b"abc")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ResponseDone)
+
+    def test_chunked_answer(self) -> None:
+        """A chunked body is decoded, extensions and trailers skipped; its length is unknown."""
+        answer, receiver, wire = self.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n"
+        )
+        self.assertIsNone(answer.length)
+        self.assertEqual(receiver.body, b"hello world")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ResponseDone)
+        self.assertEqual(self.client.idle_connections(), 1)
+        self.assertFalse(wire.disconnecting)
+
+    def test_bad_chunk_breaks_the_body_off(self) -> None:
+        """A chunk size that is not hex ends the body with AnswerError and aborts."""
+        _, receiver, wire = self.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n"
+        )
+        assert wire.protocol is not None
+        wire.protocol.dataReceived(b"zz\r\n")
+        self.assertEqual(receiver.body, b"ok")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, AnswerError)
+        self.assertTrue(wire.aborted)
+
+    def test_body_until_close(self) -> None:
+        """No length and no chunks: the body ends with the connection (PotentialDataLoss)."""
+        answer, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\n\r\npart one,")
+        assert wire.protocol is not None
+        wire.protocol.dataReceived(b" part two")
+        self.assertIsNone(receiver.end)
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((answer.length, receiver.body), (None, b"part one, part two"))
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, PotentialDataLoss)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_connections_the_consumer_closes_are_not_kept(self) -> None:
+        """Connection: close, HTTP/1.0, or bytes after the body: closed, not pooled."""
+        for raw in [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab",
+        ]:
+            _, receiver, wire = self.answer(raw)
+            assert receiver.end is not None
+            self.assertIsInstance(receiver.end.value, ResponseDone, raw)
+            self.assertTrue(wire.disconnecting, raw)
+            self.assertEqual(self.client.idle_connections(), 0, raw)
+
+    def test_http10_keep_alive_kept(self) -> None:
+        """An HTTP/1.0 answer that asks for keep-alive is pooled."""
+        self.answer(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.client.idle_connections(), 1)
+
+    def test_interim_answers_skipped(self) -> None:
+        """100 Continue and 103 Early Hints come before the answer that counts."""
+        answer, receiver, _ = self.answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        )
+        self.assertEqual((answer.code, receiver.body), (200, b"ok"))
+
+    def test_answers_without_a_body(self) -> None:
+        """HEAD, 204 and 304 answers end with their head, whatever their Content-Length says."""
+        for method, raw in [
+            (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+            (b"POST", b"HTTP/1.1 204 No Content\r\n\r\n"),
+            (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n"),
+        ]:
+            answer, receiver, _ = self.answer(raw, method=method)
+            self.assertEqual((answer.length, receiver.body), (0, b""), raw)
+            assert receiver.end is not None
+            self.assertIsInstance(receiver.end.value, ResponseDone)
+        self.assertEqual(self.client.idle_connections(), 1)  # the same one, three times
+        self.assertEqual(
+            answer.headers.getRawHeaders(b"content-length"), [b"9"]
+        )  # the consumer's own, for the relay to pass on
+
+    def test_unreadable_heads_fail_the_request(self) -> None:
+        """A bad status line, header, length or an endless head: AnswerError, connection aborted."""
+        for raw in [
+            b"HTTP/2 200 OK\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"ICY 200 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n Folded: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD,
+        ]:
+            d = self.request()
+            protocol, wire = self.connect()
+            protocol.dataReceived(raw)
+            self.failureResultOf(d, AnswerError)
+            self.assertTrue(wire.aborted, raw)
+            protocol.connectionLost(Failure(ConnectionDone()))  # and nothing more happens
+
+    def test_closed_before_an_answer(self) -> None:
+        """A consumer that hangs up first fails the request with NoAnswer, naming why."""
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200")
+        protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
+        error = self.failureResultOf(d, NoAnswer).value
+        self.assertIn("reset by peer", str(error))
+
+    def test_body_broken_off(self) -> None:
+        """A connection lost before the length is in ends the body with AnswerError."""
+        _, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        assert wire.protocol is not None
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, AnswerError)
+        self.assertIn("broke off", str(receiver.end.value))
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_body_kept_until_delivered(self) -> None:
+        """A body that arrives before ``deliver`` reaches the receiver then, end included."""
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+        answer = self.successResultOf(d)
+        receiver = _Receiver()
+        answer.deliver(receiver)
+        self.assertEqual(receiver.body, b"body")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ResponseDone)
+
+    def test_receiver_controls_the_flow(self) -> None:
+        """The receiver's transport pauses, resumes and stops (aborts) the connection."""
+        _, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nab")
+        producer = receiver.transport
+        assert producer is not None
+        producer.pauseProducing()  # type: ignore[attr-defined]
+        self.assertEqual(wire.producerState, "paused")
+        producer.resumeProducing()  # type: ignore[attr-defined]
+        self.assertEqual(wire.producerState, "producing")
+        producer.stopProducing()  # type: ignore[attr-defined]
+        self.assertTrue(wire.aborted)
+
+    def test_stopped_body_never_pooled(self) -> None:
+        """A receiver that stops the body leaves a connection that is never reused,
+        even when the rest of the body was already in."""
+        d = self.request()
+        protocol, wire = self.connect()
+
+        def stop_at_once(answer: Answer) -> None:
+            receiver = _Receiver()
+            answer.deliver(receiver)
+            answer.stopProducing()
+
+        d.addCallback(stop_at_once)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertTrue(wire.aborted)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_paused_connection_resumed_when_pooled(self) -> None:
+        """A connection paused by its last receiver is reading again once kept."""
+        _, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        receiver.transport.pauseProducing()  # type: ignore[union-attr]
+        assert wire.protocol is not None
+        wire.protocol.dataReceived(b"cd")
+        self.assertEqual(wire.producerState, "producing")
+        self.assertEqual(self.client.idle_connections(), 1)
+
+    # -- cancelling ------------------------------------------------------------
+
+    def test_cancel_while_connecting(self) -> None:
+        """Cancelling before the connection is made stops the attempt."""
+        d = self.request()
+        connector = self.reactor.connectors[0]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(connector.stoppedConnecting)
+
+    def test_cancel_before_the_answer(self) -> None:
+        """Cancelling once sent aborts the connection; a late answer is ignored."""
+        d = self.request()
+        protocol, wire = self.connect()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(wire.aborted)
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_cancel_on_a_kept_connection(self) -> None:
+        """Cancelling a request on a pooled connection aborts that connection."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        d = self.request()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(wire.aborted)
+
+    # -- the pool --------------------------------------------------------------
+
+    def test_idle_connection_closed_after_timeout(self) -> None:
+        """A kept connection unused for idle_timeout_s is closed, and leaves the pool."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.reactor.advance(3.9)
+        self.assertFalse(wire.disconnecting)
+        self.reactor.advance(0.1)
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)  # at once, not when it is gone
+        assert wire.protocol is not None
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.client.idle_connections(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_reuse_postpones_the_timeout_without_a_timer_per_request(self) -> None:
+        """Each use counts from its own end; one timer per connection at most."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert wire.protocol is not None
+        for _ in range(3):
+            self.reactor.advance(3)
+            self.request()
+            wire.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(3.9)
+        self.assertFalse(wire.disconnecting)
+        self.reactor.advance(0.1)
+        self.assertTrue(wire.disconnecting)
+
+    def test_connection_closed_by_the_consumer_leaves_the_pool(self) -> None:
+        """A kept connection the consumer closes is never used again."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert wire.protocol is not None
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.client.idle_connections(), 0)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_idle_connection_that_speaks_is_dropped(self) -> None:
+        """Bytes on an idle connection mean it is out of step: it is aborted."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert wire.protocol is not None
+        wire.protocol.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(wire.aborted)
+
+    def test_close_closes_idle_connections(self) -> None:
+        """close() fires once every kept connection is gone."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        closing = self.client.close()
+        self.assertTrue(wire.disconnecting)
+        self.assertNoResult(closing)
+        assert wire.protocol is not None
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(closing)
+
+
+class ChunkedTests(SynchronousTestCase):
+    BODY = b"4\r\nWiki\r\n6;name=value\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nT: 1\r\n\r\n"
+
+    @given(st.lists(st.integers(0, len(BODY)), max_size=8))
+    def test_any_split_decodes_the_same(self, cuts: list[int]) -> None:
+        """However the bytes are split, the data and the end are the same."""
+        decoder = _Chunked()
+        data = self.BODY + b"NEXT"
+        bounds = [0, *sorted(cuts), len(data)]
+        out: list[bytes] = []
+        for start, end in itertools.pairwise(bounds):
+            pieces, rest = decoder.feed(data[start:end])
+            out += pieces
+            if rest is not None:
+                self.assertEqual(rest + data[end:], b"NEXT")
+                break
+        else:
+            self.fail("the body never ended")
+        self.assertEqual(b"".join(out), b"Wikipedia in \r\n\r\nchunks.")
+
+    def test_chunk_longer_than_its_size(self) -> None:
+        self.assertRaises(AnswerError, _Chunked().feed, b"2\r\nabc\r\n")
+
+    def test_endless_size_line(self) -> None:
+        self.assertRaises(AnswerError, _Chunked().feed, b"1" * 5000)
+
+
+class EndpointCacheTests(SynchronousTestCase):
+    """One endpoint per origin, of the cheapest kind."""
+
+    def setUp(self) -> None:
+        self.cache = EndpointCache(MemoryReactorClock(), 5.0)
+
+    def endpoint(self, url: bytes) -> object:
+        return self.cache.endpointForURI(URI.fromBytes(url))
+
+    def test_same_origin_same_endpoint(self) -> None:
+        """The same host and port give the very same endpoint object; another port does not."""
+        first = self.endpoint(b"http://127.0.0.1:11434/api/generate")
+        self.assertIs(self.endpoint(b"http://127.0.0.1:11434/api/ps"), first)
+        self.assertIsNot(self.endpoint(b"http://127.0.0.1:8188/"), first)
+
+    def test_endpoint_kinds(self) -> None:
+        """IP literals get plain TCP endpoints, names a HostnameEndpoint, https a TLS wrapper."""
+        self.assertIsInstance(self.endpoint(b"http://127.0.0.1:1/"), TCP4ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://[::1]:1/"), TCP6ClientEndpoint)
+        self.assertIsInstance(self.endpoint(b"http://localhost:1/"), HostnameEndpoint)
+        tls = self.endpoint(b"https://127.0.0.1:1/")
+        self.assertNotIsInstance(tls, TCP4ClientEndpoint)
+        self.assertIsInstance(tls._wrappedEndpoint, TCP4ClientEndpoint)  # type: ignore[attr-defined]
+
+    def test_unsupported_scheme(self) -> None:
+        """A scheme other than http or https is refused with SchemeNotSupported."""
+        self.assertRaises(SchemeNotSupported, self.endpoint, b"ftp://127.0.0.1/")
+
+
+class _RecordingDescriptor(FileDescriptor):
+    """A transport that records what reaches the socket, as a TCP connection would."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryReactorClock())
+        self.connected = 1
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 1)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 2)
+
+    def startWriting(self) -> None:
+        pass
+
+    def stopWriting(self) -> None:
+        pass
+
+
+class EagerWriteTests(SynchronousTestCase):
+    def test_request_sent_without_waiting_for_the_reactor(self) -> None:
+        """A request reaches the socket at once, not on the reactor's next turn."""
+        reactor = MemoryReactorClock()
+        client = UpstreamClient(reactor)
+        client.request(b"POST", b"http://127.0.0.1:1/api/synthesize", body=b"{}")
+        protocol: Any = reactor.tcpClients[0][2].buildProtocol(None)
+        transport = _RecordingDescriptor()
+        protocol.makeConnection(transport)
+        self.assertTrue(b"".join(transport.sent).startswith(b"POST /api/synthesize HTTP/1.1"))
+
+
+class _Streaming:
+    """A body producer of unknown length that writes when the test says."""
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self) -> None:
+        self.consumer: Any = None
+        self.done: Deferred[None] = Deferred()
+        self.stopped = False
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        self.consumer = consumer
+        return self.done
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def _immediate() -> Cooperator:
+    """A cooperator that runs each step at once: FileBodyProducer finishes synchronously."""
+
+    def run(step: Any) -> Any:
+        step()
+
+    return Cooperator(scheduler=run, started=True)
