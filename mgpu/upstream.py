@@ -25,7 +25,7 @@ body's receiver gets an ``IPushProducer`` whose ``stopProducing`` does the same.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
@@ -36,6 +36,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -60,6 +61,9 @@ _HEX: Final = re.compile(rb"[0-9A-Fa-f]{1,15}")
 # A request target or header with these would split the request or the line.
 _UNSAFE_TARGET: Final = re.compile(rb"[\x00-\x20\x7f]")
 _NO_BODY_CODES: Final = (204, 304)
+#: Requests sent again on a new connection when a kept one closes before answering
+#: (RFC 9110 section 9.2.2): the consumer cannot have acted on them twice.
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 Key = tuple[bytes, bytes, int]
 
@@ -182,7 +186,7 @@ class Answer:
 
     def stopProducing(self) -> None:
         if self._connection is not None:
-            self._connection.abort()
+            self._connection.stop(self)
 
 
 class _Chunked:
@@ -194,24 +198,28 @@ class _Chunked:
         self._state = "size"  # size, data, crlf (after data), trailer
 
     def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
-        """The body bytes in ``data``, and what followed the body's end (None: not ended)."""
+        """The body bytes in ``data``, and what followed the body's end (None: not ended).
+
+        One pass with an offset: a read of many small chunks costs linear time.
+        """
         buffer = self._buffer + data if self._buffer else data
         out: list[bytes] = []
-        while buffer:
+        at, end = 0, len(buffer)
+        while at < end:
             if self._state == "data":
-                piece = buffer[: self._left]
+                piece = buffer[at : at + self._left]
                 out.append(piece)
                 self._left -= len(piece)
-                buffer = buffer[len(piece) :]
+                at += len(piece)
                 if not self._left:
                     self._state = "crlf"
                 continue
-            line, found, rest = buffer.partition(b"\r\n")
-            if not found:
-                if len(buffer) > MAX_LINE:
+            eol = buffer.find(b"\r\n", at, at + MAX_LINE + 2)
+            if eol < 0:
+                if end - at > MAX_LINE:
                     raise AnswerError("a chunked body's line is too long")
                 break
-            buffer = rest
+            line, at = buffer[at:eol], eol + 2
             if self._state == "crlf":
                 if line:
                     raise AnswerError("a chunk is longer than its size says")
@@ -224,8 +232,8 @@ class _Chunked:
                 self._state = "data" if self._left else "trailer"
             elif not line:  # the blank line after the trailers
                 self._buffer = b""
-                return out, buffer
-        self._buffer = buffer
+                return out, buffer[at:]
+        self._buffer = buffer[at:]
         return out, None
 
 
@@ -252,7 +260,10 @@ def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, Headers, int | 
         if not colon or not name or name != name.strip(b" \t"):
             raise AnswerError(f"bad header line {line[:80]!r}")
         value = value.strip(b" \t")
-        headers.addRawHeader(name, value)
+        try:
+            headers.addRawHeader(name, value)
+        except ValueError as e:  # a name that is not a token, say
+            raise AnswerError(f"bad header line {line[:80]!r}") from e
         low = name.lower()
         if low == b"content-length":
             lengths.update(v.strip(b" \t") for v in value.split(b","))
@@ -295,14 +306,30 @@ class _Connection(Protocol):
         self._paused = False
         self._sending: IBodyProducer | None = None
         self._closing = False  # closed or aborted by this side: never reused
+        self._heard = False  # a byte of the answer arrived
+        self._retry: Callable[[], None] | None = None
         self._lost: list[Deferred[None]] = []
 
     # -- the request -------------------------------------------------------
 
-    def send(self, method: bytes, head: bytes, body: Any, answer: Deferred[Answer]) -> None:
-        """Write the request; ``answer`` fires with the answer's head."""
+    def send(
+        self,
+        method: bytes,
+        head: bytes,
+        body: Any,
+        answer: Deferred[Answer],
+        retry: Callable[[], None] | None = None,
+    ) -> None:
+        """Write the request; ``answer`` fires with the answer's head.
+
+        ``retry`` is called instead of failing ``answer`` when the connection
+        closes before a byte of the answer came (a kept connection the
+        consumer had just closed).
+        """
         self._method = method
         self._waiting = answer
+        self._retry = retry
+        self._heard = False
         self._buffer = b""
         transport = self.transport
         assert transport is not None
@@ -322,17 +349,20 @@ class _Connection(Protocol):
 
     def _produce(self, body: IBodyProducer) -> None:
         transport: Any = self.transport
-        chunked = body.length is UNKNOWN_LENGTH
+        length = None if body.length is UNKNOWN_LENGTH else body.length
         self._sending = body
         transport.registerProducer(body, True)
-        done = body.startProducing(_BodySink(transport, chunked))
+        sink = _BodySink(transport, length, self.abort)
+        done = body.startProducing(sink)
 
         def finished(result: object) -> None:
             if self._sending is body:
                 self._sending = None
                 transport.unregisterProducer()
-                if chunked:
+                if length is None:
                     transport.write(b"0\r\n\r\n")
+                elif sink.sent != length:  # short: the consumer would wait for the rest
+                    self.abort()
 
         def failed(failure: Failure) -> None:
             if self._sending is body:
@@ -351,6 +381,7 @@ class _Connection(Protocol):
         if self._waiting is None:  # an idle connection must be silent
             self.abort()
             return
+        self._heard = True
         buffer = self._buffer + data if self._buffer else data
         while True:
             end = buffer.find(b"\r\n\r\n")
@@ -458,6 +489,13 @@ class _Connection(Protocol):
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
+    def stop(self, answer: Answer) -> None:
+        """The body's receiver wants no more: close at once, and end the body there."""
+        if self._answer is answer:
+            self._answer = None
+            self.abort()
+            answer._finish(Failure(ConnectionAborted("the receiver stopped the answer")))
+
     def cancel(self) -> None:
         """The request's Deferred was cancelled: nothing more is awaited, close at once."""
         self._waiting = None
@@ -466,12 +504,14 @@ class _Connection(Protocol):
     def abort(self) -> None:
         """Close at once, without waiting for writes: the request is abandoned."""
         self._closing = True
+        self._pool._lost(self)  # out of the pool now, not when the reactor reports it
         transport = self.transport
         if transport is not None:
             transport.abortConnection()  # type: ignore[attr-defined]
 
     def _close(self) -> None:
         self._closing = True
+        self._pool._lost(self)
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -488,13 +528,18 @@ class _Connection(Protocol):
             sending, self._sending = self._sending, None
             sending.stopProducing()
         waiting, self._waiting = self._waiting, None
+        retry, self._retry = self._retry, None
         if waiting is not None:
-            waiting.errback(NoAnswer(f"the connection closed before an answer: {_why(reason)}"))
+            if retry is not None and not self._heard:
+                retry()
+            else:
+                why = f"the connection closed before an answer: {_why(reason)}"
+                waiting.errback(NoAnswer(why))
         answer, self._answer = self._answer, None
         if answer is not None:
-            if self._framing == "close":
+            if self._framing == "close" and isinstance(reason.value, ConnectionDone):
                 answer._finish(Failure(PotentialDataLoss()))
-            else:
+            else:  # a reset is no end of a body framed by the end of the connection
                 answer._finish(Failure(AnswerError(f"the answer broke off: {_why(reason)}")))
         lost, self._lost = self._lost, []
         for done in lost:
@@ -507,17 +552,27 @@ def _why(reason: Failure) -> str:
 
 @implementer(IConsumer)
 class _BodySink:
-    """Where a request body's producer writes: the connection; chunked if of unknown length."""
+    """Where a request body's producer writes: the connection, chunked if of unknown length.
 
-    def __init__(self, transport: Any, chunked: bool) -> None:
+    A producer that writes more than the length it announced would put bytes
+    the consumer reads as a next request: the connection is aborted instead.
+    """
+
+    def __init__(self, transport: Any, length: int | None, abort: Callable[[], None]) -> None:
         self._transport = transport
-        self._chunked = chunked
+        self._length = length
+        self._abort = abort
+        self.sent = 0
 
     def write(self, data: bytes) -> None:
         if not data:
             return
-        if self._chunked:
+        self.sent += len(data)
+        if self._length is None:
             data = b"%x\r\n%s\r\n" % (len(data), data)
+        elif self.sent > self._length:
+            self._abort()
+            return
         self._transport.write(data)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -525,6 +580,20 @@ class _BodySink:
 
     def unregisterProducer(self) -> None:
         pass
+
+
+class _Call:
+    """One request's Deferred, and what cancelling it stops: the attempt or the connection."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.stop: Callable[[], object] | None = None
+        self.answer: Deferred[Answer] = Deferred(self._cancel)
+
+    def _cancel(self, answer: Deferred[Answer]) -> None:
+        self.cancelled = True
+        if self.stop is not None:
+            self.stop()  # a connection attempt's own failure is then ignored
 
 
 class _ConnectionFactory(Factory):
@@ -557,6 +626,7 @@ class UpstreamClient:
         self._idle: dict[Key, list[_Connection]] = {}
         self._max_idle = max_idle
         self._idle_timeout_s = idle_timeout_s
+        self._closed = False
 
     def request(
         self,
@@ -579,47 +649,51 @@ class UpstreamClient:
             raise ValueError(f"unsafe request target {target[:80]!r}")
         endpoint = self._endpoints.endpointForURI(uri)
         head = _format_head(method, target, _host(uri), fields, body)
+        call = _Call()
         key = (uri.scheme, uri.host, uri.port)
         connection = self._take(key)
-        if connection is not None:
-            answer: Deferred[Answer] = Deferred(lambda _: connection.cancel())
-            connection.send(method, head, body, answer)
-            return answer
-        return self._connect(endpoint, key, method, head, body)
+        if connection is None:
+            self._connect(call, endpoint, key, method, head, body)
+            return call.answer
+
+        retry = None
+        if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
+
+            def retry() -> None:
+                self._connect(call, endpoint, key, method, head, body)
+
+        call.stop = connection.cancel
+        connection.send(method, head, body, call.answer, retry)
+        return call.answer
 
     def _connect(
-        self, endpoint: IStreamClientEndpoint, key: Key, method: bytes, head: bytes, body: Any
-    ) -> Deferred[Answer]:
+        self,
+        call: _Call,
+        endpoint: IStreamClientEndpoint,
+        key: Key,
+        method: bytes,
+        head: bytes,
+        body: Any,
+    ) -> None:
+        """Send on a new connection to ``endpoint``; ``call.answer`` fires as for any other."""
         factory = self._factories.get(key)
         if factory is None:
             factory = self._factories[key] = _ConnectionFactory(self, key)
-        made: list[_Connection] = []
-        cancelled = False
-
-        def cancel(_: object) -> None:
-            nonlocal cancelled
-            cancelled = True
-            if made:
-                made[0].cancel()
-            else:
-                connecting.cancel()  # its failure is not the caller's: it gets CancelledError
-
-        answer: Deferred[Answer] = Deferred(cancel)
 
         def connected(connection: _Connection) -> None:
-            made.append(connection)
-            if answer.called:  # cancelled while connecting, too late to stop
+            if call.cancelled:  # too late to stop the attempt
                 connection._close()
             else:
-                connection.send(method, head, body, answer)
+                call.stop = connection.cancel
+                connection.send(method, head, body, call.answer)
 
         def failed(failure: Failure) -> None:
-            if not cancelled:
-                answer.errback(failure)
+            if not call.cancelled:  # else the caller has its CancelledError
+                call.answer.errback(failure)
 
         connecting: Deferred[Any] = endpoint.connect(factory)
+        call.stop = connecting.cancel
         connecting.addCallbacks(connected, failed)
-        return answer
 
     def _take(self, key: Key) -> _Connection | None:
         """The most recently used idle connection of ``key``, if any."""
@@ -638,7 +712,7 @@ class UpstreamClient:
         busy pool costs no timer per request.
         """
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= self._max_idle:
+        if self._closed or len(idle) >= self._max_idle:
             connection._close()
             return
         connection.idle_since = self._clock.seconds()
@@ -657,12 +731,14 @@ class UpstreamClient:
         if left > 0:
             connection.expiry = self._clock.callLater(left, self._expire, connection)
         else:
-            self._idle[connection.key].remove(connection)  # not taken while it closes
             connection._close()
 
     def _lost(self, connection: _Connection) -> None:
+        """``connection`` is closing or gone: out of the pool, its timer stopped."""
+        connection.idle_since = None
         if connection.expiry is not None:
-            connection.expiry.cancel()
+            if connection.expiry.active():
+                connection.expiry.cancel()
             connection.expiry = None
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
@@ -673,9 +749,9 @@ class UpstreamClient:
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> Deferred[list[None]]:
-        """Close every idle connection; fires once they are all closed."""
+        """Close every idle connection and keep no more; fires once they are all closed."""
+        self._closed = True
         idle = [c for connections in self._idle.values() for c in connections]
-        self._idle.clear()
         return gatherResults([c.closed() for c in idle])
 
 

@@ -13,7 +13,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -188,6 +188,24 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertTrue(wire.value().endswith(b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
         self.assertIsNone(wire.producer)
 
+    def test_producer_held_to_its_length(self) -> None:
+        """A producer that writes more than it announced, or less, gets the connection
+        aborted: its extra bytes would read as another request."""
+        longer = _Streaming()
+        longer.length = 3
+        self.request(body=longer)
+        _, wire = self.connect()
+        longer.consumer.write(b"abcGET /x HTTP/1.1\r\n\r\n")
+        self.assertTrue(wire.aborted)
+        self.assertNotIn(b"GET /x", wire.value())
+        shorter = _Streaming()
+        shorter.length = 3
+        self.request(body=shorter)
+        _, wire = self.connect()
+        shorter.consumer.write(b"ab")
+        shorter.done.callback(None)
+        self.assertTrue(wire.aborted)
+
     def test_producer_stopped_when_connection_lost(self) -> None:
         """A connection lost while the body is still produced stops the producer."""
         producer = _Streaming()
@@ -267,6 +285,13 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertIsInstance(receiver.end.value, AnswerError)
         self.assertTrue(wire.aborted)
 
+    def test_reset_is_no_end_of_a_body_until_close(self) -> None:
+        """A body framed by the connection's end that ends in a reset is broken off."""
+        _, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\n\r\npartial")
+        wire.protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, AnswerError)
+
     def test_body_until_close(self) -> None:
         """No length and no chunks: the body ends with the connection (PotentialDataLoss)."""
         answer, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\n\r\npart one,")
@@ -328,6 +353,7 @@ class UpstreamClientTests(SynchronousTestCase):
             b"HTTP/1.1 2000 OK\r\n\r\n",
             b"ICY 200 OK\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n Folded: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
@@ -399,6 +425,28 @@ class UpstreamClientTests(SynchronousTestCase):
         protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         self.assertTrue(wire.aborted)
         self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_stop_inside_data_received(self) -> None:
+        """A receiver that stops during a read gets nothing more, and an aborted end."""
+
+        class Stopper(_Receiver):
+            def dataReceived(self, data: bytes) -> None:
+                super().dataReceived(data)
+                self.transport.stopProducing()  # type: ignore[union-attr]
+
+        d = self.request()
+        protocol, wire = self.connect()
+        receiver = Stopper()
+        d.addCallback(lambda answer: answer.deliver(receiver))
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nb\r\n0\r\n\r\n"
+        )
+        self.assertEqual(receiver.data, [b"a"])
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ConnectionAborted)
+        self.assertTrue(wire.aborted)
+        protocol.connectionLost(Failure(ConnectionDone()))  # no second end
+        self.assertIsInstance(receiver.end.value, ConnectionAborted)
 
     def test_paused_connection_resumed_when_pooled(self) -> None:
         """A connection paused by its last receiver is reading again once kept."""
@@ -477,21 +525,64 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
     def test_idle_connection_that_speaks_is_dropped(self) -> None:
-        """Bytes on an idle connection mean it is out of step: it is aborted."""
+        """Bytes on an idle connection mean it is out of step: aborted, and never handed
+        out again, even before the reactor reports it gone."""
         _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         assert wire.protocol is not None
         wire.protocol.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
         self.assertTrue(wire.aborted)
+        self.assertEqual(self.client.idle_connections(), 0)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_stale_kept_connection_retried_for_idempotent_requests(self) -> None:
+        """A GET whose kept connection closes before a byte of answer goes out again, once,
+        on a new connection."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        d = self.request(method=b"GET", body=None)
+        wire.protocol.connectionLost(Failure(ConnectionDone()))  # its FIN crossed the request
+        self.assertNoResult(d)
+        protocol, fresh = self.connect()
+        self.assertTrue(fresh.value().startswith(b"GET /api/generate?x=1 HTTP/1.1\r\n"))
+        protocol.connectionLost(Failure(ConnectionDone()))  # the second time is final
+        self.failureResultOf(d, NoAnswer)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_stale_kept_connection_not_retried_otherwise(self) -> None:
+        """A POST may have been acted on, and an answer that began is no stale connection:
+        neither is sent again."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        d = self.request(method=b"POST", body=b"{}")
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, NoAnswer)
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        d = self.request(method=b"GET", body=None)
+        wire.protocol.dataReceived(b"HTTP/1.1 200")
+        wire.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, NoAnswer)
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_close_closes_idle_connections(self) -> None:
-        """close() fires once every kept connection is gone."""
+        """close() fires once every kept connection is gone, and leaves no timer."""
         _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         closing = self.client.close()
         self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertNoResult(closing)
         assert wire.protocol is not None
         wire.protocol.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(closing)
+
+    def test_nothing_kept_after_close(self) -> None:
+        """A request still running at close() gives its connection up when it ends."""
+        d = self.request()
+        protocol, wire = self.connect()
+        self.successResultOf(self.client.close())
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.successResultOf(d)
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class ChunkedTests(SynchronousTestCase):
@@ -590,7 +681,7 @@ class EagerWriteTests(SynchronousTestCase):
 class _Streaming:
     """A body producer of unknown length that writes when the test says."""
 
-    length = UNKNOWN_LENGTH
+    length: int | str = UNKNOWN_LENGTH
 
     def __init__(self) -> None:
         self.consumer: Any = None

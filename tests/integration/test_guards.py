@@ -91,6 +91,23 @@ class _GuardCase(TestCase):
 
         await wait_for(free, 15, "the GPU lock to be free")
 
+    async def mvoice_loaded_and_unconnected(self) -> int:
+        """mvoice loaded, whatever ran before, and no connection of the daemon's to it left
+        (kept ones close after a few seconds), so that each one counted next is the
+        test's; returns the daemon's pid."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+        await self.idle()
+        response, body = await self.http.json("POST", "/v1/tts", json_body={"text": "a"})
+        self.assertEqual(response.code, 200, body)
+        await wait_for(
+            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
+            CACHED_CONNECTION_TIMEOUT_S + 6,
+            "the daemon's idle connections to mvoice to close",
+            0.1,
+        )
+        return daemon.pid
+
     def recorded(self, since: int = 0) -> list[str]:
         """The request targets the recorder received (from entry ``since``), less health probes."""
         entries = self.recorder.log_lines()[since:]
@@ -171,15 +188,13 @@ class UpstreamConnectionTests(_GuardCase):
 
     async def test_one_connection_serves_requests_in_turn_then_closes(self) -> None:
         """Requests one after the other share one upstream connection, closed once idle."""
-        daemon = self.stack.daemon
-        assert daemon is not None
-        await self.idle()
+        pid = await self.mvoice_loaded_and_unconnected()
         for n in range(5):
             response, body = await self.http.json("POST", "/v1/tts", json_body={"text": f"{n}"})
             self.assertEqual(response.code, 200, body)
-            self.assertEqual(established_connections(daemon.pid, self.mvoice.port), 1)
+            self.assertEqual(established_connections(pid, self.mvoice.port), 1)
         await wait_for(
-            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
+            lambda: established_connections(pid, self.mvoice.port) == 0,
             CACHED_CONNECTION_TIMEOUT_S + 3,
             "the idle connection to close",
             0.1,
@@ -231,21 +246,9 @@ class CancellationTests(_GuardCase):
         releases the lock."""
         daemon = self.stack.daemon
         assert daemon is not None
-        await self.idle()
-        # mvoice loaded first, so that the request below goes straight to it, whatever
-        # ran before this test.
-        response, body = await self.http.json("POST", "/v1/tts", json_body={"text": "a"})
-        self.assertEqual(response.code, 200, body)
+        await self.mvoice_loaded_and_unconnected()
         await set_faults(self.mvoice, {"hang": ["/api/synthesize"]})
         self.addCleanup(lambda: ensureDeferred(set_faults(self.mvoice, {})))
-        # Idle pooled connections close after a few seconds: wait for none, so that the
-        # one counted next is this request's.
-        await wait_for(
-            lambda: established_connections(daemon.pid, self.mvoice.port) == 0,
-            CACHED_CONNECTION_TIMEOUT_S + 6,
-            "the daemon's idle connections to mvoice to close",
-            0.1,
-        )
         client = await connect(self.stack.port, RawConnection())
         self.addCleanup(client.abort)
         client.send(request_bytes("POST", "/v1/tts", b'{"text": "never answered"}'))
