@@ -627,9 +627,13 @@ class GpuPoller(Service):
         )
 
     def reconfigure(self, reader: GpuReader | None, interval_s: float) -> None:
-        """A reload: read through ``reader`` from the next reading on; poll at the new pace."""
-        if reader is not None:
-            self._reader = reader
+        """A reload: read through ``reader`` from the next reading on; poll at the new pace.
+
+        The reader replaced is shut down (NVML released) once no read of it is in flight.
+        """
+        if reader is not None and reader is not self._reader:
+            old, self._reader = self._reader, reader
+            self._retire(old)
         if interval_s != self._interval_s:
             self._interval_s = interval_s
             if self._loop is not None and self._loop.running:
@@ -637,11 +641,21 @@ class GpuPoller(Service):
                 self.startService()
 
     def stopService(self) -> Deferred[None] | None:
-        """Stop polling; the Deferred fires once a read in flight has finished."""
+        """Stop polling and shut the reader down; fires once a read in flight has finished."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        if not self._reading:
-            return None
-        return self._join().addCallback(lambda _: None)
+        done = self._join().addCallback(lambda _: None) if self._reading else None
+        self._retire(self._reader)
+        return done
+
+    def _retire(self, reader: GpuReader) -> None:
+        """Release what ``reader`` holds (NVML's init), after a read of it still in flight."""
+        shutdown = getattr(reader, "shutdown", None)
+        if shutdown is None:
+            return
+        if self._reading:
+            self._join().addCallback(lambda _: shutdown())
+        else:
+            shutdown()

@@ -630,12 +630,16 @@ class ReaderForTests(SynchronousTestCase):
 
 
 class ControlledReader:
-    """A reader whose reads the test fires by hand."""
+    """A reader whose reads the test fires by hand, counting its shutdowns."""
 
     source = "nvml"
 
     def __init__(self) -> None:
         self.pending: list[Deferred[GpuSnapshot]] = []
+        self.shutdowns = 0
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
 
     def read(self) -> Deferred[GpuSnapshot]:
         self.pending.append(Deferred())
@@ -936,6 +940,25 @@ class GpuPollerReconfigureTests(PollerCase):
         self.reader.pending[0].callback(snapshot(700))
         self.assertEqual(self.poller.latest.used_mib, 700)
         self.assertEqual(self.read_times(self.reader, until=5), [5.0])
+
+    def test_replaced_reader_shut_down_after_its_read(self) -> None:
+        """The old reader is shut down once its read in flight is done; the new one is not."""
+        old = self.reader
+        self.start()
+        new = StaticReader(snapshot(2000))
+        self.poller.reconfigure(new, 2.0)
+        self.assertEqual(old.shutdowns, 0)
+        old.pending[0].callback(snapshot())
+        self.assertEqual(old.shutdowns, 1)
+        self.poller.reconfigure(new, 2.0)  # the same reader again: nothing to retire
+        self.assertEqual(old.shutdowns, 1)
+
+    def test_reader_shut_down_with_the_service(self) -> None:
+        """Stopping the poller shuts its reader down, at once when no read is in flight."""
+        self.start()
+        self.reader.pending[0].callback(snapshot())
+        self.poller.stopService()
+        self.assertEqual(self.reader.shutdowns, 1)
 
     def test_stopped_poller_takes_the_interval_for_later(self) -> None:
         """A poller not running reads nothing on reconfigure and polls at the new pace once
