@@ -173,12 +173,19 @@ def _import_pynvml() -> Nvml:
     return module
 
 
+#: After a failed ``nvmlInit``, how long reads report that failure before trying again.
+INIT_RETRY_S: Final = 30.0
+
+
 class NvmlReader:
     """Reads through NVML: initialised lazily, once, on the reactor thread.
 
     NVML calls are quick C calls, so they run inline; ``nvmlInit`` can take a
     moment on a card without persistence mode, which happens once.  A failed
-    init is retried on the next read (the driver may come back).
+    init is tried again (the driver may come back), but not before
+    ``INIT_RETRY_S``: the reads in between, room-making's every 100 ms
+    included, report the same failure at once instead of blocking the
+    reactor in ``nvmlInit`` each time.
     """
 
     def __init__(
@@ -194,6 +201,7 @@ class NvmlReader:
         self._clock = clock
         self._nvml = nvml
         self._initialised = False
+        self._init_failed: tuple[float, str] | None = None  # when, and why
 
     def read(self) -> Deferred[GpuSnapshot]:
         """Take a reading now; the Deferred has already fired."""
@@ -201,12 +209,16 @@ class NvmlReader:
 
     def _read_now(self) -> GpuSnapshot:
         at = _now(self._clock)
+        failed = self._init_failed
+        if failed is not None and self._clock.seconds() - failed[0] < INIT_RETRY_S:
+            return failed_snapshot(self.source, self.index, failed[1], at)
         try:
             nvml = self._init()
         except Exception as exc:
-            return failed_snapshot(
-                self.source, self.index, f"NVML init failed: {_describe(exc)}", at
-            )
+            error = f"NVML init failed: {_describe(exc)}"
+            self._init_failed = (self._clock.seconds(), error)
+            return failed_snapshot(self.source, self.index, error, at)
+        self._init_failed = None
         try:
             handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
             raw_name = nvml.nvmlDeviceGetName(handle)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mgpu.config import GpuConfig
 from mgpu.gpu import (
+    INIT_RETRY_S,
     MIB,
     NO_SOURCE_ERROR,
     REAP_GRACE_S,
@@ -205,12 +206,19 @@ class NvmlReaderTests(SynchronousTestCase):
         self.assertEqual(reading.error, "NVML init failed: Driver Not Loaded")
         self.assertEqual((reading.total_mib, reading.read_at), (None, at(START)))
 
-    def test_init_retried(self) -> None:
-        """After a failed init the next read tries again, and succeeds once NVML works."""
+    def test_init_retried_after_a_while(self) -> None:
+        """After a failed init, reads report that failure at once for INIT_RETRY_S, without
+        calling nvmlInit; then one tries again, and succeeds once NVML works."""
         nvml = FakeNvml(init_error=RuntimeError("not yet"))
         reader = NvmlReader(0, self.clock, nvml)
         self.assertFalse(self.successResultOf(reader.read()).ok)
         nvml.init_error = None
+        self.clock.advance(INIT_RETRY_S - 1)
+        reading = self.successResultOf(reader.read())
+        self.assertEqual((reading.ok, reading.error), (False, "NVML init failed: not yet"))
+        self.assertEqual(reading.read_at, at(START + INIT_RETRY_S - 1))
+        self.assertEqual(nvml.calls.count("init"), 1)
+        self.clock.advance(1)
         self.assertTrue(self.successResultOf(reader.read()).ok)
         self.assertEqual(nvml.calls.count("init"), 2)
 
