@@ -24,6 +24,7 @@ from typing import Any
 
 from bench.common import OUT_DIR, Bench, CommonOptions, Session, busy_note, fmt, passed, verdict
 from bench.trace.belady import Card, Rules, belady, exhaustive
+from bench.trace.bound import reorder_bound
 from bench.trace.generate import Trace, TraceParams, generate
 from bench.trace.replay import Stack, StackSettings
 from bench.trace.report import one_job_s, summarize, targets
@@ -127,6 +128,12 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
                 f" wait p99 {w['p99']:.2f} s, max {w['max']:.2f} s"
             )
     one_job = one_job_s(load_s, work_s) if load_s else math.nan
+    window_s = opts.max_skip_s * opts.scale + one_job
+    bound = None
+    if not math.isnan(window_s):
+        bound = reorder_bound(trace.timed(opts.scale), rules, window_s)
+        log(f"no schedule that starts every request within {window_s:.2f} s needs fewer than "
+            f"{bound} swaps")  # fmt: skip
     result = session.document(
         "trace",
         {},
@@ -158,9 +165,12 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
             "swaps": ref_swaps,
         },
         optimum_swaps=optimum,
+        bound={"swaps": bound, "window_s": window_s} if bound is not None else None,
         policies=summaries,
         failures=failures,
-        analysis={"targets": targets(summaries, ref_swaps, opts.max_skip_s * opts.scale, one_job)},
+        analysis={
+            "targets": targets(summaries, ref_swaps, opts.max_skip_s * opts.scale, one_job, bound)
+        },
     )
     if opts.plot and summaries:
         result["png"] = _plot(result, trace, opts, log)
@@ -213,6 +223,13 @@ def render(result: dict[str, Any]) -> str:
     out.append(f"{'Belady (offline)':<18} {b['loads']:>6} {b['unloads']:>7} {b['swaps']:>6}")
     if result.get("optimum_swaps") is not None:
         out.append(f"{'optimum (offline)':<18} {'':>6} {'':>7} {result['optimum_swaps']:>6}")
+    if result.get("bound"):
+        bound = result["bound"]
+        out.append(
+            f"{'bound (any order)':<18} {'':>6} {'':>7} {bound['swaps']:>6}"
+            f"   (offline: fewest swaps of any schedule starting every request within"
+            f" {bound['window_s']:.2f} s)"
+        )
     if pols:
         kinds = list(p["routing"])
         out.append("queue wait by kind, p50 / p99 / max (s):")
@@ -245,7 +262,9 @@ def render(result: dict[str, Any]) -> str:
         out.append(
             f"target: {labels.get(key, key)}: {verdict(t['ok'])} "
             f"({fmt(float(t['value']), '', 2)} vs {fmt(float(t['limit']), '', 2)})"
-        )
+            + ("" if t.get("reachable", True) else
+               f"; out of reach: no schedule within the wait bound needs fewer than {t['bound']}")
+        )  # fmt: skip
     if result.get("png"):
         out.append(f"picture: {result['png']}")
     out += busy_note(result)

@@ -130,6 +130,10 @@ class Trace:
         """The consumer of every arrival, in arrival order: what Belady's rule reads."""
         return [self.params.routing[a.kind] for a in self.arrivals]
 
+    def timed(self, scale: float) -> list[tuple[float, str]]:
+        """(arrival time x ``scale``, consumer) of every arrival: what the bound reads."""
+        return [(a.t * scale, self.params.routing[a.kind]) for a in self.arrivals]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "params": self.params.to_json(),

@@ -177,8 +177,14 @@ def targets(
     belady_swaps: int,
     max_skip_s: float,
     one_job: float,
+    bound_swaps: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Issue 5's targets for ``affinity`` against ``fifo`` and the reference."""
+    """Issue 5's targets for ``affinity`` against ``fifo`` and the reference.
+
+    ``bound_swaps``: the fewest swaps any schedule within the wait bound
+    needs (``bound.reorder_bound``); where it is over half of fifo's, the
+    first target is out of reach for every scheduler, and says so.
+    """
     fifo, aff = policies.get("fifo"), policies.get("affinity")
     if fifo is None or aff is None:
         return {}
@@ -190,7 +196,12 @@ def targets(
             "value": aff["swaps"],
             "limit": fifo["swaps"] / 2,
             "ok": aff["swaps"] <= fifo["swaps"] / 2,
-        },
+        }
+        | (
+            {}
+            if bound_swaps is None
+            else {"bound": bound_swaps, "reachable": bound_swaps <= fifo["swaps"] / 2}
+        ),
         "no_more_swaps_than_belady": {
             "value": aff["swaps"],
             "limit": belady_swaps,
