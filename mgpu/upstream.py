@@ -438,22 +438,21 @@ class _Connection(Protocol):
                 return
             for piece in pieces:
                 answer._data(piece)
-                if self._answer is not answer:
+                if self._framing == "stopped":
                     return
             if rest is not None:
                 self._done(rest)
         elif framing == "close":
             if data:
                 answer._data(data)
-        else:
+        elif framing == "none":
             self._done(rest=data)
+        # "stopped": the receiver wants no more; its end comes with the connection's
 
     def _done(self, rest: bytes) -> None:
         """The body is complete: back to the pool first, then tell its receiver."""
-        answer = self._answer
-        if answer is None:  # the receiver stopped the body while it was delivered
-            return
-        self._answer = None
+        answer, self._answer = self._answer, None
+        assert answer is not None
         if self._closing:
             pass
         elif rest or self._sending is not None or not self._keep_alive:
@@ -490,11 +489,15 @@ class _Connection(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def stop(self, answer: Answer) -> None:
-        """The body's receiver wants no more: close at once, and end the body there."""
-        if self._answer is answer:
-            self._answer = None
+        """The body's receiver wants no more: deliver nothing more, and close at once.
+
+        The receiver hears of the end when the connection is gone, as from a
+        transport: not from inside its own ``stopProducing`` call (a relay
+        stopped because its client left must learn that first).
+        """
+        if self._answer is answer and self._framing != "stopped":
+            self._framing = "stopped"
             self.abort()
-            answer._finish(Failure(ConnectionAborted("the receiver stopped the answer")))
 
     def cancel(self) -> None:
         """The request's Deferred was cancelled: nothing more is awaited, close at once."""
@@ -537,7 +540,9 @@ class _Connection(Protocol):
                 waiting.errback(NoAnswer(why))
         answer, self._answer = self._answer, None
         if answer is not None:
-            if self._framing == "close" and isinstance(reason.value, ConnectionDone):
+            if self._framing == "stopped":
+                answer._finish(Failure(ConnectionAborted("the receiver stopped the answer")))
+            elif self._framing == "close" and isinstance(reason.value, ConnectionDone):
                 answer._finish(Failure(PotentialDataLoss()))
             else:  # a reset is no end of a body framed by the end of the connection
                 answer._finish(Failure(AnswerError(f"the answer broke off: {_why(reason)}")))

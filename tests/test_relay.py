@@ -526,6 +526,18 @@ class RelayTests(SynchronousTestCase):
         self.assertConsumerSawLoss(upstream)
         self.assertNoTimers()
 
+    def test_client_transport_stops_the_answer_first(self) -> None:
+        """A TCP transport stops its producer before the channel hears that the client left:
+        still CancelledError, never a consumer that broke off its answer."""
+        self.start()
+        upstream = self.answer()
+        assert self.client.producer is not None
+        self.client.producer.stopProducing()
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(self.result, CancelledError)
+        self.assertConsumerSawLoss(upstream)
+        self.assertNoTimers()
+
     def test_client_disconnect_while_streaming(self) -> None:
         """A client that goes away mid-body stops the upstream: CancelledError."""
         self.start()
