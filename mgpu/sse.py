@@ -41,15 +41,30 @@ def encode(event: Event) -> bytes:
 
 
 class EventStreams:
-    """Serves every ``/v1/events`` client; ``dropped`` counts events lost to slow ones."""
+    """Serves every ``/v1/events`` client; ``dropped`` counts events lost to slow ones.
+
+    One bus subscription for all of them: each event is encoded once, however
+    many clients follow.
+    """
 
     def __init__(self, bus: EventBus, clock: IReactorTime, buffer: int = CLIENT_BUFFER) -> None:
         self._bus = bus
         self._clock = clock
         self._buffer = buffer
         self.dropped = 0
-        self.clients = 0
         self._open: set[_Stream] = set()
+        bus.subscribe(self._publish)
+
+    @property
+    def clients(self) -> int:
+        """How many streams are open."""
+        return len(self._open)
+
+    def _publish(self, event: Event) -> None:
+        if self._open:
+            chunk = encode(event)
+            for stream in list(self._open):
+                stream.push(chunk)
 
     def end_all(self) -> None:
         """End every open stream (the token changed: each must authenticate again)."""
@@ -83,7 +98,7 @@ def _history(request: Request, bus: EventBus) -> tuple[list[Event], int]:
 
 @implementer(IPushProducer)
 class _Stream:
-    """One client's stream: its buffer, its keep-alive timer and its bus subscription."""
+    """One client's stream: its buffer and its keep-alive timer."""
 
     def __init__(self, streams: EventStreams, request: Request) -> None:
         self._streams = streams
@@ -91,13 +106,11 @@ class _Stream:
         self._pending: deque[bytes] = deque(maxlen=streams._buffer)
         self._missed = 0
         self._paused = False
-        self._unsubscribe = streams._bus.subscribe(self._publish)
         self._keepalive: IDelayedCall | None = None
 
     def start(self, history: list[Event], lost: int = 0) -> None:
         """Begin the stream: ``history`` first, after a note of the ``lost`` events."""
         self._missed = lost
-        self._streams.clients += 1
         self._streams._open.add(self)
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._closed)
@@ -107,8 +120,9 @@ class _Stream:
         self._flush()
         self._arm()
 
-    def _publish(self, event: Event) -> None:
-        self._enqueue(encode(event))
+    def push(self, chunk: bytes) -> None:
+        """An encoded event for this client: written now, or kept while it is slow."""
+        self._enqueue(chunk)
         self._flush()
 
     def _enqueue(self, chunk: bytes) -> None:
@@ -156,8 +170,6 @@ class _Stream:
 
     def _closed(self, _: object) -> Failure | None:
         self._streams._open.discard(self)
-        self._streams.clients -= 1
-        self._unsubscribe()
         self._pending.clear()
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()

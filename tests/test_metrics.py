@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
 from mgpu.config import parse_config
 from mgpu.control import ProbeResult
@@ -33,6 +34,7 @@ from mgpu.scheduler import GpuScheduler, Lease
 from mgpu.site import TimedRequest
 from mgpu.sse import EventStreams
 from tests.test_api import SNAPSHOT
+from tests.test_facade import Client, _Front
 
 START = 1_795_000_000.0
 READ_AT = datetime.fromtimestamp(START, UTC)
@@ -314,7 +316,12 @@ class SchedulerGaugeTests(MetricsTestCase):
 
     def test_event_stream_clients_and_drops(self) -> None:
         """The event streams' client count and dropped events are read at scrape time."""
-        self.streams.clients = 2
+
+        def follow(request: Request) -> None:
+            self.streams.render(request)
+
+        for _ in range(2):
+            Client(_Front(follow)).send(b"GET", b"/v1/events")
         self.streams.dropped = 7
         self.assertEqual(self.value("mgpu_sse_clients"), 2.0)
         self.assertEqual(self.value("mgpu_sse_dropped_events_total"), 7.0)
