@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -459,6 +459,13 @@ def make_config(
     return config
 
 
+def token_auth(workdir: Path, token: str) -> dict[str, Any]:
+    """Write ``token`` to ``workdir / "token"``; the ``auth`` block that names that file."""
+    path = workdir / "token"
+    path.write_text(token + "\n", "utf-8")
+    return {"token_file": str(path)}
+
+
 def smi_gpu(poll_interval_s: float = 0.3) -> dict[str, Any]:
     """The ``gpu`` section for the stand-in nvidia-smi (its state file comes from the env)."""
     return {
@@ -834,6 +841,16 @@ class Stack:
         if not keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             _WORKDIRS.discard(self.workdir)
+
+    @contextlib.asynccontextmanager
+    async def starting(self) -> AsyncIterator[None]:
+        """Around starting the stack's processes: if anything in the block fails, stop
+        what it started and keep the work directory (its logs) for a look."""
+        try:
+            yield
+        except BaseException:
+            await self.stop(keep_workdir=True)
+            raise
 
 
 _WORKDIRS: set[Path] = set()

@@ -10,6 +10,7 @@ from tests.integration.harness import (
     raw_request,
     request_bytes,
     shared_stacks,
+    token_auth,
 )
 from tests.integration.patterns import ERROR_KEYS
 
@@ -19,20 +20,15 @@ TOKEN = "s3cr3t-t0ken-for-the-integration-tests"
 async def _auth_stack() -> Stack:
     """The recorder serves tts and /audio, so the test sees every header that reaches it."""
     stack = Stack.new("mgpu-auth-")
-    try:
+    async with stack.starting():
         await stack.add_recorder()
-        token_file = stack.workdir / "token"
-        token_file.write_text(TOKEN + "\n", "utf-8")
         config = make_config(
             stack.consumers,
             {"tts": "recorder"},
             audio_proxy="recorder",
-            auth={"token_file": str(token_file)},
+            auth=token_auth(stack.workdir, TOKEN),
         )
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 

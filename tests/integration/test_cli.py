@@ -34,6 +34,7 @@ from tests.integration.harness import (
     shared_stacks,
     smi_gpu,
     start_daemon,
+    token_auth,
     wait_for,
 )
 
@@ -97,13 +98,10 @@ async def _cli_stack() -> Stack:
     """mvoice (loaded at start, load and unload routes), whisper (no unload route) and
     comfyui (unloaded by one test only) on a card with room for all of them."""
     stack = Stack.new("mgpu-cli-")
-    try:
+    async with stack.starting():
         await stack.add_consumers("mvoice", "whisper", "comfyui", args={"mvoice": ["--preload"]})
         routing = {"tts": "mvoice", "stt": "whisper", "image": "comfyui"}
         await stack.start(make_config(stack.consumers, routing, gpu=smi_gpu()))
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 
@@ -268,14 +266,12 @@ TOKEN = "cli-t0ken-for-the-integration-tests"
 
 async def _auth_stack() -> Stack:
     stack = Stack.new("mgpu-cli-auth-")
-    try:
+    async with stack.starting():
         await stack.add_consumers("mvoice")
-        token = write_text(stack.workdir / "token", TOKEN + "\n")
-        config = make_config(stack.consumers, {"tts": "mvoice"}, auth={"token_file": str(token)})
+        config = make_config(
+            stack.consumers, {"tts": "mvoice"}, auth=token_auth(stack.workdir, TOKEN)
+        )
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 
@@ -328,13 +324,10 @@ class TokenTests(TestCase):
 
 async def _reload_stack() -> Stack:
     stack = Stack.new("mgpu-cli-reload-")
-    try:
+    async with stack.starting():
         await stack.add_consumers("mvoice", "whisper")
         routing = {"tts": "mvoice", "stt": "whisper"}
         await stack.start(make_config(stack.consumers, routing))
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 

@@ -38,6 +38,7 @@ from tests.integration.harness import (
     request_bytes,
     shared_stacks,
     smi_gpu,
+    token_auth,
     write_gpu_state,
 )
 
@@ -167,7 +168,7 @@ class Browser:
 async def dashboard_stack() -> Stack:
     """ollama and comfyui resident, mvoice not, on the 24 GiB card with 3000 MiB taken."""
     stack = Stack.new("mgpu-dash-")
-    try:
+    async with stack.starting():
         write_gpu_state(stack.gpu_state, used_mib=3000)
         await stack.add_consumers(
             *CONSUMERS,
@@ -184,30 +185,22 @@ async def dashboard_stack() -> Stack:
             health={"interval_s": 0.5, "timeout_s": 1},
         )
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 
 async def token_stack() -> Stack:
     """mvoice alone behind a daemon that requires ``TOKEN``."""
     stack = Stack.new("mgpu-dash-auth-")
-    try:
+    async with stack.starting():
         await stack.add_consumers("mvoice")
-        token_file = stack.workdir / "token"
-        token_file.write_text(TOKEN + "\n", "utf-8")
         config = make_config(
             stack.consumers,
             {"tts": "mvoice"},
             gpu=smi_gpu(0.3),
             health={"interval_s": 0.5, "timeout_s": 1},
-            auth={"token_file": str(token_file)},
+            auth=token_auth(stack.workdir, TOKEN),
         )
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 

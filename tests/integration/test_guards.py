@@ -52,7 +52,7 @@ async def _guard_stack() -> Stack:
     to a consumer are the ones a test makes.
     """
     stack = Stack.new("mgpu-guards-")
-    try:
+    async with stack.starting():
         await stack.add_consumers("mvoice", "ollama")
         await stack.add_recorder()
         config = make_config(
@@ -64,9 +64,6 @@ async def _guard_stack() -> Stack:
             overrides={"ollama": {"timeout_s": 2}},
         )
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 

@@ -47,15 +47,12 @@ STATUS_SCHEDULER_KEYS = {
 
 async def _route_stack() -> Stack:
     stack = Stack.new("mgpu-routes-")
-    try:
+    async with stack.starting():
         await stack.add_consumers(
             "mvoice", "ollama", "comfyui", args={"comfyui": ["--load-s", "0.3"]}
         )
         config = make_config(stack.consumers, ALL_KINDS, audio_proxy="mvoice", gpu=smi_gpu())
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 

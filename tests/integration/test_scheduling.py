@@ -308,7 +308,7 @@ async def build_stack(
     stack = SchedStack.new(prefix)
     assert isinstance(stack, SchedStack)
     by_name = stack.sims = {sim.name: sim for sim in sims}
-    try:
+    async with stack.starting():
         write_card(stack.gpu_state, external_mib)
         started = [
             ensureDeferred(
@@ -338,9 +338,6 @@ async def build_stack(
             "consumers": {s.name: s.config() for s in by_name.values()},
         }
         await stack.start(config)
-    except BaseException:
-        await stack.stop(keep_workdir=True)
-        raise
     return stack
 
 
