@@ -281,7 +281,7 @@ class _Collect(ProcessProtocol):
         self,
         done: Deferred[SmiResult],
         timeout_s: float,
-        call_later: Callable[..., Any] | None = None,
+        call_later: Callable[..., Any],
     ) -> None:
         self.done = done
         self.timeout_s = timeout_s
@@ -312,10 +312,9 @@ class _Collect(ProcessProtocol):
         self.timer = None
         self.timed_out = True
         self.kill()
-        if self.call_later is not None:
-            # A process stuck in the driver (uninterruptible sleep) is never
-            # reaped: do not let the reading, and the scheduler's wait on it, hang.
-            self.timer = self.call_later(REAP_GRACE_S, self.abandon)
+        # A process stuck in the driver (uninterruptible sleep) is never
+        # reaped: do not let the reading, and the scheduler's wait on it, hang.
+        self.timer = self.call_later(REAP_GRACE_S, self.abandon)
 
     def abandon(self) -> None:
         self.timer = None

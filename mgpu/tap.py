@@ -99,7 +99,7 @@ def build_service(
     ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies.
     """
     upstream = UpstreamClient(reactor, max_idle=32, idle_timeout_s=CACHED_CONNECTION_TIMEOUT_S)
-    control_pool = _pool(reactor, max_per_host=4, factory=_QuietClientFactory)
+    control_pool = _pool(reactor, max_per_host=4)
 
     events = EventBus(reactor)
     registry = Registry(config.consumers, reactor, events)
@@ -199,13 +199,11 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
-def _pool(
-    reactor: Any, max_per_host: int, factory: type[_HTTP11ClientFactory]
-) -> HTTPConnectionPool:
+def _pool(reactor: Any, max_per_host: int) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT_S
-    pool._factory = factory
+    pool._factory = _QuietClientFactory
     return pool
 
 
