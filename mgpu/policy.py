@@ -61,9 +61,15 @@ def _lru_key(resident: Resident) -> tuple[bool, float]:
     return (used is not None, used if used is not None else 0.0)
 
 
-def young_ones(candidates: Iterable[Resident], young_since: float) -> list[Resident]:
-    """The candidates still within their minimum residency."""
-    return [c for c in candidates if _young(c, young_since)]
+def split_young(
+    candidates: Iterable[Resident], young_since: float
+) -> tuple[list[Resident], list[Resident]]:
+    """The candidates past their minimum residency, and those still within it."""
+    old: list[Resident] = []
+    young: list[Resident] = []
+    for c in candidates:
+        (young if _young(c, young_since) else old).append(c)
+    return old, young
 
 
 def eviction_plan(need_mib: int, free_mib: int, candidates: Sequence[Resident]) -> list[Resident]:

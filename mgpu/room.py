@@ -32,7 +32,7 @@ from mgpu.policy import (
     eviction_order,
     eviction_plan,
     fits_after_evictions,
-    young_ones,
+    split_young,
 )
 from mgpu.registry import Registry
 from mgpu.scheduler import SchedulerStats
@@ -213,8 +213,7 @@ class RoomMaker:
         if free >= need:
             return SWAP
         candidates = self._candidates(target)
-        young = young_ones(candidates, self._young_since())
-        old = [c for c in candidates if c not in young]
+        old, young = split_young(candidates, self._young_since())
         return SWAP if fits_after_evictions(need, free, old) or not young else SWAP_YOUNG
 
     def _young_since(self) -> float:

@@ -36,8 +36,13 @@ from mgpu.registry import Registry
 
 T = TypeVar("T")
 
-#: Weight of the newest request in the running mean of request times (Retry-After).
+#: Weight of the newest value in a running mean: request times (Retry-After) and
+#: the gaps between a consumer's requests (lingering).
 _MEAN_WEIGHT = 0.2
+
+
+def _running_mean(mean: float, value: float) -> float:
+    return mean + _MEAN_WEIGHT * (value - mean)
 
 
 @define
@@ -139,7 +144,7 @@ class _Arrivals:
             return
         mean = self._gap.get(consumer)
         gap = now - last
-        self._gap[consumer] = gap if mean is None else mean + _MEAN_WEIGHT * (gap - mean)
+        self._gap[consumer] = gap if mean is None else _running_mean(mean, gap)
 
     def expected_gap(self, consumer: str) -> float | None:
         return self._gap.get(consumer)
@@ -258,7 +263,8 @@ class GpuScheduler:
         state = self._registry.get(consumer)
         if state is None:
             raise BrokerError("no_consumer", f"{consumer} was removed by a reload", consumer)
-        self._arrivals.note(consumer, self._clock.seconds(), self.config.max_skip_s)
+        if self.config.linger_s > 0:  # only lingering reads the gaps
+            self._arrivals.note(consumer, self._clock.seconds(), self.config.max_skip_s)
         self._dispatch()  # aging may have let a waiting request in since the last event
         if self._may_start(consumer, state.config.priority, exclusive):
             self._admit(consumer, exclusive, prepare)
@@ -430,7 +436,7 @@ class GpuScheduler:
 
     def _release(self, lease: Lease, started: float) -> None:
         took = self._clock.seconds() - started
-        self._mean_s += _MEAN_WEIGHT * (took - self._mean_s)
+        self._mean_s = _running_mean(self._mean_s, took)
         self._registry[lease.consumer].in_flight -= 1
         if lease.reached_consumer:  # LRU order counts real use only
             self._registry.mark_used(lease.consumer)
