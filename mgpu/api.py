@@ -11,6 +11,7 @@ the broker's error schema.
 from __future__ import annotations
 
 import base64
+import functools
 import hmac
 import json
 import re
@@ -237,6 +238,12 @@ def _json(request: Request, value: object) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
+@functools.cache
+def _dashboard_page() -> bytes:
+    """``dashboard.html``, read once: the app is built again when operations are served."""
+    return resources.files("mgpu").joinpath("dashboard.html").read_bytes()
+
+
 class BrokerApp:
     """The Klein routes that are not on the hot path."""
 
@@ -245,7 +252,7 @@ class BrokerApp:
     def __init__(self, status: StatusView, operations: Operations | None = None) -> None:
         self._status = status
         self._ops = operations
-        self._dashboard = resources.files("mgpu").joinpath("dashboard.html").read_bytes()
+        self._dashboard = _dashboard_page()
 
     def _operations(self) -> Operations:
         if self._ops is None:
@@ -293,8 +300,7 @@ class BrokerApp:
     def reload(self, request: Request) -> bytes:
         try:
             return _json(request, self._operations().reloader.reload())
-        except ConfigError as e:
-            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+        except ConfigError as e:  # the reloader logged it
             return render_error(request, BrokerError("bad_request", f"reload refused: {e}"))
         except BrokerError as e:
             return render_error(request, e)

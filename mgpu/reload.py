@@ -90,10 +90,14 @@ class Reloader:
 
     def reload(self) -> dict[str, object]:
         """Apply the file now; raises ``ConfigError`` (and changes nothing) if it is bad."""
-        if self.path is None:
-            raise ConfigError("--demo", "", "the demo has no configuration file to reload")
-        new = load_config(self.path)
-        token = read_token(new.auth.token_file, self.path)
+        try:
+            if self.path is None:
+                raise ConfigError("--demo", "", "the demo has no configuration file to reload")
+            new = load_config(self.path)
+            token = read_token(new.auth.token_file, self.path)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+            raise
         fresh = self.parts.apply(self.running, new, token)
         moved = self.listening_on is not None and new.listen != self.listening_on
         restart = ["listen"] if moved else []
@@ -117,8 +121,8 @@ class Reloader:
         """``reload``, with a bad file logged rather than raised (the SIGHUP path)."""
         try:
             self.reload()
-        except ConfigError as e:
-            log.error("reload refused, the running configuration stays: {error}", error=str(e))
+        except ConfigError:
+            pass  # reload logged why
         except Exception:
             log.failure("reload failed; the running configuration stays")
 
