@@ -85,6 +85,9 @@ class ConsumerConfig:
     priority: int = 2
     max_concurrency: int = 1
     timeout_s: float = 300.0
+    #: Reuse connections to this consumer (SPEC 9.7): off by default, since a
+    #: stray late answer on a reused connection would reach the next client.
+    keepalive: bool = False
 
     def coexists_with(self, other: ConsumerConfig) -> bool:
         """Whether the two may be resident together; declared on either side is enough."""
@@ -133,6 +136,8 @@ class HealthConfig:
 @frozen
 class LimitsConfig:
     max_body_mib: int = 512
+    #: A client's request head must arrive within this long.
+    header_timeout_s: float = 10.0
 
 
 @frozen
@@ -414,11 +419,15 @@ class _Parser:
         )
 
     def limits(self, value: object) -> LimitsConfig:
-        data = self.mapping(value, "limits", ("max_body_mib",))
+        d = LimitsConfig()
+        data = self.mapping(value, "limits", ("max_body_mib", "header_timeout_s"))
         return LimitsConfig(
             max_body_mib=self.integer(
-                data.get("max_body_mib", LimitsConfig().max_body_mib), "limits.max_body_mib", 1
-            )
+                data.get("max_body_mib", d.max_body_mib), "limits.max_body_mib", 1
+            ),
+            header_timeout_s=self.seconds(
+                data.get("header_timeout_s", d.header_timeout_s), "limits.header_timeout_s"
+            ),
         )
 
     def declared(self, value: object, where: str, consumers: Mapping[str, object]) -> str:
@@ -464,6 +473,7 @@ class _Parser:
             (
                 "url", "health", "paths", "vram_resident_mib", "unload", "load",
                 "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
+                "keepalive",
             ),
         )  # fmt: skip
         for required in ("url", "paths", "vram_resident_mib"):
@@ -498,6 +508,7 @@ class _Parser:
                 data.get("max_concurrency", d.max_concurrency), f"{where}.max_concurrency", 1
             ),
             timeout_s=self.seconds(data.get("timeout_s", d.timeout_s), f"{where}.timeout_s"),
+            keepalive=self.boolean(data.get("keepalive", d.keepalive), f"{where}.keepalive"),
         )
 
     def optional_route(self, value: object, where: str) -> Route | None:
