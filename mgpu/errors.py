@@ -15,6 +15,7 @@ STATUS_OF: Final[dict[str, int]] = {
     "payload_too_large": 413,
     "consumer_unreachable": 502,
     "bad_consumer_url": 502,
+    "bad_answer": 502,
     "scheduler_error": 503,
     "queue_full": 503,
     "queue_timeout": 503,

@@ -133,8 +133,12 @@ class Facade:
 
         def failed(failure: Failure) -> Failure:
             error = failure.value
+            # Only a consumer that cannot be reached is out of service for
+            # everyone; a bad answer fails this request alone.
             if isinstance(error, BrokerError) and error.code == "consumer_unreachable":
                 self.registry.mark_unreachable(consumer.name, error.message)
+            elif isinstance(error, BrokerError) and error.code == "bad_answer":
+                log.warn("{consumer}: {message}", consumer=consumer.name, message=error.message)
             elif isinstance(error, BrokerError) and error.code == "upstream_timeout":
                 self.events.publish(
                     "timeout", consumer=consumer.name, reason="upstream", after_s=consumer.timeout_s

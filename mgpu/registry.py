@@ -197,7 +197,7 @@ class Registry:
         if (state := self.get(name)) is not None:
             self._set_health(state, False, error)
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, dict[str, object]]:
         """The ``consumers`` object of ``/v1/status``."""
         return {name: state.to_json() for name, state in self._states.items()}
 

@@ -29,7 +29,7 @@ from twisted.web.server import Request
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
-from mgpu.upstream import Answer, UpstreamClient
+from mgpu.upstream import Answer, AnswerError, UpstreamClient
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), never relayed in either direction.
 HOP_BY_HOP: Final = frozenset(
@@ -50,7 +50,6 @@ HOP_BY_HOP: Final = frozenset(
 # X-Forwarded-For is rebuilt, and twisted.web has already answered Expect.
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"expect"}
 _NOT_RELAYED: Final = HOP_BY_HOP | {b"content-length"}
-_NO_BODY_CODES: Final = (NO_CONTENT, NOT_MODIFIED)
 #: Answers of known length up to this size are relayed without backpressure.
 SMALL_BODY: Final = 64 * 1024
 _BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
@@ -120,7 +119,9 @@ class Relay:
         elif content is not None:  # twisted.web spooled a large body to a file
             body = FileBodyProducer(content, self._cooperator)
         try:
-            upstream = self._client.request(method, consumer.url.encode() + path, fields, body)
+            upstream = self._client.request(
+                method, consumer.url.encode() + path, fields, body, keepalive=consumer.keepalive
+            )
         except _BAD_URL as e:  # refused before any I/O
             return fail(_bad_url(consumer, e))
         exchange = _Exchange(
@@ -159,6 +160,18 @@ def _bad_url(consumer: ConsumerConfig, reason: BaseException) -> BrokerError:
         f"consumer {consumer.name} has an unusable URL {consumer.url!r}: {reason}",
         consumer.name,
     )
+
+
+def _bad_answer(consumer: ConsumerConfig, reason: BaseException | None) -> BrokerError:
+    """The consumer's answer broke HTTP or broke off: this request's failure alone.
+
+    The reason is the parser's or the connection's, never the consumer's
+    bytes (another client's answer could be among them).
+    """
+    return BrokerError(
+        "bad_answer", f"consumer {consumer.name} sent a bad answer: {_describe(reason)}",
+        consumer.name,
+    )  # fmt: skip
 
 
 def _describe(reason: BaseException | None) -> str:
@@ -218,10 +231,13 @@ class _Exchange(Protocol):
             low = name.lower()
             if low not in _NOT_RELAYED and not low.startswith(b"proxy-"):
                 out.setRawHeaders(name, values)
-        # The length of an answer without a body (HEAD, 204, 304) is the
-        # consumer's to state; otherwise it is the body's own, if framed so.
+        # The length of an answer to HEAD, or of a 304, is the consumer's to
+        # state (the representation's); a 204 has none (RFC 9110 section 8.6);
+        # otherwise it is the body's own, if framed so.
         length = answer.length
-        if self._head_only or answer.code in _NO_BODY_CODES:
+        if answer.code == NO_CONTENT:
+            pass
+        elif self._head_only or answer.code == NOT_MODIFIED:
             given = answer.headers.getRawHeaders(b"content-length")
             if given:
                 out.setRawHeaders(b"Content-Length", given)
@@ -242,6 +258,8 @@ class _Exchange(Protocol):
         reason = failure.value
         if isinstance(reason, _BAD_URL):
             self._end(_bad_url(self._consumer, reason))
+        elif isinstance(reason, AnswerError):
+            self._end(_bad_answer(self._consumer, reason))
         else:
             self._end(
                 BrokerError(
@@ -279,9 +297,8 @@ class _Exchange(Protocol):
         if isinstance(reason.value, ResponseDone | PotentialDataLoss):
             self._end(None)
         else:
-            name = self._consumer.name
-            message = f"consumer {name} broke off its answer: {_describe(reason.value)}"
-            self._end(self._failure("consumer_unreachable", message))
+            error = _bad_answer(self._consumer, reason.value)
+            self._end(self._failure(error.code, error.message))
 
     # -- other events ------------------------------------------------------
 

@@ -8,6 +8,7 @@ from attrs import frozen
 from mgpu.gpu import GpuPoller
 from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler
+from mgpu.upstream import UpstreamClient
 
 
 @frozen
@@ -17,10 +18,24 @@ class StatusView:
     gpu: GpuPoller
     registry: Registry
     scheduler: GpuScheduler
+    #: The relay's client, which knows the consumers caught sending stray bytes.
+    upstream: UpstreamClient | None = None
 
     def document(self) -> dict[str, object]:
+        consumers = self.registry.to_json()
+        for name, entry in consumers.items():
+            entry["keepalive"] = self._keepalive(name)
         return {
             "gpu": self.gpu.latest.to_json(),
-            "consumers": self.registry.to_json(),
+            "consumers": consumers,
             "scheduler": self.scheduler.to_json(),
         }
+
+    def _keepalive(self, name: str) -> str:
+        """``off`` (the default), ``on``, or ``suspended``: caught sending stray bytes."""
+        config = self.registry[name].config
+        if not config.keepalive:
+            return "off"
+        if self.upstream is not None and self.upstream.suspended(config.url):
+            return "suspended"
+        return "on"

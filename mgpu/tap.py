@@ -127,7 +127,7 @@ def build_service(
     )
     streams = EventStreams(events, reactor)
     metrics = BrokerMetrics(events, poller, registry, scheduler, streams, clock=reactor)
-    resource = BrokerResource(facade, StatusView(poller, registry, scheduler), token)
+    resource = BrokerResource(facade, StatusView(poller, registry, scheduler, upstream), token)
     site = BrokerSite(
         resource,
         reactor,

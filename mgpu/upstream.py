@@ -25,9 +25,16 @@ body's receiver gets an ``IPushProducer`` whose ``stopProducing`` does the same.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
 from twisted.internet.abstract import FileDescriptor, isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import (
@@ -45,6 +52,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.error import SchemeNotSupported
@@ -53,11 +61,15 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+log = Logger()
+
 #: An answer's status line and headers may not be longer than this.
 MAX_HEAD: Final = 64 * 1024
-#: Nor a chunk-size or trailer line.
-MAX_LINE: Final = 4096
-_HEX: Final = re.compile(rb"[0-9A-Fa-f]{1,15}")
+#: Nor have more header fields than this, or trailer fields than MAX_TRAILERS.
+MAX_FIELDS: Final = 256
+MAX_TRAILERS: Final = 32
+#: A reason phrase is HTAB, SP, VCHAR and obs-text (RFC 9112 section 4): no CR, LF, NUL, ESC.
+_REASON: Final = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # A request target or header with these would split the request or the line.
 _UNSAFE_TARGET: Final = re.compile(rb"[\x00-\x20\x7f]")
 _NO_BODY_CODES: Final = (204, 304)
@@ -189,106 +201,30 @@ class Answer:
             self._connection.stop(self)
 
 
-class _Chunked:
-    """Decodes a chunked body (RFC 9112 section 7.1), whatever the pieces it arrives in."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._left = 0  # bytes of the current chunk still to come
-        self._state = "size"  # size, data, crlf (after data), trailer
-
-    def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
-        """The body bytes in ``data``, and what followed the body's end (None: not ended).
-
-        One pass with an offset: a read of many small chunks costs linear time.
-        """
-        buffer = self._buffer + data if self._buffer else data
-        out: list[bytes] = []
-        at, end = 0, len(buffer)
-        while at < end:
-            if self._state == "data":
-                piece = buffer[at : at + self._left]
-                out.append(piece)
-                self._left -= len(piece)
-                at += len(piece)
-                if not self._left:
-                    self._state = "crlf"
-                continue
-            eol = buffer.find(b"\r\n", at, at + MAX_LINE + 2)
-            if eol < 0:
-                if end - at > MAX_LINE:
-                    raise AnswerError("a chunked body's line is too long")
-                break
-            line, at = buffer[at:eol], eol + 2
-            if self._state == "crlf":
-                if line:
-                    raise AnswerError("a chunk is longer than its size says")
-                self._state = "size"
-            elif self._state == "size":
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not _HEX.fullmatch(size):
-                    raise AnswerError(f"bad chunk size {line[:40]!r}")
-                self._left = int(size, 16)
-                self._state = "data" if self._left else "trailer"
-            elif not line:  # the blank line after the trailers
-                self._buffer = b""
-                return out, buffer[at:]
-        self._buffer = buffer[at:]
-        return out, None
+class _Stop(Exception):
+    """Raised from a parser callback: read no further (the answer ended or was stopped)."""
 
 
-def _parse_head(head: bytes, method: bytes) -> tuple[int, bytes, Headers, int | None, str, bool]:
-    """Status, phrase, headers, length, framing (none, length, chunked, close), keep-alive."""
-    lines = head.split(b"\r\n")
-    status = lines[0].split(b" ", 2)
-    version = status[0]
-    if (
-        version not in (b"HTTP/1.1", b"HTTP/1.0")
-        or len(status) < 2
-        or len(status[1]) != 3
-        or not status[1].isdigit()
-    ):
-        raise AnswerError(f"bad status line {lines[0][:80]!r}")
-    code = int(status[1])
-    phrase = status[2] if len(status) > 2 else b""
-    headers = Headers()
-    lengths: set[bytes] = set()
-    codings: list[bytes] = []
-    tokens: list[bytes] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip(b" \t"):
-            raise AnswerError(f"bad header line {line[:80]!r}")
-        value = value.strip(b" \t")
-        try:
-            headers.addRawHeader(name, value)
-        except ValueError as e:  # a name that is not a token, say
-            raise AnswerError(f"bad header line {line[:80]!r}") from e
-        low = name.lower()
-        if low == b"content-length":
-            lengths.update(v.strip(b" \t") for v in value.split(b","))
-        elif low == b"transfer-encoding":
-            codings += (c.strip(b" \t").lower() for c in value.split(b","))
-        elif low == b"connection":
-            tokens += (t.strip(b" \t").lower() for t in value.split(b","))
-    keep_alive = b"close" not in tokens and (version == b"HTTP/1.1" or b"keep-alive" in tokens)
-    if method == b"HEAD" or code in _NO_BODY_CODES or code < 200:
-        return code, phrase, headers, 0, "none", keep_alive
-    if codings:  # Transfer-Encoding overrides Content-Length (RFC 9112 section 6.3)
-        if codings[-1] == b"chunked":
-            return code, phrase, headers, None, "chunked", keep_alive and not lengths
-        return code, phrase, headers, None, "close", False
-    if lengths:
-        value = lengths.pop()
-        if lengths or not value.isdigit():
-            raise AnswerError("bad Content-Length")
-        length = int(value)
-        return code, phrase, headers, length, "length" if length else "none", keep_alive
-    return code, phrase, headers, None, "close", False
+class _LateBytes(Exception):
+    """Raised from a parser callback: bytes came after a complete answer."""
+
+
+class _Refused(Exception):
+    """Raised from a parser callback: the answer breaks a rule the parser does not check."""
 
 
 class _Connection(Protocol):
-    """One keep-alive connection to a consumer: one request at a time, then back to the pool."""
+    """One connection to a consumer: one request at a time, then back to the pool or closed.
+
+    Each answer is read by a fresh ``httptools`` (llhttp) parser, which owns
+    the HTTP grammar; this class adds what llhttp leaves to its user: the
+    reason phrase's characters, the HTTP version, limits on the head and the
+    trailers, the end of an answer to HEAD, and the rule that nothing may
+    follow a complete answer.  The parser's callbacks only record and
+    deliver; what ends the answer (back to the pool, then the receiver told)
+    runs after ``feed_data`` returns, so a request that the end releases
+    never starts on this connection while its old parser is still reading.
+    """
 
     def __init__(self, pool: UpstreamClient, key: Key) -> None:
         self._pool = pool
@@ -298,11 +234,16 @@ class _Connection(Protocol):
         self._method = b""
         self._waiting: Deferred[Answer] | None = None  # the answer's head is awaited
         self._answer: Answer | None = None  # its body is being read
-        self._buffer = b""
-        self._framing = "none"
-        self._left = 0
-        self._chunked: _Chunked | None = None
+        self._parser: HttpResponseParser | None = None  # None: no answer awaited
+        self._stage = "head"  # head, body, complete, stopped
+        self._head_size = 0
+        self._reason: list[bytes] = []
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._trailers = 0
+        self._interim = False  # the head being read is a 1xx
         self._keep_alive = False
+        self._until_close = False  # the body ends with the connection
+        self._reuse = False  # the request allowed this connection to be kept
         self._paused = False
         self._sending: IBodyProducer | None = None
         self._closing = False  # closed or aborted by this side: never reused
@@ -319,18 +260,24 @@ class _Connection(Protocol):
         body: Any,
         answer: Deferred[Answer],
         retry: Callable[[], None] | None = None,
+        *,
+        reuse: bool = True,
     ) -> None:
         """Write the request; ``answer`` fires with the answer's head.
 
         ``retry`` is called instead of failing ``answer`` when the connection
         closes before a byte of the answer came (a kept connection the
-        consumer had just closed).
+        consumer had just closed).  ``reuse``: the connection may be kept
+        after an exactly framed answer (the head then has no ``Connection: close``).
         """
         self._method = method
         self._waiting = answer
         self._retry = retry
+        self._reuse = reuse
         self._heard = False
-        self._buffer = b""
+        self._stage = "head"
+        self._head_size = 0
+        self._parser = HttpResponseParser(self)
         transport = self.transport
         assert transport is not None
         if body is None or isinstance(body, bytes):
@@ -375,88 +322,156 @@ class _Connection(Protocol):
     # -- the answer ----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self._answer is not None:
-            self._body(data)
+        if self._closing:  # abandoned: whatever comes is nobody's
             return
-        if self._waiting is None:  # an idle connection must be silent
+        parser = self._parser
+        if parser is None:  # an idle connection must be silent
+            self._pool._stray(self, len(data))
             self.abort()
             return
+        if self._stage == "stopped":
+            return
         self._heard = True
-        buffer = self._buffer + data if self._buffer else data
-        while True:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
-                    self._unanswerable(AnswerError("the answer's head is over 64 KiB"))
-                else:
-                    self._buffer = buffer
-                return
-            try:
-                code, phrase, headers, length, framing, keep_alive = _parse_head(
-                    buffer[:end], self._method
-                )
-            except AnswerError as e:
-                self._unanswerable(e)
-                return
-            buffer = buffer[end + 4 :]
-            if code >= 200:
-                break
+        error: str | None = None
+        late = False
+        try:
+            parser.feed_data(data)
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if isinstance(cause, _LateBytes):
+                late = True
+            elif isinstance(cause, _Refused):
+                error = str(cause)
+            elif not isinstance(cause, _Stop):
+                raise
+        except HttpParserUpgrade:
+            error = "the consumer switched protocols"
+        except HttpParserError as e:  # llhttp's reason: never the consumer's bytes
+            if self._stage == "complete":
+                late = True
+            else:
+                error = str(e) or type(e).__name__
+        if self._parser is not parser:  # stopped or aborted from a callback
+            return
+        if error is None and self._stage == "head":
+            self._head_size += len(data)
+            if self._head_size > MAX_HEAD:
+                error = f"the answer's head is over {MAX_HEAD // 1024} KiB"
+        if error is not None:
+            if self._stage == "head":
+                self._unanswerable(AnswerError(error))
+            else:
+                self._broken(AnswerError(error))
+        elif late:
+            self._pool._stray(self, None)
+            self._done(clean=False)
+        elif self._stage == "complete":
+            self._done(clean=True)
+
+    # httptools' callbacks: they record and deliver; dataReceived acts on the outcome.
+
+    def on_message_begin(self) -> None:
+        if self._stage == "complete":
+            raise _LateBytes()
+        self._reason = []
+        self._fields = []
+
+    def on_status(self, piece: bytes) -> None:
+        self._reason.append(piece)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._stage == "head":
+            self._fields.append((name, value))
+            if len(self._fields) > MAX_FIELDS:
+                raise _Refused(f"the answer has over {MAX_FIELDS} header fields")
+        else:
+            self._trailers += 1
+            if self._trailers > MAX_TRAILERS:
+                raise _Refused(f"the answer has over {MAX_TRAILERS} trailer fields")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        code = parser.get_status_code()
+        version = parser.get_http_version()
+        phrase = b"".join(self._reason)
+        if version not in ("1.1", "1.0"):
+            raise _Refused("the answer is not HTTP/1.0 or HTTP/1.1")
+        if not _REASON.fullmatch(phrase):
+            raise _Refused("the answer's reason phrase has control characters")
+        if code < 200:
             if code == 101:
-                self._unanswerable(AnswerError("the consumer switched protocols"))
-                return
-            # 100 Continue and other interim answers: the final one follows.
-        self._buffer = b""
-        self._framing, self._keep_alive = framing, keep_alive
-        self._left = length or 0
-        self._chunked = _Chunked() if framing == "chunked" else None
+                raise _Refused("the consumer switched protocols")
+            self._interim = True  # 100 Continue, 103 Early Hints: the final one follows
+            return
+        headers = Headers()
+        length: int | None = None
+        chunked = coded = False
+        for name, value in self._fields:
+            headers.addRawHeader(name, value)
+            low = name.lower()
+            if low == b"content-length":
+                length = int(value)  # llhttp allows digits only, one value, no overflow
+            elif low == b"transfer-encoding":  # llhttp refuses Content-Length beside it
+                chunked = value.rsplit(b",", 1)[-1].strip(b" \t").lower() == b"chunked"
+                coded = True
+        self._fields = []
+        head_only = self._method == b"HEAD"
+        if head_only or code in _NO_BODY_CODES:
+            length = 0
+        elif coded:
+            length = None
+        self._until_close = length is None and not chunked
+        # RFC 9112 section 6.1: an HTTP/1.0 answer with Transfer-Encoding has faulty
+        # framing: read it, then close.  The end of an answer to HEAD is not
+        # llhttp's to know (it would wait for the body its length announces):
+        # the answer ends here, and the connection is not kept.
+        self._keep_alive = (
+            parser.should_keep_alive() and not (chunked and version == "1.0") and not head_only
+        )
+        self._stage = "body"
+        self._trailers = 0
         answer = self._answer = Answer(self, code, phrase, headers, length)
         waiting, self._waiting = self._waiting, None
+        if waiting is None:  # cancelled meanwhile
+            raise _Stop()
         waiting.callback(answer)
-        if self._answer is answer and (buffer or framing == "none"):
-            self._body(buffer)
+        if head_only:
+            self._stage = "complete"
+            raise _Stop()
+        if self._answer is not answer:
+            raise _Stop()
 
-    def _body(self, data: bytes) -> None:
+    def on_body(self, data: bytes) -> None:
         answer = self._answer
-        assert answer is not None
-        framing = self._framing
-        if framing == "length":
-            left = self._left
-            if len(data) < left:
-                self._left = left - len(data)
-                answer._data(data)
-                return
-            self._left = 0
-            if left:
-                answer._data(data[:left])
-            self._done(rest=data[left:])
-        elif framing == "chunked":
-            assert self._chunked is not None
-            try:
-                pieces, rest = self._chunked.feed(data)
-            except AnswerError as e:
-                self._broken(e)
-                return
-            for piece in pieces:
-                answer._data(piece)
-                if self._framing == "stopped":
-                    return
-            if rest is not None:
-                self._done(rest)
-        elif framing == "close":
-            if data:
-                answer._data(data)
-        elif framing == "none":
-            self._done(rest=data)
-        # "stopped": the receiver wants no more; its end comes with the connection's
+        if answer is None or self._stage != "body":
+            raise _Stop()
+        answer._data(data)
+        if self._stage != "body":  # the receiver stopped it
+            raise _Stop()
 
-    def _done(self, rest: bytes) -> None:
-        """The body is complete: back to the pool first, then tell its receiver."""
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif self._stage == "body":
+            self._stage = "complete"
+
+    def _done(self, *, clean: bool) -> None:
+        """The body is complete: back to the pool first, then tell its receiver.
+
+        The connection is kept only after an exactly framed answer to a
+        request that allowed it, with nothing after it and no body still
+        being sent.
+        """
         answer, self._answer = self._answer, None
+        self._parser = None
         assert answer is not None
         if self._closing:
             pass
-        elif rest or self._sending is not None or not self._keep_alive:
-            self.abort() if self._sending is not None else self._close()
+        elif self._sending is not None:
+            self.abort()
+        elif not (clean and self._keep_alive and self._reuse):
+            self._close()
         else:
             if self._paused:
                 self.resume()
@@ -495,8 +510,8 @@ class _Connection(Protocol):
         transport: not from inside its own ``stopProducing`` call (a relay
         stopped because its client left must learn that first).
         """
-        if self._answer is answer and self._framing != "stopped":
-            self._framing = "stopped"
+        if self._answer is answer and self._stage != "stopped":
+            self._stage = "stopped"
             self.abort()
 
     def cancel(self) -> None:
@@ -525,24 +540,49 @@ class _Connection(Protocol):
         self._close()
         return done
 
+    def still_open(self) -> bool:
+        """Whether a kept connection may carry another request: not closed, and silent.
+
+        One peek at the socket, without reading: a consumer that closed the
+        connection right after its answer, or sent anything since, is seen
+        here instead of by the next request (a POST that is not retried).
+        """
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if not isinstance(handle, socket.socket):
+            return True
+        try:
+            peeked = handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if peeked:
+            self._pool._stray(self, None)
+        return False
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._pool._lost(self)
+        self._parser = None
         if self._sending is not None:
             sending, self._sending = self._sending, None
             sending.stopProducing()
         waiting, self._waiting = self._waiting, None
         retry, self._retry = self._retry, None
         if waiting is not None:
-            if retry is not None and not self._heard:
-                retry()
+            if not self._heard:
+                if retry is not None:
+                    retry()
+                else:
+                    why = f"the connection closed before an answer: {_why(reason)}"
+                    waiting.errback(NoAnswer(why))
             else:
-                why = f"the connection closed before an answer: {_why(reason)}"
-                waiting.errback(NoAnswer(why))
+                why = f"the connection closed inside the answer's head: {_why(reason)}"
+                waiting.errback(AnswerError(why))
         answer, self._answer = self._answer, None
         if answer is not None:
-            if self._framing == "stopped":
+            if self._stage == "stopped":
                 answer._finish(Failure(ConnectionAborted("the receiver stopped the answer")))
-            elif self._framing == "close" and isinstance(reason.value, ConnectionDone):
+            elif self._until_close and isinstance(reason.value, ConnectionDone):
                 answer._finish(Failure(PotentialDataLoss()))
             else:  # a reset is no end of a body framed by the end of the connection
                 answer._finish(Failure(AnswerError(f"the answer broke off: {_why(reason)}")))
@@ -615,7 +655,16 @@ class _ConnectionFactory(Factory):
 
 
 class UpstreamClient:
-    """Sends requests to consumers over kept-alive connections, at most ``max_idle`` per origin."""
+    """Sends requests to consumers, over kept-alive connections where the caller allows.
+
+    At most ``max_idle`` connections per origin wait in the pool.  HTTP/1.1
+    has no request ids: on a reused connection, a stray late answer would be
+    read as the answer to the next request.  So a request may reuse a
+    connection only when its caller says so (``keepalive``); a kept
+    connection is reused only after an exactly framed answer, and only if a
+    peek finds it open and silent; and an origin caught sending bytes that no
+    request asked for gets one connection per request from then on.
+    """
 
     def __init__(
         self,
@@ -632,6 +681,8 @@ class UpstreamClient:
         self._max_idle = max_idle
         self._idle_timeout_s = idle_timeout_s
         self._closed = False
+        #: Origins caught sending bytes no request asked for: never reused again.
+        self._suspended: set[Key] = set()
 
     def request(
         self,
@@ -639,33 +690,39 @@ class UpstreamClient:
         url: bytes,
         fields: Iterable[tuple[bytes, bytes]] = (),
         body: bytes | IBodyProducer | None = None,
+        *,
+        keepalive: bool = False,
     ) -> Deferred[Answer]:
         """Send ``method url`` with header ``fields`` and ``body``; fires with the answer's head.
 
         Raises ``ValueError`` or ``SchemeNotSupported`` for a URL it cannot
         use, before any I/O.  A body of ``bytes`` is sent with its
         ``Content-Length``; a producer's of unknown length is chunked; None
-        sends no body.  The Deferred fails with the connection's error,
-        ``NoAnswer`` or ``AnswerError``; cancelling it closes the connection.
+        sends no body.  Without ``keepalive`` (or toward a suspended origin)
+        the request says ``Connection: close`` and its connection serves it
+        alone.  The Deferred fails with the connection's error, ``NoAnswer``
+        (closed before any byte of an answer) or ``AnswerError`` (an answer
+        that breaks HTTP); cancelling it closes the connection.
         """
         uri = URI.fromBytes(url)
         target = uri.originForm
         if _UNSAFE_TARGET.search(target):
-            raise ValueError(f"unsafe request target {target[:80]!r}")
+            raise ValueError("unsafe request target: control or space characters")
         endpoint = self._endpoints.endpointForURI(uri)
-        head = _format_head(method, target, _host(uri), fields, body)
-        call = _Call()
         key = (uri.scheme, uri.host, uri.port)
-        connection = self._take(key)
+        reuse = keepalive and key not in self._suspended
+        head = _format_head(method, target, _host(uri), fields, body, reuse)
+        call = _Call()
+        connection = self._take(key) if reuse else None
         if connection is None:
-            self._connect(call, endpoint, key, method, head, body)
+            self._connect(call, endpoint, key, method, head, body, reuse)
             return call.answer
 
         retry = None
         if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
 
             def retry() -> None:
-                self._connect(call, endpoint, key, method, head, body)
+                self._connect(call, endpoint, key, method, head, body, reuse)
 
         call.stop = connection.cancel
         connection.send(method, head, body, call.answer, retry)
@@ -679,6 +736,7 @@ class UpstreamClient:
         method: bytes,
         head: bytes,
         body: Any,
+        reuse: bool,
     ) -> None:
         """Send on a new connection to ``endpoint``; ``call.answer`` fires as for any other."""
         factory = self._factories.get(key)
@@ -690,7 +748,7 @@ class UpstreamClient:
                 connection._close()
             else:
                 call.stop = connection.cancel
-                connection.send(method, head, body, call.answer)
+                connection.send(method, head, body, call.answer, reuse=reuse)
 
         def failed(failure: Failure) -> None:
             if not call.cancelled:  # else the caller has its CancelledError
@@ -701,13 +759,37 @@ class UpstreamClient:
         connecting.addCallbacks(connected, failed)
 
     def _take(self, key: Key) -> _Connection | None:
-        """The most recently used idle connection of ``key``, if any."""
+        """The most recently used idle connection of ``key`` that is still open and silent."""
         idle = self._idle.get(key)
-        if not idle:
-            return None
-        connection = idle.pop()
-        connection.idle_since = None
-        return connection
+        while idle:
+            connection = idle.pop()
+            if connection.still_open():
+                connection.idle_since = None
+                return connection
+            connection.abort()
+        return None
+
+    def _stray(self, connection: _Connection, size: int | None) -> None:
+        """``connection`` received bytes no request asked for: its origin is reused no more."""
+        key = connection.key
+        if key in self._suspended:
+            return
+        self._suspended.add(key)
+        what = f"{size} bytes" if size is not None else "bytes"
+        log.warn(
+            "{origin} sent {what} after a complete answer or with no request in flight; "
+            "its connections are no longer reused (one per request until restart)",
+            origin=_origin(key),
+            what=what,
+        )
+
+    def suspended(self, url: str) -> bool:
+        """Whether the origin of ``url`` was caught sending stray bytes."""
+        try:
+            uri = URI.fromBytes(url.encode("ascii"))
+        except (ValueError, UnicodeEncodeError):
+            return False
+        return (uri.scheme, uri.host, uri.port) in self._suspended
 
     def _put(self, connection: _Connection) -> None:
         """Keep ``connection`` for the next request, and close it if none comes in time.
@@ -760,6 +842,11 @@ class UpstreamClient:
         return gatherResults([c.closed() for c in idle])
 
 
+def _origin(key: Key) -> str:
+    scheme, host, port = key
+    return f"{scheme.decode()}://{host.decode('ascii', 'replace')}:{port}"
+
+
 def _host(uri: URI) -> bytes:
     """The Host header's value: the port only where it is not the scheme's default."""
     host = b"[%s]" % uri.host if b":" in uri.host else uri.host
@@ -773,9 +860,12 @@ def _format_head(
     host: bytes,
     fields: Iterable[tuple[bytes, bytes]],
     body: bytes | IBodyProducer | None,
+    reuse: bool = True,
 ) -> bytes:
     """The request line and headers, framing header included, up to the blank line."""
     lines = [b"%s %s HTTP/1.1\r\nHost: %s" % (method, target, host)]
+    if not reuse:
+        lines.append(b"Connection: close")
     for name, value in fields:
         if b"\n" in value or b"\r" in value:
             value = value.replace(b"\r", b" ").replace(b"\n", b" ")

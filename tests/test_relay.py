@@ -290,7 +290,8 @@ class RelayTests(SynchronousTestCase):
         seen = self.connect().requestHeaders
         for gone in (b"keep-alive", b"te", b"upgrade", b"proxy-authorization", b"x-secret"):
             self.assertFalse(seen.hasHeader(gone), gone)
-        self.assertFalse(seen.hasHeader(b"connection"))  # kept alive: HTTP/1.1's default
+        # The client's connection tokens stay behind; keep-alive toward the consumer is off.
+        self.assertEqual(seen.getRawHeaders(b"connection"), [b"close"])
         self.assertEqual(seen.getRawHeaders(b"host"), [b"127.0.0.1:11434"])
         self.assertEqual(seen.getRawHeaders(b"x-request-id"), [b"r-1"])
         self.assertEqual(seen.getRawHeaders(b"authorization"), [b"Bearer t"])
@@ -473,13 +474,13 @@ class RelayTests(SynchronousTestCase):
         self.assertBroken("upstream_timeout")
 
     def test_upstream_lost_mid_body(self) -> None:
-        """A consumer that hangs up mid-body gets the client's connection aborted."""
+        """A consumer that hangs up mid-body gets the client's connection aborted (bad_answer)."""
         self.start()
         upstream = self.answer()
         upstream.write(b"partial")
         _hang_up(upstream)
         self.flush()
-        self.assertBroken("consumer_unreachable")
+        self.assertBroken("bad_answer")
 
     def test_small_answer_stalled_is_a_plain_timeout(self) -> None:
         """A small answer whose body never comes is a 504 the client can still be told."""
@@ -493,14 +494,15 @@ class RelayTests(SynchronousTestCase):
         self.assertFalse(self.request.responseHeaders.hasHeader(b"content-length"))
 
     def test_small_answer_broken_off_is_a_plain_502(self) -> None:
-        """A consumer that hangs up before a small answer's body leaves the client a 502."""
+        """A consumer that hangs up before a small answer's body leaves the client a 502
+        bad_answer: it answered, so it is not unreachable."""
         self.start()
         upstream = self.answer(headers={b"Content-Length": b"100"})
         _hang_up(upstream)
         self.flush()
         error = self.failureResultOf(self.result, BrokerError).value
         self.assertNotIsInstance(error, RelayBroken)
-        self.assertEqual(error.code, "consumer_unreachable")
+        self.assertEqual(error.code, "bad_answer")
 
     # -- cancellation ------------------------------------------------------
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from io import BytesIO
 from typing import Any
 
@@ -31,7 +32,6 @@ from mgpu.upstream import (
     EndpointCache,
     NoAnswer,
     UpstreamClient,
-    _Chunked,
     _host,
 )
 
@@ -81,6 +81,7 @@ class UpstreamClientTests(SynchronousTestCase):
 
     def request(self, url: bytes = URL, method: bytes = b"POST", **kwargs: Any) -> Deferred[Answer]:
         kwargs.setdefault("body", b"{}")
+        kwargs.setdefault("keepalive", True)
         return self.client.request(method, url, **kwargs)
 
     def connect(self) -> tuple[Any, _Wire]:
@@ -368,12 +369,20 @@ class UpstreamClientTests(SynchronousTestCase):
             protocol.connectionLost(Failure(ConnectionDone()))  # and nothing more happens
 
     def test_closed_before_an_answer(self) -> None:
-        """A consumer that hangs up first fails the request with NoAnswer, naming why."""
+        """A consumer that hangs up before any byte fails the request with NoAnswer, naming why."""
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
+        error = self.failureResultOf(d, NoAnswer).value
+        self.assertIn("reset by peer", str(error))
+
+    def test_closed_inside_the_head(self) -> None:
+        """A consumer that hangs up mid-head gave a broken answer (AnswerError), not none."""
         d = self.request()
         protocol, _ = self.connect()
         protocol.dataReceived(b"HTTP/1.1 200")
         protocol.connectionLost(Failure(ConnectionLost("reset by peer")))
-        error = self.failureResultOf(d, NoAnswer).value
+        error = self.failureResultOf(d, AnswerError).value
         self.assertIn("reset by peer", str(error))
 
     def test_body_broken_off(self) -> None:
@@ -536,6 +545,140 @@ class UpstreamClientTests(SynchronousTestCase):
         self.request()
         self.assertEqual(len(self.reactor.tcpClients), 1)
 
+    def test_idle_bytes_suspend_reuse_for_the_origin(self) -> None:
+        """An origin caught speaking on an idle connection gets one connection per request:
+        the next request says Connection: close and is not pooled after its answer."""
+        _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        wire.protocol.dataReceived(b"late")
+        self.assertTrue(self.client.suspended("http://127.0.0.1:11434"))
+        _, receiver, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertIn(b"\r\nConnection: close\r\n", wire.value())
+        self.assertEqual(receiver.body, b"ok")
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_late_bytes_after_a_complete_answer(self) -> None:
+        """Bytes after a complete answer are nobody's: its receiver gets its own body and a
+        clean end, the connection is closed, not pooled, and the origin is suspended."""
+        for late in [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nOTHER", b"x"]:
+            client = self.client = UpstreamClient(self.reactor, max_idle=2)
+            _, receiver, wire = self.answer(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine" + late
+            )
+            self.assertEqual(receiver.body, b"mine")
+            assert receiver.end is not None
+            self.assertIsInstance(receiver.end.value, ResponseDone)
+            self.assertTrue(wire.disconnecting)
+            self.assertEqual(client.idle_connections(), 0)
+            self.assertTrue(client.suspended("http://127.0.0.1:11434"))
+
+    def test_body_after_a_bodiless_answer_is_late(self) -> None:
+        """A 204 or an answer to HEAD that is followed by a body: the answer ends with its
+        head, the body is never taken for the next answer, and the connection is closed."""
+        for method, raw in [
+            (b"POST", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nOTHER"),
+            (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nOTHER"),
+        ]:
+            answer, receiver, wire = self.answer(raw, method=method)
+            self.assertEqual((answer.length, receiver.body), (0, b""), raw)
+            self.assertTrue(wire.disconnecting, raw)
+            self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_no_keepalive_unless_asked(self) -> None:
+        """By default a request says Connection: close and its connection is closed after it."""
+        d = self.client.request(b"POST", URL, body=b"{}")
+        protocol, wire = self.connect()
+        self.assertIn(b"\r\nConnection: close\r\n", wire.value())
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_hostile_heads_refused_without_quoting_them(self) -> None:
+        """Injected headers, control characters in the reason phrase or a header value, a
+        5000-digit length, HTTP/1.0 framing tricks: AnswerError, naming no byte of the answer."""
+        for raw in [
+            b"HTTP/1.1 200 OK\nSet-Cookie: SECRET=1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 O\x00SECRET\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 O\x1bSECRET\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX: SECRET\x00\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nSECRET",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\n" + b"X: SECRET\r\n" * 300 + b"\r\n",
+            b"HTTP/9.9 200 OK SECRET\r\nContent-Length: 0\r\n\r\n",
+        ]:
+            d = self.request()
+            protocol, wire = self.connect()
+            protocol.dataReceived(raw)
+            error = self.failureResultOf(d, AnswerError).value
+            self.assertNotIn("SECRET", str(error), raw[:40])
+            self.assertTrue(wire.aborted, raw[:40])
+
+    def test_lenient_chunk_grammar_refused(self) -> None:
+        """Whitespace in a chunk size, a bare LF in a chunk extension, endless trailers:
+        the body breaks off with AnswerError and the connection is aborted."""
+        for body in [
+            b"2 \r\nok\r\n0\r\n\r\n",
+            b"2;a\nb\r\nok\r\n0\r\n\r\n",
+            b"2\r\nok\r\n0\r\n" + b"T: t\r\n" * 100 + b"\r\n",
+        ]:
+            _, receiver, wire = self.answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+            )
+            assert receiver.end is not None, body
+            self.assertIsInstance(receiver.end.value, AnswerError, body)
+            self.assertTrue(wire.aborted, body)
+
+    def test_http10_chunked_answer_read_then_closed(self) -> None:
+        """An HTTP/1.0 answer with Transfer-Encoding has faulty framing: read, then closed
+        even though it asks for keep-alive (RFC 9112 section 6.1)."""
+        _, receiver, wire = self.answer(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n"
+        )
+        self.assertEqual(receiver.body, b"ok")
+        self.assertTrue(wire.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    @given(st.binary(max_size=200), st.integers(0, 200))
+    def test_garbage_never_quoted(self, garbage: bytes, cut: int) -> None:
+        """Whatever a consumer sends, an error about it names none of its bytes."""
+        self.setUp()
+        raw = garbage[:cut] + b"QZXJWV" + garbage[cut:]
+        d = self.request()
+        protocol, _ = self.connect()
+        protocol.dataReceived(raw)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        receiver = _Receiver()
+        errors: list[BaseException | None] = []
+        d.addCallbacks(lambda answer: answer.deliver(receiver), lambda f: errors.append(f.value))
+        if receiver.end is not None:
+            errors.append(receiver.end.value)
+        for error in errors:
+            self.assertNotIn("QZXJWV", str(error))
+
+    def test_kept_connection_peeked_before_reuse(self) -> None:
+        """A kept connection whose consumer closed it, or sent anything since its answer, is
+        not reused: the next request goes out on a new connection."""
+        for misbehave in ["close", "speak"]:
+            self.setUp()
+            _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            ours, theirs = socket.socketpair()
+            self.addCleanup(ours.close)
+            self.addCleanup(theirs.close)
+            wire.getHandle = lambda ours=ours: ours  # type: ignore[attr-defined]
+            self.request()
+            self.assertEqual(self.reactor.tcpClients, [], "a silent open connection is reused")
+            wire.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            if misbehave == "close":
+                theirs.close()
+            else:
+                theirs.send(b"HTTP/1.1 200 OK\r\n")
+            self.request()
+            self.assertEqual(len(self.reactor.tcpClients), 1, misbehave)
+            self.assertTrue(wire.aborted, misbehave)
+            self.assertEqual(self.client.suspended("http://127.0.0.1:11434"), misbehave == "speak")
+
     def test_stale_kept_connection_retried_for_idempotent_requests(self) -> None:
         """A GET whose kept connection closes before a byte of answer goes out again, once,
         on a new connection."""
@@ -560,7 +703,7 @@ class UpstreamClientTests(SynchronousTestCase):
         d = self.request(method=b"GET", body=None)
         wire.protocol.dataReceived(b"HTTP/1.1 200")
         wire.protocol.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(d, NoAnswer)
+        self.failureResultOf(d, AnswerError)
         self.assertEqual(self.reactor.tcpClients, [])
 
     def test_close_closes_idle_connections(self) -> None:
@@ -586,31 +729,32 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
-class ChunkedTests(SynchronousTestCase):
-    BODY = b"4\r\nWiki\r\n6;name=value\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nT: 1\r\n\r\n"
+class SplitAnswerTests(SynchronousTestCase):
+    ANSWER = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nWiki\r\n6;name=value\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nT: 1\r\n\r\n"
+    )
 
-    @given(st.lists(st.integers(0, len(BODY)), max_size=8))
+    @given(st.lists(st.integers(0, len(ANSWER)), max_size=8))
     def test_any_split_decodes_the_same(self, cuts: list[int]) -> None:
-        """However the bytes are split, the data and the end are the same."""
-        decoder = _Chunked()
-        data = self.BODY + b"NEXT"
-        bounds = [0, *sorted(cuts), len(data)]
-        out: list[bytes] = []
+        """However the answer's bytes are split, the body, the end and the kept connection agree."""
+        client = UpstreamClient(MemoryReactorClock())
+        d = client.request(b"POST", URL, body=b"{}", keepalive=True)
+        reactor: Any = client._clock
+        _, _, factory, _, _ = reactor.tcpClients.pop(0)
+        protocol = factory.buildProtocol(None)
+        wire = _Wire()
+        protocol.makeConnection(wire)
+        receiver = _Receiver()
+        d.addCallback(lambda answer: answer.deliver(receiver))
+        bounds = [0, *sorted(cuts), len(self.ANSWER)]
         for start, end in itertools.pairwise(bounds):
-            pieces, rest = decoder.feed(data[start:end])
-            out += pieces
-            if rest is not None:
-                self.assertEqual(rest + data[end:], b"NEXT")
-                break
-        else:
-            self.fail("the body never ended")
-        self.assertEqual(b"".join(out), b"Wikipedia in \r\n\r\nchunks.")
-
-    def test_chunk_longer_than_its_size(self) -> None:
-        self.assertRaises(AnswerError, _Chunked().feed, b"2\r\nabc\r\n")
-
-    def test_endless_size_line(self) -> None:
-        self.assertRaises(AnswerError, _Chunked().feed, b"1" * 5000)
+            if end > start:
+                protocol.dataReceived(self.ANSWER[start:end])
+        self.assertEqual(receiver.body, b"Wikipedia in \r\n\r\nchunks.")
+        assert receiver.end is not None
+        self.assertIsInstance(receiver.end.value, ResponseDone)
+        self.assertEqual(client.idle_connections(), 1)
 
 
 class EndpointCacheTests(SynchronousTestCase):
