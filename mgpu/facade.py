@@ -73,6 +73,7 @@ class Facade:
                 route.method.encode("ascii"),
                 target,
                 capture=HOLD_CAPTURE_BYTES if hold else 0,
+                spool=True,
             )
             forwarded.addCallback(self._served, consumer)
             if hold is not None:
@@ -80,12 +81,14 @@ class Facade:
             return forwarded
 
         try:
-            await self.scheduler.run(consumer.name, job)
+            result = await self.scheduler.run(consumer.name, job)
         finally:
             if getattr(request, "queue_wait_s", None) is None:
                 # It never reached the consumer (timed out in the queue, or room
                 # could not be made): all of its time was waiting.
                 _note(request, queue_wait_s=self.clock.seconds() - asked_at)
+        # The lease is released; a slow client may still be reading what was spooled.
+        await result.delivered
 
     async def serve_audio(self, request: Request, target: bytes) -> None:
         """Relay ``GET``/``HEAD /audio/...`` to the audio consumer, unscheduled."""
@@ -119,6 +122,7 @@ class Facade:
         *,
         capture: int = 0,
         idle_timeout: bool = False,
+        spool: bool = False,
     ) -> Deferred[RelayResult]:
         d = self.relay.forward(
             request,
@@ -129,6 +133,7 @@ class Facade:
             idle_timeout=idle_timeout,
             capture=capture,
             drop_authorization=self.config.auth.token_file is not None,
+            spool=spool,
         )
 
         def failed(failure: Failure) -> Failure:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from io import BytesIO
 from typing import Any, Final, cast
 
-from attrs import frozen
-from twisted.internet.defer import CancelledError, Deferred, fail
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -29,6 +29,7 @@ from twisted.web.server import Request
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
+from mgpu.spool import ClientSpool
 from mgpu.upstream import Answer, AnswerError, UpstreamClient
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), never relayed in either direction.
@@ -57,10 +58,16 @@ _BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
 
 @frozen
 class RelayResult:
-    """What the caller needs once the consumer's answer reached the client."""
+    """What the caller needs once the consumer's answer is complete.
+
+    ``delivered`` fires once the client has been given all of it (at once
+    unless the answer was spooled for a slow client); the caller finishes
+    the request then, and may release the GPU before.
+    """
 
     status: int
     body_head: bytes
+    delivered: Deferred[None] = field(factory=lambda: succeed(None), eq=False)
 
 
 class RelayBroken(BrokerError):
@@ -96,6 +103,7 @@ class Relay:
         idle_timeout: bool = False,
         capture: int = 0,
         drop_authorization: bool = False,
+        spool: bool = False,
     ) -> Deferred[RelayResult]:
         """Relay ``request`` to ``consumer.url + path`` and stream the answer back.
 
@@ -108,6 +116,10 @@ class Relay:
         ``timeout_s`` bounds the whole exchange, or with ``idle_timeout`` the
         wait for the answer and then the silence between two body chunks.
         ``capture`` keeps that many leading body bytes in the result.
+        With ``spool``, the consumer is read at its own pace whatever the
+        client's, and what the client has not read yet is kept (see
+        ``ClientSpool``): the result fires when the consumer's answer is
+        complete.  Without it, a slow client slows the consumer down.
         """
         fields = _upstream_headers(request, drop_authorization)
         content = request.content
@@ -125,7 +137,7 @@ class Relay:
         except _BAD_URL as e:  # refused before any I/O
             return fail(_bad_url(consumer, e))
         exchange = _Exchange(
-            request, consumer, method, self._clock, timeout_s, idle_timeout, capture
+            request, consumer, method, self._clock, timeout_s, idle_timeout, capture, spool
         )
         return exchange.start(upstream)
 
@@ -195,6 +207,7 @@ class _Exchange(Protocol):
         timeout_s: float,
         idle_timeout: bool,
         capture: int,
+        spool: bool,
     ) -> None:
         self._request = request
         self._consumer = consumer
@@ -209,6 +222,9 @@ class _Exchange(Protocol):
         self._upstream: Deferred[Answer] | None = None
         self._producer: IPushProducer | None = None
         self._registered = False
+        self._spool_unread = spool
+        self._spool: ClientSpool | None = None
+        self._delivering: Deferred[None] | None = None  # the client still reads a spool
         self._timer: IDelayedCall | None = clock.callLater(timeout_s, self._timed_out)
         self.result: Deferred[RelayResult] = Deferred(self._cancel)
 
@@ -275,7 +291,11 @@ class _Exchange(Protocol):
             producer.stopProducing()
         elif _channel(self._request) is None:  # the client left unnoticed
             self._end(CancelledError())
-        elif not self._small:
+        elif self._small:
+            pass
+        elif self._spool_unread:
+            self._spool = ClientSpool(self._request)
+        else:
             self._request.registerProducer(producer, True)
             self._registered = True
 
@@ -286,7 +306,10 @@ class _Exchange(Protocol):
             piece = data[: self._room]
             self._head += piece
             self._room -= len(piece)
-        self._request.write(data)
+        if self._spool is not None:
+            self._spool.write(data)
+        else:
+            self._request.write(data)
         if self._idle:
             self._rearm()
 
@@ -305,6 +328,12 @@ class _Exchange(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         name = self._consumer.name
+        if self._spool is not None and self._delivering is not None:
+            # The consumer is done; the client did not take its answer in time.
+            message = f"the client did not read {name}'s answer within {self._timeout_s:g}s"
+            self._spool.abort(RelayBroken("upstream_timeout", message, name))
+            abort_connection(self._request)
+            return
         if self._status:
             what = "went silent for" if self._idle else "did not finish within"
             message = f"{name} {what} {self._timeout_s:g}s"
@@ -326,6 +355,8 @@ class _Exchange(Protocol):
         return BrokerError(code, message, self._consumer.name)
 
     def _client_gone(self, failure: Failure) -> None:
+        if self._spool is not None:
+            self._spool.abort(CancelledError())
         self._end(CancelledError())
 
     def _cancel(self, result: Deferred[RelayResult]) -> None:
@@ -342,6 +373,14 @@ class _Exchange(Protocol):
         if self._done:
             return
         self._done = True
+        if error is None and self._spool is not None:
+            delivering = self._spool.finish()
+            if not delivering.called:
+                # The GPU's part is over; the timer goes on bounding the client's.
+                self._delivering = delivering
+                delivering.addBoth(self._delivered)
+                self.result.callback(RelayResult(self._status, self._head, delivering))
+                return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -352,6 +391,8 @@ class _Exchange(Protocol):
         if error is None:
             self.result.callback(RelayResult(self._status, self._head))
             return
+        if self._spool is not None:
+            self._spool.abort(CancelledError())
         if self._upstream is not None:
             self._upstream.cancel()  # its failure comes back to _unanswered, ignored
         elif self._producer is not None:
@@ -359,6 +400,13 @@ class _Exchange(Protocol):
         if isinstance(error, RelayBroken):
             abort_connection(self._request)
         self.result.errback(error)
+
+    def _delivered(self, result: object) -> object:
+        """The spooled answer reached the client, or never will: the timer's work is over."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return result
 
 
 def _channel(request: Request) -> object:

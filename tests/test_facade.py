@@ -356,6 +356,34 @@ class FacadeTestCase(SynchronousTestCase):
 class ServeKindTests(FacadeTestCase):
     """Facade.serve_kind for consumers that answer once their work is done."""
 
+    def test_slow_reader_does_not_hold_the_lease(self) -> None:
+        """A client that reads nothing: the lease is released once the consumer's answer is
+        complete, the next request runs, and the slow client still gets its whole answer."""
+        slow, slow_done = self.broker.post("tts")
+        upstream = self.mvoice.held.pop(0)
+        upstream.setResponseCode(200)
+        upstream.write(b"")
+        self.broker.pump()
+        producer = slow.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
+        big = b"0123456789" * 200_000  # 2 MB: over the memory part, into a file
+        for at in range(0, len(big), 65536):
+            upstream.write(big[at : at + 65536])
+            self.broker.pump()
+        upstream.finish()
+        self.broker.pump()
+        self.assertLeaseFree()
+        self.assertNoResult(slow_done)
+        _, next_done = self.broker.post("stt")
+        self.reply(self.mvoice, 200, b"{}")
+        self.successResultOf(next_done)
+        producer.resumeProducing()
+        self.successResultOf(slow_done)
+        code, _, body = slow.response()
+        self.assertEqual((code, body), (200, big))
+        self.assertEqual(self.scheduler.stats.completed, 2)
+
     def test_reaches_routed_consumer_path_with_query(self) -> None:
         """POST /v1/tts?voice=a reaches mvoice's /api/synthesize?voice=a with the body."""
         _, result = self.broker.post("tts", b'{"text": "hi"}', query=b"?voice=a&fmt=wav")

@@ -25,6 +25,7 @@ from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.relay import SMALL_BODY, Relay, RelayBroken, RelayResult
 from mgpu.upstream import UpstreamClient
+from tests.integration.harness import dechunk
 
 CONSUMER = ConsumerConfig(
     name="ollama", url="http://127.0.0.1:11434", paths={}, vram_resident_mib=0, timeout_s=30
@@ -215,6 +216,74 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(self.client_end.state, "paused")
         self.client.producer.resumeProducing()
         self.assertEqual(self.client_end.state, "producing")
+
+    def test_spooled_answer_completes_while_the_client_reads_nothing(self) -> None:
+        """With spool, a client that stops reading never pauses the consumer: the result (and
+        with it the GPU lease) comes when the consumer is done, and the client still gets
+        every byte, in order, once it reads again."""
+        self.start(spool=True)
+        upstream = self.answer()
+        assert self.client.producer is not None
+        self.client.producer.pauseProducing()
+        chunks = [b"%05d" % n * 1000 for n in range(300)]  # 1.5 MB, past the memory part
+        for chunk in chunks:
+            upstream.write(chunk)
+            self.flush()
+            self.assertEqual(self.client_end.state, "producing")
+        upstream.finish()
+        self.flush()
+        result = self.successResultOf(self.result)
+        self.assertNoResult(result.delivered)
+        self.client.producer.resumeProducing()
+        self.successResultOf(result.delivered)
+        self.request.finish()
+        _, _, body = _parse(self.client.value())
+        self.assertEqual(dechunk(body), b"".join(chunks))
+        self.assertNoTimers()
+
+    def test_spooled_answer_bounded_by_the_timeout(self) -> None:
+        """A client that never takes a spooled answer is cut at the consumer's timeout_s."""
+        self.start(spool=True)
+        upstream = self.answer()
+        assert self.client.producer is not None
+        self.client.producer.pauseProducing()
+        upstream.write(b"x" * 1000)
+        upstream.finish()
+        self.flush()
+        result = self.successResultOf(self.result)
+        self.reactor.advance(30)
+        self.failureResultOf(result.delivered, RelayBroken)
+        self.assertTrue(self.client.disconnecting or self.client.disconnected)
+        self.assertNoTimers()
+
+    def test_spooled_answer_client_leaves(self) -> None:
+        """A client that leaves while its spooled answer waits ends the delivery: cancelled."""
+        self.start(spool=True)
+        upstream = self.answer()
+        assert self.client.producer is not None
+        self.client.producer.pauseProducing()
+        upstream.write(b"x" * 1000)
+        upstream.finish()
+        self.flush()
+        result = self.successResultOf(self.result)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(result.delivered, CancelledError)
+        self.assertNoTimers()
+
+    def test_no_content_length_on_204(self) -> None:
+        """A 204 is relayed without the Content-Length its consumer gave it."""
+        self.start()
+        upstream = self.connect()
+        upstream.setResponseCode(204)
+        upstream.setHeader(b"Content-Length", b"5")
+        upstream.write(b"")
+        upstream.finish()
+        self.flush()
+        self.successResultOf(self.result)
+        self.request.finish()
+        status, headers, _ = _parse(self.client.value())
+        self.assertEqual(status, b"HTTP/1.1 204 No Content")
+        self.assertNotIn(b"content-length", headers)
 
     def test_large_known_length_body_has_backpressure(self) -> None:
         """A body of known length over SMALL_BODY is still paced by the client."""
