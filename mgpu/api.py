@@ -5,7 +5,8 @@
 Klein: the facade is the hot path, and ``/audio`` paths must be checked as the
 client sent them (werkzeug decodes ``%2F`` and merges ``//`` before routing).
 Everything else goes to a small Klein app whose 404 and 405 are rendered in
-the broker's error schema.
+the broker's error schema. A request target with a byte outside VCHAR is
+refused with ``400 bad_request`` before any of them.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ _AUDIO_PREFIX = b"/audio/"
 #: ``.`` and ``..`` segments, ``//`` (absolute URLs too), backslashes, and
 #: percent-encoded dots, slashes, backslashes and NULs.
 _UNSAFE_AUDIO = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00", re.I)
+#: The visible ASCII characters (VCHAR, 0x21-0x7E): all a request target may hold.
+_VCHAR = bytes(range(0x21, 0x7F))
 
 
 def audio_target(uri: bytes) -> bytes:
@@ -136,6 +139,12 @@ class BrokerResource(Resource):
         return scheme.lower() == b"bearer" and hmac.compare_digest(credentials, token)
 
     def render(self, request: Request) -> bytes | int:
+        if request.uri.translate(None, _VCHAR):
+            # Control bytes, DEL and non-ASCII: refused before any route (and
+            # a consumer) sees them. Twisted refuses some of them itself.
+            return render_error(
+                request, BrokerError("bad_request", "the request target has bytes outside VCHAR")
+            )
         path = request.path
         if not self._authorized(request):
             scheme = b"Basic" if path == b"/" else b"Bearer"

@@ -159,6 +159,12 @@ class BrokerMetrics:
         )
         for reason in REJECT_REASONS:
             self._rejections.labels(reason)  # present, at zero, from the start
+        self._header_timeouts = Counter(
+            "mgpu_header_timeouts",
+            "Client connections closed because a request head they had begun was not "
+            "complete within limits.header_timeout_s.",
+            registry=reg,
+        )
         self._timeouts = Counter(
             "mgpu_timeouts",
             "Requests whose consumer did not answer (upstream) or finish (hold_until) in time.",
@@ -186,6 +192,11 @@ class BrokerMetrics:
         self._duration.labels(consumer, code).observe(took)
         if request.queue_wait_s is not None:
             self._queue_wait.labels(consumer, code).observe(max(0.0, request.queue_wait_s))
+
+    def header_timed_out(self) -> None:
+        """Count a connection closed for a slow request head (not an event: a drip
+        attack must not flood the event stream)."""
+        self._header_timeouts.inc()
 
     def render(self) -> tuple[bytes, str]:
         """The scrape body and its content type; reads memory only."""

@@ -35,6 +35,7 @@ class _Tokened(Protocol):
 
 class _Limited(Protocol):
     max_body_bytes: int
+    header_timeout_s: float
 
 
 @frozen
@@ -63,6 +64,7 @@ class LiveParts:
         self.room.gpu_config = new.gpu
         self.poller.reconfigure(reader, new.gpu.poll_interval_s)
         self.site.max_body_bytes = new.limits.max_body_mib * 2**20
+        self.site.header_timeout_s = new.limits.header_timeout_s
         self.resource.set_token(token)
         self.prober.reconfigure(new.health)  # last: it probes the consumers now
         return fresh

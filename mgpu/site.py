@@ -1,5 +1,12 @@
 # -*- test-case-name: tests.test_site -*-
-"""The daemon's ``Site``: request timing, the body limit and a batched access log.
+"""The daemon's ``Site``: request timing, head deadline, body limit and a batched access log.
+
+A request head must arrive within ``limits.header_timeout_s``, counted from
+the connection's start or, on a kept-alive connection, from the end of the
+previous request: a client that drips its head a byte at a time is closed
+once the deadline passes. Twisted's ``timeOut`` cannot do this: it is an idle
+timeout, reset by every byte. A malformed head gets ``400 bad_request``, a
+``Content-Length`` too long for ``int()`` included (Twisted would raise).
 
 A body over ``limits.max_body_mib`` is refused with ``413 payload_too_large``
 as soon as ``Content-Length`` says so, or as soon as the bytes received pass
@@ -20,17 +27,35 @@ from io import BytesIO
 from typing import Any, cast
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from mgpu.config import KINDS
+from mgpu.config import KINDS, LimitsConfig
 from mgpu.errors import BrokerError
 
 log = Logger()
 
 #: How long a refused body is still read (and dropped) before the connection closes.
 REFUSED_LINGER_S = 5.0
+#: How long a connection closed for a slow head may take to flush what it still has
+#: to write (the end of a previous answer) before it is cut.
+CLOSING_LINGER_S = 5.0
+#: ``limits.header_timeout_s`` when the file does not set it.
+DEFAULT_HEADER_TIMEOUT_S = LimitsConfig().header_timeout_s
+
+
+def write_error(connection: ITransport, error: BrokerError, reason: bytes) -> None:
+    """Write ``error`` as a whole answer on the raw connection, which is to close after it."""
+    body = error.body()
+    connection.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+        % (error.status, reason, len(body), body)
+    )
 
 
 class TimedRequest(Request):
@@ -79,12 +104,8 @@ class TimedRequest(Request):
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the 413
         mib = self.site.max_body_bytes // 2**20
         error = BrokerError("payload_too_large", f"the request body is over {mib} MiB")
-        body = error.body()
         connection = self._connection()
-        connection.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-        )
+        write_error(connection, error, b"Payload Too Large")
         # The client sees the answer end now; the daemon still reads (and drops)
         # what it sends, so no reset destroys the answer before it is read.
         half_close = getattr(connection, "loseWriteConnection", None)
@@ -94,6 +115,97 @@ class TimedRequest(Request):
         # declare (and send) any size.
         self.site.reactor.callLater(REFUSED_LINGER_S, connection.loseConnection)
         self.site.on_refused()
+
+
+class BrokerChannel(HTTPChannel):
+    """An HTTP/1.1 connection whose request heads must arrive within the site's deadline.
+
+    The deadline (``site.header_timeout_s``, read when it starts) runs from the
+    connection's start, and on a kept-alive connection from the end of the
+    previous request, to the end of the next head, whatever bytes arrive
+    meanwhile. A connection past it is closed without an answer and without a
+    log line (a drip attack must not flood the log). The site counts those
+    that had begun a head; an idle one (nothing sent) is closed uncounted.
+
+    Twisted's own refusals of a malformed head are answered in the broker's
+    error schema rather than as a bare ``400 Bad Request``.
+    """
+
+    site: BrokerSite
+    _head_deadline: IDelayedCall | None = None
+    _head_begun = False
+    _closing: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._await_head()
+
+    def dataReceived(self, data: bytes) -> None:
+        # Bytes held back while a request ran come through here too, once it ends.
+        self._head_begun = True
+        super().dataReceived(data)
+
+    def headerReceived(self, line: bytes) -> bool:
+        try:
+            return bool(super().headerReceived(line))
+        except ValueError:  # int() refuses a Content-Length of over 4300 digits (by default)
+            self._refuse_head("the Content-Length has too many digits")
+            return False
+
+    def allHeadersReceived(self) -> None:
+        self._stop_waiting()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:
+        if self.persistent:
+            # Before Twisted's own: it parses at once a head that is already in.
+            self._await_head()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stop_waiting()
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        super().connectionLost(reason)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Twisted's answer to a malformed request line or header (a private hook)."""
+        self._refuse_head("the request line or a header is malformed")
+
+    def _refuse_head(self, message: str) -> None:
+        assert self.transport is not None
+        write_error(self.transport, BrokerError("bad_request", message), b"Bad Request")
+        self.loseConnection()
+
+    def _await_head(self) -> None:
+        self._stop_waiting()
+        self._head_begun = False
+        self._head_deadline = self.site.reactor.callLater(
+            self.site.header_timeout_s, self._head_too_slow
+        )
+
+    def _stop_waiting(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self._head_begun:
+            self.site.on_header_timeout()
+        transport = self.transport
+        assert transport is not None
+        self.loseConnection()  # at once, unless the end of a previous answer is still going out
+        abort = getattr(transport, "abortConnection", transport.loseConnection)
+        self._closing = self.site.reactor.callLater(CLOSING_LINGER_S, abort)
+
+
+def _broker_channel(site: object) -> _GenericHTTPChannelProtocol:
+    """Twisted's HTTP protocol (which could switch to HTTP/2) around a ``BrokerChannel``.
+
+    A site's ``protocol``, called as its method, as Twisted's own factory is.
+    """
+    return _GenericHTTPChannelProtocol(BrokerChannel())
 
 
 #: Routes named as such in logs and metrics; any other path is ``other``.
@@ -149,12 +261,15 @@ class AccessLog:
 
 
 class BrokerSite(Site):
-    """A ``Site`` with timed requests, the batched access log, and no form parsing.
+    """A ``Site`` with timed requests, a head deadline, the batched access log, no form parsing.
 
     twisted.web would otherwise parse POST form bodies (multipart into memory)
     before the facade sees them: the consumers' bodies are none of its business.
+    ``max_body_bytes`` and ``header_timeout_s`` may change while it runs (a
+    reload): requests and connections that start afterwards get the new values.
     """
 
+    protocol = _broker_channel
     requestFactory = TimedRequest
     displayTracebacks = False
 
@@ -166,12 +281,16 @@ class BrokerSite(Site):
         max_body_bytes: int,
         on_refused: Callable[[], object] = lambda: None,
         observers: Sequence[Callable[[TimedRequest], object]] = (),
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+        on_header_timeout: Callable[[], object] = lambda: None,
     ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.on_refused = on_refused
         self.observers = list(observers)
+        self.header_timeout_s = header_timeout_s
+        self.on_header_timeout = on_header_timeout
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         timed = cast(TimedRequest, request)

@@ -135,6 +135,8 @@ def build_service(
         max_body_bytes=config.limits.max_body_mib * 2**20,
         on_refused=lambda: scheduler.reject("payload_too_large"),
         observers=[metrics.observe],
+        header_timeout_s=config.limits.header_timeout_s,
+        on_header_timeout=metrics.header_timed_out,
     )
     reloader = Reloader(
         config_path,

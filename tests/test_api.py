@@ -17,6 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
 
 from mgpu.admin import Admin
 from mgpu.api import BrokerResource, Operations, audio_target
@@ -831,3 +832,54 @@ class AdminRouteTests(OperationsTestCase):
         self.resource.serve_operations(None)
         self.assertError(self.send(b"POST", b"/v1/admin/reload"), 404, "not_found")
         self.assertError(self.send(b"POST", b"/v1/admin/consumers/mvoice/load"), 404, "not_found")
+
+
+class RequestTargetTests(OperationsTestCase):
+    """Request targets with bytes outside VCHAR (0x21-0x7E) are refused before any route."""
+
+    #: Targets whose odd bytes (DEL, 0x80-0xB0) Twisted's request-line parser lets through.
+    ODD_TARGETS = (
+        (b"POST", b"/v1/tts?x=\x7f"),
+        (b"POST", b"/v1/stt?x=\x80"),
+        (b"GET", b"/audio/a\x90.wav"),
+        (b"GET", b"/v1/events?\x7f"),
+        (b"POST", b"/v1/admin/consumers/mvoice\xa0/load"),
+        (b"POST", b"/v1/admin/reload?\x7f"),
+        (b"GET", b"/metrics?\x80"),
+        (b"GET", b"/v1/status?x=\xb0"),
+        (b"GET", b"/healthz?\x7f"),
+        (b"GET", b"/?\x7f"),
+        (b"GET", b"/nowhere\x80"),
+    )
+
+    def test_refused_on_every_route(self) -> None:
+        """A target with DEL or a byte in 0x80-0xB0 is 400 bad_request on every route, and
+        neither the facade, the admin, the reloader nor the event streams act on it; the
+        same bytes percent-encoded (VCHAR) reach the facade as sent."""
+        for method, uri in self.ODD_TARGETS:
+            self.assertError(self.send(method, uri), 400, "bad_request")
+        self.assertEqual(self.facade.calls, [])
+        self.assertEqual((self.admin.calls, self.reloader.calls), ([], 0))
+        self.assertEqual(self.streams.clients, 0)
+        self.assertEqual(self.send(b"POST", b"/v1/tts?x=%FF%7F%00").response()[0], 200)
+        self.assertEqual(self.facade.requests[0].uri, b"/v1/tts?x=%FF%7F%00")
+
+    def test_refused_before_auth(self) -> None:
+        """With a token configured, an odd target is still 400 bad_request, not 401."""
+        self.resource.set_token(b"s3cret-token")
+        self.assertError(self.send(b"POST", b"/v1/tts?x=\x7f"), 400, "bad_request")
+        self.assertEqual(self.facade.calls, [])
+
+    def test_any_byte_outside_vchar_refused_by_the_resource(self) -> None:
+        """Whatever the HTTP parser in front lets through, the resource itself refuses a
+        target with a NUL, a control byte, a space, DEL or any byte over 0x7E."""
+        for byte in (b"\x00", b"\x01", b"\t", b" ", b"\x7f", b"\x80", b"\xb1", b"\xff"):
+            request: Any = DummyRequest([])
+            request.method = b"POST"
+            request.uri = b"/v1/tts?x=" + byte
+            request.path = b"/v1/tts"
+            body = self.resource.render(request)
+            self.assertEqual(request.responseCode, 400, byte)
+            self.assertIsInstance(body, bytes)
+            self.assertEqual(json.loads(cast(bytes, body))["error"], "bad_request")
+        self.assertEqual(self.facade.calls, [])

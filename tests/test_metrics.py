@@ -273,6 +273,15 @@ class EventTests(MetricsTestCase):
             frozenset({("consumer", "mvoice"), ("reason", "upstream")}): 2.0,
         })  # fmt: skip
 
+    def test_header_timeouts_counted_without_events(self) -> None:
+        """Connections closed for a slow head count in mgpu_header_timeouts_total, at zero
+        from the start, and publish no event (a drip attack must not flood the stream)."""
+        self.assertEqual(self.value("mgpu_header_timeouts_total"), 0.0)
+        self.metrics.header_timed_out()
+        self.metrics.header_timed_out()
+        self.assertEqual(self.value("mgpu_header_timeouts_total"), 2.0)
+        self.assertEqual(self.bus.recent(), [])
+
 
 class SchedulerGaugeTests(MetricsTestCase):
     """The queue and the lease, read at scrape time."""

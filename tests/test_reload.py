@@ -60,9 +60,10 @@ def document() -> dict[str, Any]:
 
 @define
 class FakeSite:
-    """What a reload changes on the site: the body limit."""
+    """What a reload changes on the site: the body limit and the head deadline."""
 
     max_body_bytes: int
+    header_timeout_s: float
 
 
 @define
@@ -94,7 +95,9 @@ class ReloadCase(SynchronousTestCase):
             b.registry, self.poller, b.control, b.reactor,
             self.config.gpu, self.config.scheduler, b.scheduler.stats, b.events,
         )  # fmt: skip
-        self.site = FakeSite(self.config.limits.max_body_mib * 2**20)
+        self.site = FakeSite(
+            self.config.limits.max_body_mib * 2**20, self.config.limits.header_timeout_s
+        )
         self.resource = TokenRecorder()
         self.parts = LiveParts(
             b.facade, b.registry, b.scheduler, self.room, b.prober, self.poller,
@@ -133,6 +136,7 @@ class ReloadCase(SynchronousTestCase):
             "reloader.running": self.reloader.running,
             "states": dict(self.broker.registry.states),
             "max_body_bytes": self.site.max_body_bytes,
+            "header_timeout_s": self.site.header_timeout_s,
             "tokens": list(self.resource.tokens),
         }
 
@@ -145,9 +149,8 @@ class ReloadCase(SynchronousTestCase):
         self.assertEqual(after["states"].keys(), before["states"].keys())
         for name, state in before["states"].items():
             self.assertIs(after["states"][name], state, name)
-        self.assertEqual(
-            (after["max_body_bytes"], after["tokens"]), (before["max_body_bytes"], before["tokens"])
-        )
+        for key in ("max_body_bytes", "header_timeout_s", "tokens"):
+            self.assertEqual(after[key], before[key], key)
         self.assertEqual(self.readers_for, [])
 
 
@@ -172,7 +175,7 @@ class RefusedReloadTests(ReloadCase):
         """A file with a bad value (and good changes beside it) changes nothing."""
 
         def change(data: dict[str, Any]) -> None:
-            data["limits"]["max_body_mib"] = 1
+            data["limits"].update(max_body_mib=1, header_timeout_s=1)
             data["scheduler"]["max_queue"] = "many"
 
         self.write(self.changed(change))
@@ -263,6 +266,12 @@ class AppliedReloadTests(ReloadCase):
         self.write(self.changed(lambda data: data["limits"].update(max_body_mib=2)))
         self.reloader.reload()
         self.assertEqual(self.site.max_body_bytes, 2 * 2**20)
+
+    def test_header_timeout(self) -> None:
+        """The site takes the new limits.header_timeout_s (for connections opened after it)."""
+        self.write(self.changed(lambda data: data["limits"].update(header_timeout_s=2.5)))
+        self.reloader.reload()
+        self.assertEqual(self.site.header_timeout_s, 2.5)
 
     def test_token_set_and_removed(self) -> None:
         """A token file added sets its token; removed again, auth is off (None)."""

@@ -1,9 +1,9 @@
-"""Tests for mgpu.site: timed requests and the batched access log."""
+"""Tests for mgpu.site: timed requests, the head deadline, bad heads, the body limit, the log."""
 
 from __future__ import annotations
 
 import json
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -12,9 +12,9 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
-from mgpu.site import REFUSED_LINGER_S, AccessLog, BrokerSite
+from mgpu.site import CLOSING_LINGER_S, REFUSED_LINGER_S, AccessLog, BrokerSite
 
 
 class Hello(Resource):
@@ -185,3 +185,222 @@ class BodyLimitTests(SynchronousTestCase):
         )
         self.assertEqual(self.echo.bodies, [b"z" * 100])
         self.assertEqual(self.refused, [])
+
+
+class Slow(Resource):
+    """Answers only when the test says so (a request that runs for a while)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[Request] = []
+
+    def render_GET(self, request: Request) -> int:
+        self.waiting.append(request)
+        return NOT_DONE_YET
+
+    def answer(self) -> None:
+        request = self.waiting.pop(0)
+        request.write(b"done")
+        request.finish()
+
+
+class HeadDeadlineTests(SynchronousTestCase):
+    """limits.header_timeout_s: a request head must be complete that long after it was due."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.slow = Slow()
+        self.timed_out: list[bool] = []
+        self.events: list[LogEvent] = []
+        observer = cast(ILogObserver, self.events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.site = BrokerSite(
+            self.slow, self.clock, AccessLog(Clock()), max_body_bytes=100,
+            header_timeout_s=10.0, on_header_timeout=lambda: self.timed_out.append(True),
+        )  # fmt: skip
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        channel = self.site.buildProtocol(None)
+        assert channel is not None
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def drip(self, channel: Any, data: bytes, every: float) -> None:
+        """Send ``data`` one byte at a time, ``every`` seconds apart."""
+        for byte in data:
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(every)
+
+    def test_drip_closed_at_deadline(self) -> None:
+        """A head dripped a byte every 0.5 s is closed header_timeout_s after the connection
+        opened, though each byte resets Twisted's idle timeout; no answer, no log line, counted."""
+        channel, transport = self.connect()
+        self.drip(channel, b"GET /x HTTP/1.1\r\nHost: ", 0.5)  # 24 bytes: 12 s of dripping
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.slow.waiting, [])
+        self.assertEqual(self.timed_out, [True])
+        self.assertEqual(self.events, [])
+
+    def test_deadline_is_exact(self) -> None:
+        """The connection is still open just before header_timeout_s and closed at it."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\n")
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_head_in_time_served_then_next_due(self) -> None:
+        """A head dripped within the deadline is served, however long the request then runs;
+        the next head is due header_timeout_s after its answer."""
+        channel, transport = self.connect()
+        self.drip(channel, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n", 0.3)  # 9 s
+        self.assertEqual(len(self.slow.waiting), 1)
+        self.clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        self.slow.answer()
+        self.assertIn(b"done", transport.value())
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_kept_alive_deadline_counts_from_previous_request(self) -> None:
+        """On a kept-alive connection the next head is due header_timeout_s after the previous
+        request finished, not after the connection opened."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.clock.advance(30)
+        self.slow.answer()
+        channel.dataReceived(b"GET /2 HTTP/1.1\r\n")
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timed_out, [True])
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # no timer outlives the connection
+
+    def test_idle_kept_alive_connection_closed_uncounted(self) -> None:
+        """A kept-alive connection that sends nothing after its answer is closed after
+        header_timeout_s, and not counted as a slow head."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        self.slow.answer()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timed_out, [])
+
+    def test_silent_connection_closed_uncounted(self) -> None:
+        """A connection that never sends a byte is closed at header_timeout_s, uncounted."""
+        _, transport = self.connect()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timed_out, [])
+
+    def test_pipelined_partial_head_counted(self) -> None:
+        """Part of a next head sent while a request ran is due header_timeout_s after that
+        request ends, and counts as a slow head when it is not completed."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\n")
+        self.clock.advance(30)
+        self.slow.answer()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timed_out, [True])
+
+    def test_pipelined_head_served(self) -> None:
+        """A head that arrived whole while the previous request ran is served when it ends,
+        is not cut by the deadline while it runs, and the next head is due after its answer."""
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        self.slow.answer()
+        self.assertEqual([r.path for r in self.slow.waiting], [b"/2"])
+        self.clock.advance(60)
+        self.assertFalse(transport.disconnecting)
+        self.slow.answer()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.timed_out, [])
+
+    def test_new_value_applies_to_new_connections(self) -> None:
+        """A changed header_timeout_s (a reload) applies to connections opened after it; one
+        already waiting keeps the deadline it started with."""
+        _, before = self.connect()
+        self.site.header_timeout_s = 2.0
+        _, after = self.connect()
+        self.clock.advance(2)
+        self.assertEqual((before.disconnecting, after.disconnecting), (False, True))
+        self.clock.advance(8)
+        self.assertTrue(before.disconnecting)
+
+    def test_unflushed_connection_aborted(self) -> None:
+        """A connection closed for a slow head that does not go (a client that does not read
+        what is still being written to it) is aborted CLOSING_LINGER_S later."""
+        _, transport = self.connect()
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(CLOSING_LINGER_S)
+        self.assertTrue(transport.disconnected)
+
+
+class BadHeadTests(SynchronousTestCase):
+    """Heads Twisted cannot use are answered 400 bad_request in the error schema."""
+
+    def setUp(self) -> None:
+        self.echo = Echo()
+        self.site = BrokerSite(self.echo, Clock(), AccessLog(Clock()), max_body_bytes=100)
+        channel = self.site.buildProtocol(None)
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport()
+        channel.makeConnection(self.transport)
+
+    def assert_bad_request(self) -> dict[str, Any]:
+        answer = self.transport.value()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer)
+        head, body = answer.split(b"\r\n\r\n", 1)
+        self.assertIn(b"Content-Type: application/json", head)
+        self.assertIn(b"Connection: close", head)
+        document: dict[str, Any] = json.loads(body)
+        self.assertEqual((document["error"], document["retryable"]), ("bad_request", False))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.echo.bodies, [])
+        return document
+
+    def test_content_length_too_long_for_int(self) -> None:
+        """A Content-Length of 5000 digits (int() refuses over 4300) is 400 bad_request,
+        raises nothing and logs nothing, and no resource sees the request."""
+        self.channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\nbody"
+        )
+        document = self.assert_bad_request()
+        self.assertIn("Content-Length", document["message"])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_content_length_too_long_not_last_header(self) -> None:
+        """The same with headers after it: nothing after the refusal is parsed."""
+        self.channel.dataReceived(
+            b"POST /x HTTP/1.1\r\nContent-Length: " + b"1" * 5000 + b"\r\nHost: h\r\n\r\n"
+        )
+        self.assert_bad_request()
+
+    def test_request_line_refused_by_twisted(self) -> None:
+        """A request line Twisted refuses itself (a 0xFF byte in the target) is 400
+        bad_request in the broker's error schema, not a bare 400."""
+        self.channel.dataReceived(
+            b"POST /x?q=\xff HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assert_bad_request()

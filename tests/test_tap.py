@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
@@ -13,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mgpu.config import ConfigError
 from mgpu.gpu import GpuPoller
 from mgpu.registry import HealthProber
+from mgpu.site import BrokerSite
 from mgpu.tap import Options, makeService, read_token
 
 CONFIG = """
@@ -43,6 +45,16 @@ class MakeServiceTests(SynchronousTestCase):
         kinds = (StreamServerEndpointService, HealthProber, GpuPoller)
         for kind in kinds:
             self.assertEqual(len([s for s in children if isinstance(s, kind)]), 1, kind)
+
+    def test_site_takes_the_limits(self) -> None:
+        """The web server's site takes limits.max_body_mib (in bytes) and header_timeout_s."""
+        config = CONFIG + "limits: {max_body_mib: 3, header_timeout_s: 2.5}\n"
+        service = makeService(self.options(config=config), MemoryReactorClock())
+        [server] = [
+            s for s in IServiceCollection(service) if isinstance(s, StreamServerEndpointService)
+        ]
+        site = cast(BrokerSite, server.factory)
+        self.assertEqual((site.max_body_bytes, site.header_timeout_s), (3 * 2**20, 2.5))
 
     def test_bad_config_exits_2_naming_the_field(self) -> None:
         """A bad file exits with status 2 and one line naming the file and field, no traceback."""
