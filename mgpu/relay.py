@@ -30,7 +30,7 @@ from twisted.web.server import Request
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.spool import ClientSpool
-from mgpu.upstream import Answer, AnswerError, UpstreamClient
+from mgpu.upstream import Answer, AnswerError, StaleConnection, UpstreamClient
 
 #: Hop-by-hop headers (RFC 9110 section 7.6.1), never relayed in either direction.
 HOP_BY_HOP: Final = frozenset(
@@ -180,10 +180,10 @@ def _bad_answer(consumer: ConsumerConfig, reason: BaseException | None) -> Broke
     The reason is the parser's or the connection's, never the consumer's
     bytes (another client's answer could be among them).
     """
+    what = "" if isinstance(reason, StaleConnection) else " sent a bad answer:"
     return BrokerError(
-        "bad_answer", f"consumer {consumer.name} sent a bad answer: {_describe(reason)}",
-        consumer.name,
-    )  # fmt: skip
+        "bad_answer", f"consumer {consumer.name}{what} {_describe(reason)}", consumer.name
+    )
 
 
 def _describe(reason: BaseException | None) -> str:
@@ -274,7 +274,8 @@ class _Exchange(Protocol):
         reason = failure.value
         if isinstance(reason, _BAD_URL):
             self._end(_bad_url(self._consumer, reason))
-        elif isinstance(reason, AnswerError):
+        elif isinstance(reason, AnswerError | StaleConnection):
+            # It answered before, or answered badly: not unreachable for the others.
             self._end(_bad_answer(self._consumer, reason))
         else:
             self._end(

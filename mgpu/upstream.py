@@ -88,6 +88,15 @@ class NoAnswer(Exception):
     """The connection closed before the consumer's answer began."""
 
 
+class StaleConnection(NoAnswer):
+    """A kept connection closed before any byte of the answer to a request it carried.
+
+    The consumer closed it without ``Connection: close``, as (or just before)
+    the request was sent: the inherent race of reusing connections.  Not a
+    sign that the consumer is down; its origin is reused no more.
+    """
+
+
 class EndpointCache:
     """One endpoint per (scheme, host, port), built on first use.
 
@@ -248,6 +257,7 @@ class _Connection(Protocol):
         self._sending: IBodyProducer | None = None
         self._closing = False  # closed or aborted by this side: never reused
         self._heard = False  # a byte of the answer arrived
+        self._reused = False  # the request in flight came from the pool
         self._retry: Callable[[], None] | None = None
         self._lost: list[Deferred[None]] = []
 
@@ -262,18 +272,21 @@ class _Connection(Protocol):
         retry: Callable[[], None] | None = None,
         *,
         reuse: bool = True,
+        reused: bool = False,
     ) -> None:
         """Write the request; ``answer`` fires with the answer's head.
 
         ``retry`` is called instead of failing ``answer`` when the connection
         closes before a byte of the answer came (a kept connection the
         consumer had just closed).  ``reuse``: the connection may be kept
-        after an exactly framed answer (the head then has no ``Connection: close``).
+        after an exactly framed answer (the head then has no ``Connection: close``);
+        ``reused``: it was kept from an earlier request.
         """
         self._method = method
         self._waiting = answer
         self._retry = retry
         self._reuse = reuse
+        self._reused = retry is not None or reused
         self._heard = False
         self._stage = "head"
         self._head_size = 0
@@ -572,6 +585,13 @@ class _Connection(Protocol):
             if not self._heard:
                 if retry is not None:
                     retry()
+                elif self._reused:
+                    self._pool._suspend(self.key, "closed a kept connection without saying so")
+                    why = (
+                        "closed a kept connection as the request was sent (keep-alive "
+                        f"is now off for it): {_why(reason)}"
+                    )
+                    waiting.errback(StaleConnection(why))
                 else:
                     why = f"the connection closed before an answer: {_why(reason)}"
                     waiting.errback(NoAnswer(why))
@@ -725,7 +745,7 @@ class UpstreamClient:
                 self._connect(call, endpoint, key, method, head, body, reuse)
 
         call.stop = connection.cancel
-        connection.send(method, head, body, call.answer, retry)
+        connection.send(method, head, body, call.answer, retry, reused=True)
         return call.answer
 
     def _connect(
@@ -771,16 +791,20 @@ class UpstreamClient:
 
     def _stray(self, connection: _Connection, size: int | None) -> None:
         """``connection`` received bytes no request asked for: its origin is reused no more."""
-        key = connection.key
+        what = f"{size} bytes" if size is not None else "bytes"
+        self._suspend(
+            connection.key, f"sent {what} after a complete answer or with no request in flight"
+        )
+
+    def _suspend(self, key: Key, why: str) -> None:
+        """One connection per request to ``key`` from now on; logged once."""
         if key in self._suspended:
             return
         self._suspended.add(key)
-        what = f"{size} bytes" if size is not None else "bytes"
         log.warn(
-            "{origin} sent {what} after a complete answer or with no request in flight; "
-            "its connections are no longer reused (one per request until restart)",
+            "{origin} {why}; its connections are no longer reused (one per request until restart)",
             origin=_origin(key),
-            what=what,
+            why=why,
         )
 
     def suspended(self, url: str) -> bool:

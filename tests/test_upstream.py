@@ -31,6 +31,7 @@ from mgpu.upstream import (
     AnswerError,
     EndpointCache,
     NoAnswer,
+    StaleConnection,
     UpstreamClient,
     _host,
 )
@@ -698,7 +699,10 @@ class UpstreamClientTests(SynchronousTestCase):
         _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         d = self.request(method=b"POST", body=b"{}")
         wire.protocol.connectionLost(Failure(ConnectionDone()))
-        self.failureResultOf(d, NoAnswer)
+        self.failureResultOf(d, StaleConnection)
+        # A consumer that closes kept connections without saying so is reused no more.
+        self.assertTrue(self.client.suspended("http://127.0.0.1:11434"))
+        self.client = UpstreamClient(self.reactor, max_idle=2)
         _, _, wire = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         d = self.request(method=b"GET", body=None)
         wire.protocol.dataReceived(b"HTTP/1.1 200")

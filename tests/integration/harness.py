@@ -333,6 +333,12 @@ async def start_recorder(name: str, workdir: Path) -> Consumer:
     return await start_listener(name, argv, workdir, log_path)
 
 
+async def start_hostile(name: str, workdir: Path) -> Consumer:
+    """``tests/integration/hostile.py``: a consumer that sends what each request scripts."""
+    argv = [sys.executable, "-m", "tests.integration.hostile"]
+    return await start_listener(name, argv, workdir)
+
+
 async def sim_call(
     consumer: Consumer, method: str, path: str, body: object = None, timeout: float = 5
 ) -> Any:

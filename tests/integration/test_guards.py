@@ -1,11 +1,14 @@
-"""What the daemon refuses or cancels: /audio path tricks, unrouted kinds, clients that leave."""
+"""What the daemon refuses or cancels: /audio path tricks, odd request targets and heads,
+unrouted kinds, clients that leave, slow request heads."""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
@@ -16,6 +19,7 @@ from tests.integration.harness import (
     closed,
     connect,
     established_connections,
+    get,
     make_config,
     parse_response,
     raw_request,
@@ -61,7 +65,8 @@ async def _guard_stack() -> Stack:
             audio_proxy="recorder",
             health={"interval_s": 60, "timeout_s": 2},
             limits={"max_body_mib": 1},
-            overrides={"ollama": {"timeout_s": 2}},
+            # mvoice keeps its connections (keepalive: true); the recorder does not (the default).
+            overrides={"ollama": {"timeout_s": 2}, "mvoice": {"keepalive": True}},
         )
         await stack.start(config)
     return stack
@@ -181,10 +186,30 @@ class NoConsumerTests(_GuardCase):
 
 
 class UpstreamConnectionTests(_GuardCase):
-    """The relay's connections to a consumer are kept alive and closed when idle."""
+    """The relay's connections to a consumer: one per request by default; with
+    ``keepalive: true`` kept alive and closed when idle."""
+
+    async def test_one_connection_per_request_by_default(self) -> None:
+        """Without keepalive, each request says Connection: close and no connection stays."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+
+        def unconnected() -> bool:
+            return established_connections(daemon.pid, self.recorder.port) == 0
+
+        # Probes' kept connections close after a few seconds.
+        await wait_for(unconnected, CACHED_CONNECTION_TIMEOUT_S + 6, "no connection", 0.1)
+        mark = len(self.recorder.log_lines())
+        for n in range(3):
+            response, body = await self.http.json("POST", "/v1/stt", json_body={"n": n})
+            self.assertEqual(response.code, 200, body)
+        entries = self.recorder.log_lines()[mark:]
+        self.assertEqual([e["headers"].get("Connection") for e in entries], ["close"] * 3)
+        await wait_for(unconnected, 3, "the daemon's connections to the recorder to close", 0.1)
 
     async def test_one_connection_serves_requests_in_turn_then_closes(self) -> None:
-        """Requests one after the other share one upstream connection, closed once idle."""
+        """With keepalive, requests one after the other share one upstream connection,
+        closed once idle."""
         pid = await self.mvoice_loaded_and_unconnected()
         for n in range(5):
             response, body = await self.http.json("POST", "/v1/tts", json_body={"text": f"{n}"})
@@ -340,3 +365,146 @@ class UpstreamTimeoutTests(_GuardCase):
             "POST", "/v1/tts", json_body={"text": "next"}, timeout=10
         )
         self.assertEqual(response.code, 200, body)
+
+
+class RequestTargetTests(_GuardCase):
+    """Request targets with bytes outside VCHAR are refused before admission."""
+
+    async def test_bytes_outside_vchar_refused_before_admission(self) -> None:
+        """A 0xFF (or DEL, or 0x80) byte in a /v1/tts or /v1/stt query or an /audio path is
+        400 bad_request in the error schema; nothing is admitted and no consumer sees it."""
+        await self.idle()
+        since, mark = time.time(), len(self.recorder.log_lines())
+        before = await self.scheduler()
+        targets = [
+            ("POST", "/v1/tts?x=\xff"),
+            ("POST", "/v1/tts?x=\x7f"),
+            ("POST", "/v1/stt?x=\x80"),
+            ("GET", "/audio/a\xff.wav"),
+            ("GET", "/audio/a\x90.wav"),
+        ]
+        for method, target in targets:
+            body = b'{"text": "a"}' if method == "POST" else None
+            response = await raw_request(self.stack.port, request_bytes(method, target, body))
+            self.assertEqual(response.status, 400, (target, response.raw[:300]))
+            self.assertEqual(response.header("content-type"), "application/json", target)
+            error = response.json()
+            self.assertEqual(set(error), ERROR_KEYS)
+            self.assertEqual((error["error"], error["retryable"]), ("bad_request", False), target)
+        after = await self.scheduler()
+        for key in ("completed", "failed", "rejected", "loads"):
+            self.assertEqual(after[key], before[key], key)
+        self.assertEqual(self.recorded(mark), [])
+        self.assertEqual([e for e in await sim_log(self.mvoice) if e["start"] >= since], [])
+
+
+class ContentLengthTests(_GuardCase):
+    """A Content-Length that Python's int() refuses to parse."""
+
+    async def test_5000_digit_content_length_is_400(self) -> None:
+        """A 5000-digit Content-Length is answered 400 bad_request, leaves no traceback in the
+        daemon's log, and nothing reaches the consumer."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+        logged = daemon.process.stdout()
+        mark = len(self.recorder.log_lines())
+        head = request_bytes("POST", "/v1/stt", headers={"Content-Length": "9" * 5000})
+        response = await raw_request(self.stack.port, head, timeout=5)
+        self.assertEqual(response.status, 400, response.raw[:300])
+        error = response.json()
+        self.assertEqual(set(error), ERROR_KEYS)
+        self.assertEqual(error["error"], "bad_request")
+        # The daemon still serves, and the request left nothing in its log.
+        self.assertEqual((await raw_request(self.stack.port, get("/healthz"))).status, 200)
+        new = daemon.process.stdout()[len(logged) :]
+        self.assertNotIn("Traceback", new)
+        self.assertNotIn("Unhandled", new)
+        self.assertEqual(self.recorded(mark), [])
+
+
+HEADER_TIMEOUT_S = 1.0
+
+
+async def _head_stack() -> Stack:
+    """The recorder alone (stt), with request heads due within HEADER_TIMEOUT_S."""
+    stack = Stack.new("mgpu-heads-")
+    async with stack.starting():
+        await stack.add_recorder()
+        config = make_config(
+            stack.consumers,
+            {"stt": "recorder"},
+            health={"interval_s": 60, "timeout_s": 2},
+            limits={"header_timeout_s": HEADER_TIMEOUT_S},
+        )
+        await stack.start(config)
+    return stack
+
+
+class HeaderTimeoutTests(TestCase):
+    """``limits.header_timeout_s`` (1 s here): request heads must arrive in time."""
+
+    timeout = 60
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.stack = await shared_stacks.get("heads", _head_stack)
+
+    async def header_timeouts(self) -> float:
+        """``mgpu_header_timeouts_total`` now (on a connection that closes: none is kept idle)."""
+        response = await raw_request(self.stack.port, get("/metrics"))
+        self.assertEqual(response.status, 200)
+        for family in text_string_to_metric_families(response.body.decode("utf-8")):
+            for sample in family.samples:
+                if sample.name == "mgpu_header_timeouts_total":
+                    return float(sample.value)
+        raise AssertionError("no mgpu_header_timeouts_total in /metrics")
+
+    async def drip(
+        self, data: bytes, every: float, limit: float
+    ) -> tuple[RawConnection, float, int]:
+        """Connect and send ``data`` a byte every ``every`` seconds until the daemon closes
+        the connection (or ``limit`` seconds pass); returns it, how long it stayed open,
+        and its local port."""
+        started = time.monotonic()
+        conn = await connect(self.stack.port, RawConnection())
+        self.addCleanup(conn.abort)
+        assert conn.transport is not None
+        port = cast(IPv4Address, conn.transport.getHost()).port
+        for byte in data:
+            if conn.closed.called or time.monotonic() - started > limit:
+                break
+            conn.send(bytes([byte]))
+            await sleep(every)
+        await closed(conn, max(0.1, limit - (time.monotonic() - started)))
+        return conn, time.monotonic() - started, port
+
+    async def test_slow_drip_closed_after_header_timeout(self) -> None:
+        """A client dripping its head a byte every 0.2 s is closed about header_timeout_s
+        after connecting, with no answer and no log line naming it; /metrics counts it."""
+        daemon = self.stack.daemon
+        assert daemon is not None
+        counted = await self.header_timeouts()
+        logged = daemon.process.stdout()
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"z" * 100
+        conn, lasted, port = await self.drip(head, 0.2, 10)
+        self.assertGreaterEqual(lasted, HEADER_TIMEOUT_S - 0.1)
+        self.assertLess(lasted, HEADER_TIMEOUT_S + 2)
+        self.assertEqual(conn.data(), b"")
+        await sleep(0.7)  # past the access log's batching: a line would be out by now
+        new = daemon.process.stdout()[len(logged) :]
+        self.assertNotIn(str(port), new)
+        self.assertNotIn("Traceback", new)
+        self.assertEqual(await self.header_timeouts(), counted + 1)
+
+    async def test_head_in_time_served_then_idle_connection_closed(self) -> None:
+        """A head dripped over less than header_timeout_s is answered; the kept-alive
+        connection, sending nothing more, is closed about header_timeout_s after the
+        answer, and is not counted as a slow head."""
+        counted = await self.header_timeouts()
+        head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"  # kept alive
+        conn, _, _ = await self.drip(head, 0.5 / len(head), 10)
+        closed_at = time.monotonic()
+        self.assertEqual(parse_response(conn.data()).status, 200)
+        answered_at = conn.chunks[0][0]
+        self.assertGreaterEqual(closed_at - answered_at, HEADER_TIMEOUT_S - 0.1)
+        self.assertLess(closed_at - answered_at, HEADER_TIMEOUT_S + 2)
+        self.assertEqual(await self.header_timeouts(), counted)
