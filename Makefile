@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LISTEN ?= tcp:8770:interface=127.0.0.1
 
-.PHONY: run test check bench clean deploy
+.PHONY: run test check fuzz bench clean deploy
 
 # The editable install uses the "compat" mode: setuptools' default editable
 # mode hides twisted/plugins from twistd's plugin discovery.
@@ -24,6 +24,13 @@ check: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# make fuzz: the property tests on hostile input and the queue's oracle, with
+# thousands of generated examples each (make test runs a few hundred at most).
+FUZZ_TESTS := tests.test_config_hostile tests.test_upstream tests.test_spool \
+	tests.test_waitqueue tests.integration.test_hostile
+fuzz: $(BIN)/.installed
+	MGPU_FUZZ_EXAMPLES=$${MGPU_FUZZ_EXAMPLES:-5000} $(BIN)/python -m twisted.trial $(FUZZ_TESTS)
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat

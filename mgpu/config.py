@@ -8,11 +8,12 @@ A bad file must stop the daemon before it listens, so every problem is a
 from __future__ import annotations
 
 import math
+import re
 import string
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -23,6 +24,12 @@ GPU_SOURCES: Final = ("auto", "nvml", "nvidia-smi", "none")
 POLICIES: Final = ("affinity", "fifo")
 HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
+
+#: What a file may hold (SPEC 9.7). Past these the loader refuses it before
+#: building anything: nodes are counted with each alias expanded where used.
+MAX_NODES: Final = 10_000
+MAX_DEPTH: Final = 64
+MAX_DIGITS: Final = 18
 
 
 class ConfigError(Exception):
@@ -36,7 +43,14 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         where = f"{self.source}: {self.field}" if self.field else self.source
-        return f"{where}: {self.reason}"
+        return _one_line(f"{where}: {self.reason}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every unprintable character escaped: an error is always one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -161,7 +175,7 @@ class Config:
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and check a YAML configuration file."""
+    """Read and check a YAML configuration file; any problem is a ``ConfigError``."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -169,22 +183,132 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(source, "", f"cannot read the file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(source, "", f"is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    loader: _StrictLoader | None = None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+        loader = _StrictLoader(text, source)  # this checks every character already
+        data = loader.get_single_data()
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow
+        line = text.count("\n", 0, e.position) + 1
+        why = f"character {chr(e.character)!r} is not allowed in YAML (line {line})"
+        raise ConfigError(source, "", f"not valid YAML: {why}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     return parse_config(data, source)
 
 
+_INT_TAG: Final = "tag:yaml.org,2002:int"
+_USER_INFO: Final = re.compile(r"//[^/?#]*@")
+
+
+class _Mark(Protocol):
+    """Where in the file an event or a node starts (PyYAML has two such classes)."""
+
+    line: int
+    column: int
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+    """``yaml.SafeLoader`` that refuses what a configuration file never needs.
 
     PyYAML keeps the last of two equal keys; a second ``mvoice:`` block would
     silently replace the first, so a duplicate is a syntax error with its line.
+    It also expands aliases, recurses once per nesting level and converts
+    integers of any length: a few lines can cost minutes, gigabytes or a
+    ``RecursionError``. So nodes are counted as they are composed (an alias
+    counts its whole target again, where it is used), nesting and integer
+    digits are bounded, and a refusal names the field path where it happened.
     """
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+        #: Nodes composed so far, each alias counted as the nodes it stands for.
+        self._nodes = 0
+        #: The field path of each open collection, outermost first.
+        self._open: list[str] = []
+        #: Each complete node: its field path, its node count and its nesting height.
+        self._done: dict[int, tuple[str, int, int]] = {}
+
+    def refuse(self, where: str, reason: str, mark: _Mark | None) -> ConfigError:
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return ConfigError(self.source, where, reason + at)
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        where = self._child_path(index)
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                if id(target) not in self._done:
+                    raise self.refuse(where, "is an alias inside its own anchor", event.start_mark)
+                _, nodes, height = self._done[id(target)]
+                self._count(where, nodes, len(self._open) + height, event.start_mark)
+            return super().compose_node(parent, cast(int, index))
+        collection = isinstance(event, yaml.CollectionStartEvent)
+        before = self._nodes
+        self._count(where, 1, len(self._open) + collection, event.start_mark)
+        if collection:
+            self._open.append(where)
+        try:
+            node = super().compose_node(parent, cast(int, index))
+        finally:
+            if collection:
+                self._open.pop()
+        height = 0
+        if isinstance(node, yaml.CollectionNode):
+            items = node.value if isinstance(node, yaml.SequenceNode) else _flat(node.value)
+            height = 1 + max((self._done[id(item)][2] for item in items), default=0)
+        self._done[id(node)] = (where, self._nodes - before, height)
+        return node
+
+    def _child_path(self, index: object) -> str:
+        """The field path of the node composed next (``index``: its key node or position)."""
+        parent = self._open[-1] if self._open else ""
+        if isinstance(index, int):
+            return f"{parent}[{index}]"
+        if isinstance(index, yaml.ScalarNode):
+            return _join(parent, str(index.value))
+        return parent  # the root, or a mapping's key
+
+    def _count(self, where: str, nodes: int, depth: int, mark: _Mark | None) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_NODES:
+            reason = f"takes the file past {MAX_NODES} YAML nodes, aliases counted where used"
+            raise self.refuse(where, reason, mark)
+        if depth > MAX_DEPTH:
+            raise self.refuse(where, f"nests deeper than {MAX_DEPTH} levels", mark)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's constructors, with anything but a YAML error made a ``ConfigError``.
+
+        (``!!int x``, ``2024-13-01``, ``!!bool maybe`` raise ValueError, KeyError...)
+        """
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, ConfigError):
+            raise
+        except Exception as e:
+            where = self._done[id(node)][0] if id(node) in self._done else ""
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise self.refuse(where, f"is not a valid {tag}: {e}", node.start_mark) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An integer of at most ``MAX_DIGITS`` digits, refused before conversion if longer."""
+        digits = str(node.value).replace("_", "").replace(":", "").lstrip("+-")
+        if digits[:2].lower() in ("0x", "0b"):
+            digits = digits[2:]
+        if len(digits) <= MAX_DIGITS:
+            value = super().construct_yaml_int(node)
+            if abs(value) < 10**MAX_DIGITS:  # 18 hexadecimal digits are more in decimal
+                return value
+        where = self._done[id(node)][0] if id(node) in self._done else ""
+        raise self.refuse(where, f"is an integer of more than {MAX_DIGITS} digits", node.start_mark)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[object] = set()
@@ -205,6 +329,13 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(_INT_TAG, _StrictLoader.construct_yaml_int)
+
+
+def _flat(pairs: list[tuple[yaml.Node, yaml.Node]]) -> list[yaml.Node]:
+    return [node for pair in pairs for node in pair]
 
 
 def parse_config(data: object, source: str = "<config>") -> Config:
@@ -245,15 +376,23 @@ class _Parser:
     def integer(self, value: object, where: str, minimum: int, maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(where, f"must be an integer, not {_kind_of(value)}")
+        self.not_huge(value, where)
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise self.fail(where, f"must be {bound}, not {value}")
         return value
 
+    def not_huge(self, value: object, where: str) -> None:
+        """Refuse an integer of more than ``MAX_DIGITS`` digits (the loader already does so
+        for a file; a document built in code may hold one that cannot even be printed)."""
+        if isinstance(value, int) and abs(value) >= 10**MAX_DIGITS:
+            raise self.fail(where, f"is an integer of more than {MAX_DIGITS} digits")
+
     def seconds(self, value: object, where: str, zero: bool = False) -> float:
         """A finite number of seconds above zero (or at least zero, with ``zero``)."""
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(where, f"must be a number of seconds, not {_kind_of(value)}")
+        self.not_huge(value, where)
         if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
             what = "a number of seconds (0 or more)" if zero else "a positive number of seconds"
             raise self.fail(where, f"must be {what}, not {value}")
@@ -271,9 +410,21 @@ class _Parser:
         return text.upper()
 
     def path(self, value: object, where: str) -> str:
+        """A request path as sent: visible ASCII (no space, no control character) after a '/'."""
         text = self.string(value, where)
-        if not text.startswith("/") or any(c.isspace() for c in text):
-            raise self.fail(where, f"must be a path starting with '/' and without spaces: {text!r}")
+        if not text.startswith("/") or not _visible_ascii(text):
+            raise self.fail(
+                where,
+                "must be a path starting with '/', of visible ASCII characters "
+                f"(no spaces or control characters): {text!r}",
+            )
+        return text
+
+    def file_name(self, value: object, where: str) -> str:
+        """A file or program name: a non-empty string without control characters."""
+        text = self.string(value, where)
+        if not text.isprintable():
+            raise self.fail(where, f"must not contain control characters: {text!r}")
         return text
 
     def route(self, value: object, where: str, default_method: str) -> Route:
@@ -291,19 +442,25 @@ class _Parser:
             body=body,
         )
 
-    def json_value(self, value: Any, where: str) -> Any:
+    def json_value(self, value: Any, where: str, depth: int = 1) -> Any:
         """A copy of ``value``, checked to be sent as JSON exactly as written."""
+        if isinstance(value, dict | list) and depth > MAX_DEPTH:
+            # A file never gets here (the loader refuses it); a document built in code may.
+            raise self.fail(where, f"nests deeper than {MAX_DEPTH} levels")
         if isinstance(value, dict):
             copy = {}
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise self.fail(where, f"JSON object keys must be strings, not {key!r}")
-                copy[key] = self.json_value(item, f"{where}.{key}")
+                copy[key] = self.json_value(item, f"{where}.{key}", depth + 1)
             return copy
         if isinstance(value, list):
-            return [self.json_value(item, f"{where}[{i}]") for i, item in enumerate(value)]
+            return [
+                self.json_value(item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value)
+            ]
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(where, f"cannot be sent as JSON: {value}")
+        self.not_huge(value, where)
         if value is None or isinstance(value, str | bool | int | float):
             return value
         raise self.fail(where, f"cannot be sent as JSON: {_kind_of(value)}")
@@ -342,7 +499,7 @@ class _Parser:
         data = self.mapping(value, "auth", ("token_file",))
         token_file = data.get("token_file")
         if token_file is not None:
-            token_file = self.string(token_file, "auth.token_file")
+            token_file = self.file_name(token_file, "auth.token_file")
         return AuthConfig(token_file=token_file)
 
     def gpu(self, value: object) -> GpuConfig:
@@ -365,7 +522,7 @@ class _Parser:
         return GpuConfig(
             source=source,
             index=self.integer(data.get("index", d.index), "gpu.index", 0),
-            nvidia_smi=self.string(data.get("nvidia_smi", d.nvidia_smi), "gpu.nvidia_smi"),
+            nvidia_smi=self.file_name(data.get("nvidia_smi", d.nvidia_smi), "gpu.nvidia_smi"),
             cushion_mib=self.integer(data.get("cushion_mib", d.cushion_mib), "gpu.cushion_mib", 0),
             poll_interval_s=self.seconds(
                 data.get("poll_interval_s", d.poll_interval_s), "gpu.poll_interval_s"
@@ -515,16 +672,27 @@ class _Parser:
         return None if value is None else self.route(value, where, "POST")
 
     def url(self, value: object, where: str) -> str:
+        """``http[s]://host[:port]``: the broker appends each route's path to it."""
         text = self.string(value, where)
+        shown = repr(_USER_INFO.sub("//***@", text))  # a password stays out of the logs
+        if not _visible_ascii(text):
+            # urlsplit drops tabs and newlines silently; a request could not carry the rest.
+            raise self.fail(
+                where,
+                "must be visible ASCII (no spaces or control characters; "
+                f"an international host name in its xn-- form): {shown}",
+            )
         try:
             parts = urlsplit(text)
             port = parts.port
         except ValueError as e:
             raise self.fail(where, f"is not a usable URL: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.fail(where, f"must be an http:// or https:// URL with a host: {text!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise self.fail(where, f"must have no path, query or fragment: {text!r}")
+            raise self.fail(where, f"must be an http:// or https:// URL with a host: {shown}")
+        if "@" in parts.netloc:
+            raise self.fail(where, f"must have no user info (user:password@): {shown}")
+        if parts.path not in ("", "/") or "?" in text or "#" in text:
+            raise self.fail(where, f"must have no path, query or fragment: {shown}")
         del port
         return text.rstrip("/")
 
@@ -574,9 +742,16 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+def _visible_ascii(text: str) -> bool:
+    """Only VCHAR (``!`` to ``~``): what a request line may carry unencoded."""
+    return all("!" <= c <= "~" for c in text)
+
+
 def _kind_of(value: object) -> str:
     if value is None:
         return "null"
+    if value == "":
+        return "an empty string"
     return {
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "a list", dict: "a mapping",
@@ -590,8 +765,9 @@ def read_token(path: str | None, source: str) -> bytes | None:
     try:
         with open(path, "rb") as f:
             token = f.read().strip()
-    except OSError as e:
-        raise ConfigError(source, "auth.token_file", f"cannot read {path}: {e.strerror}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(source, "auth.token_file", f"cannot read {path}: {why}") from None
     if not token or any(c <= 0x20 or c >= 0x7F for c in token):
         raise ConfigError(
             source, "auth.token_file", f"{path} must hold one token of printable ASCII"

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.spool import ClientSpool
+from tests.fuzz import examples
 
 
 class _Request:
@@ -112,6 +113,7 @@ class ClientSpoolTests(SynchronousTestCase):
         self.failureResultOf(done, ValueError)
         self.assertIsNone(self.request.producer)
 
+    @settings(max_examples=examples(100), deadline=None)
     @given(
         st.lists(st.binary(min_size=1, max_size=300), max_size=20),
         st.lists(st.sampled_from(["pause", "resume"]), max_size=20),

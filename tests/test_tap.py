@@ -16,6 +16,7 @@ from mgpu.gpu import GpuPoller
 from mgpu.registry import HealthProber
 from mgpu.site import BrokerSite
 from mgpu.tap import Options, makeService, read_token
+from tests.test_config_hostile import HOSTILE, QUICK_S, deadline
 
 CONFIG = """
 gpu: {source: none, total_mib: 8000}
@@ -68,6 +69,24 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIn(f"{options['config']}: consumers.a.vram_resident_mib:", message)
         self.assertNotIn("Traceback", message)
         self.assertEqual(message.count("\n"), 1)
+
+    def test_hostile_files_exit_2_on_one_line(self) -> None:
+        """Each hostile file of SPEC 9.7 (alias bomb, recursive alias, deep nesting, huge
+        integer, user info, bare query, NUL in a path) exits with status 2 at once, with one
+        line naming the file and the field and no traceback."""
+        for kind, (text, field) in HOSTILE.items():
+            self.stderr.seek(0)
+            self.stderr.truncate()
+            options = self.options(config=text)
+            with deadline(QUICK_S), self.assertRaises(SystemExit) as caught:
+                makeService(options, MemoryReactorClock())
+            self.assertEqual(caught.exception.code, 2, kind)
+            message = self.stderr.getvalue()
+            self.assertTrue(
+                message.startswith(f"mgpumanager: {options['config']}: {field}: "), message
+            )
+            self.assertEqual(message.count("\n"), 1, kind)
+            self.assertNotIn("Traceback", message)
 
     def test_bad_listen_exits_2(self) -> None:
         """An unusable --listen endpoint exits with status 2 naming --listen."""

@@ -8,7 +8,7 @@ import socket
 from io import BytesIO
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
@@ -35,6 +35,7 @@ from mgpu.upstream import (
     UpstreamClient,
     _host,
 )
+from tests.fuzz import examples
 
 URL = b"http://127.0.0.1:11434/api/generate?x=1"
 
@@ -641,6 +642,7 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertTrue(wire.disconnecting)
         self.assertEqual(self.client.idle_connections(), 0)
 
+    @settings(max_examples=examples(100), deadline=None)
     @given(st.binary(max_size=200), st.integers(0, 200))
     def test_garbage_never_quoted(self, garbage: bytes, cut: int) -> None:
         """Whatever a consumer sends, an error about it names none of its bytes."""
@@ -739,6 +741,7 @@ class SplitAnswerTests(SynchronousTestCase):
         b"4\r\nWiki\r\n6;name=value\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\nT: 1\r\n\r\n"
     )
 
+    @settings(max_examples=examples(100), deadline=None)
     @given(st.lists(st.integers(0, len(ANSWER)), max_size=8))
     def test_any_split_decodes_the_same(self, cuts: list[int]) -> None:
         """However the answer's bytes are split, the body, the end and the kept connection agree."""

@@ -36,6 +36,17 @@ def _good_config() -> dict[str, Any]:
     }
 
 
+def _with_unload_body(lines: list[str]) -> str:
+    """The good configuration's text, comfyui's unload body replaced by ``lines`` of YAML."""
+    config = _good_config()
+    config["consumers"]["comfyui"]["unload"]["body"] = {"placeholder": 0}
+    text = yaml.safe_dump(config, sort_keys=False)
+    indent = " " * 8
+    placeholder = f"{indent}placeholder: 0\n"
+    assert placeholder in text
+    return text.replace(placeholder, "".join(f"{indent}{line}\n" for line in lines))
+
+
 class BadConfigTests(TestCase):
     """Each test starts the daemon on a bad configuration and watches it exit."""
 
@@ -150,6 +161,49 @@ class BadConfigTests(TestCase):
         self.assertFalse(proc.alive(), f"still running, not listening, after 6 s\n{proc.output()}")
         self.assertNotEqual(proc.popen.returncode, 0, proc.output())
         self.assertIn("already in use", proc.stdout() + proc.stderr())
+
+    async def test_alias_bomb(self) -> None:
+        """Nine levels of nine YAML aliases in an unload body (billions of nodes once
+        expanded) are refused at once, naming the body field, not expanded."""
+        lines = ["l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+        lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        path = self.write(_with_unload_body(lines))
+        started = time.monotonic()
+        await self.assertRefused(str(path), "consumers.comfyui.unload.body.l4", "10000 YAML nodes")
+        self.assertLess(time.monotonic() - started, 10)
+
+    async def test_recursive_alias(self) -> None:
+        """An alias inside its own anchor is refused naming the field, not a RecursionError."""
+        path = self.write(_with_unload_body(["x: &a [*a]"]))
+        await self.assertRefused(str(path), "consumers.comfyui.unload.body.x[0]", "own anchor")
+
+    async def test_deep_nesting(self) -> None:
+        """Lists nested 5,000 deep are refused as deeper than 64 levels."""
+        path = self.write(_with_unload_body(["x: " + "[" * 5000 + "]" * 5000]))
+        await self.assertRefused(str(path), "consumers.comfyui.unload.body.x[0]", "64 levels")
+
+    async def test_huge_integer(self) -> None:
+        """An integer of 5,000 digits is refused naming its field, not a ValueError."""
+        text = yaml.safe_dump(_good_config(), sort_keys=False)
+        path = self.write(
+            text.replace("vram_resident_mib: 2800", "vram_resident_mib: " + "9" * 5000)
+        )
+        await self.assertRefused(str(path), "consumers.mvoice.vram_resident_mib", "18 digits")
+
+    async def test_url_with_user_info(self) -> None:
+        """A consumer url with user:password@ is refused without repeating the password."""
+        config = _good_config()
+        config["consumers"]["mvoice"]["url"] = "http://user:hunter2@127.0.0.1:1"
+        line = await self.assertRefused(
+            str(self.write(config)), "consumers.mvoice.url", "user info"
+        )
+        self.assertNotIn("hunter2", line)
+
+    async def test_control_character_in_a_path(self) -> None:
+        """A NUL in a consumer path is refused naming that path."""
+        config = _good_config()
+        config["consumers"]["mvoice"]["health"]["path"] = "/api/\0health"
+        await self.assertRefused(str(self.write(config)), "consumers.mvoice.health.path", "ASCII")
 
     async def test_good_config_listens(self) -> None:
         """The same good configuration does start and listen (the refusals are the errors')."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import socket
 import time
 import uuid
@@ -23,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
+from tests.fuzz import examples
 from tests.integration.harness import Stack, shared_stacks, start_hostile
 
 #: Examples per property: bounded in ``make test``, thousands in ``make fuzz``.
-EXAMPLES = int(os.environ.get("MGPU_FUZZ_EXAMPLES", "15"))
+EXAMPLES = examples(15)
 #: What a consumer may hold a request before the daemon gives up on it (its timeout_s).
 CONSUMER_TIMEOUT_S = 10
 
