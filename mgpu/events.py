@@ -3,8 +3,10 @@
 
 The scheduler, the room maker, the registry and the facade publish; the
 ``/v1/events`` stream, the metrics and the dashboard listen. Publishing is a
-plain call on the reactor thread: listeners must not block, and a listener
-that raises is logged and kept, so one bad listener cannot break scheduling.
+plain call on the reactor thread, made from the eviction and load paths:
+listeners must not block, and what costs more than a few calls (the streams'
+writes to their clients) belongs on a later turn. A listener that raises is
+logged and kept, so one bad listener cannot break scheduling.
 The bus keeps the latest events so a new stream can start with some history.
 """
 
@@ -73,6 +75,11 @@ class EventBus:
             except Exception:
                 log.failure("an event listener failed on {kind}", kind=kind)
         return event
+
+    @property
+    def last_id(self) -> int:
+        """The id of the latest event published, 0 before the first."""
+        return self._last_id
 
     def recent(self, after: int = 0) -> list[Event]:
         """The kept events with an id above ``after``, oldest first."""

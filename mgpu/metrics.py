@@ -277,6 +277,11 @@ class _LiveState:
             "Events dropped because an /v1/events client read too slowly.",
             value=self.streams.dropped,
         )
+        yield CounterMetricFamily(
+            "mgpu_sse_dropped_clients",
+            "/v1/events clients whose stream was ended because they read too slowly.",
+            value=self.streams.dropped_clients,
+        )
 
     def _scheduler(self) -> Iterator[Metric]:
         scheduler = self.scheduler

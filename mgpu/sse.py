@@ -1,15 +1,23 @@
 # -*- test-case-name: tests.test_sse -*-
 """``GET /v1/events``: the event bus as a Server-Sent Events stream.
 
-Each client gets its own bounded buffer. While its connection accepts data,
-events are written as they happen; while the transport says it is full
-(``pauseProducing``), they wait in the buffer, and once the buffer is full the
-oldest are dropped and counted, so a slow reader costs the daemon at most
-``buffer`` events of memory and never holds anything back. The client is
-told how many it missed in a comment line when it catches up.
+Publishing never writes to a socket: an event published on the bus is queued,
+and the reactor's next turn encodes the events of that turn once and writes
+them to every client, at most ``per_turn`` clients a turn (the rest follow on
+the next turns). So the scheduling code that publishes pays the same whatever
+the number of clients, and each client gets every event in order.
+
+Each client has a bounded backlog. While its connection accepts data, the
+events are written at once; while the transport says it is full
+(``pauseProducing``), they wait, and once more than ``buffer`` events wait the
+client is sent a last ``dropped`` event and its stream is ended: a slow reader
+costs the daemon at most ``buffer`` events of memory, never holds anything
+back, and an ``EventSource`` reconnects and replays what it missed.
 
 ``Last-Event-ID`` (sent by a reconnecting ``EventSource``) replays the kept
 events after that id; ``?history=N`` starts a new stream with the last N.
+Either way the live feed goes on from the event after the last one replayed,
+none repeated or skipped.
 """
 
 from __future__ import annotations
@@ -18,20 +26,28 @@ import json
 from collections import deque
 from typing import Final
 
+from attrs import field, frozen
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from mgpu.events import Event, EventBus
+from mgpu.events import Event, EventBus, iso_seconds
 
-#: Events a client may fall behind by before the oldest are dropped.
+log = Logger()
+
+#: Events a client may fall behind by before it is dropped.
 CLIENT_BUFFER: Final = 256
+#: Clients written to in one turn of the reactor; the others wait for the next.
+CLIENTS_PER_TURN: Final = 200
 #: A comment line this often keeps proxies from closing a quiet stream, and
 #: finds clients that are gone.
 KEEPALIVE_S: Final = 15.0
 #: How long an ``EventSource`` waits before reconnecting.
 RETRY_MS: Final = 2000
+#: Why a client was sent ``dropped``.
+SLOW_READER: Final = "slow_reader"
 
 
 def encode(event: Event) -> bytes:
@@ -40,19 +56,70 @@ def encode(event: Event) -> bytes:
     return f"id: {event.id}\nevent: {event.kind}\ndata: {data}\n\n".encode()
 
 
+def encode_dropped(missed: int, last_id: int, at: float) -> bytes:
+    """The last message to a client dropped for reading too slowly.
+
+    It has no ``id:`` line, so an ``EventSource`` keeps the id of the last
+    event it did get and replays from there when it reconnects.
+    """
+    data = json.dumps(
+        {"kind": "dropped", "at": iso_seconds(at), "missed": missed, "reason": SLOW_READER,
+         "last_id": last_id},
+        separators=(",", ":"),
+    )  # fmt: skip
+    return f"event: dropped\ndata: {data}\n\n".encode()
+
+
+@frozen
+class _Batch:
+    """The events of one turn, encoded once for every client: ``(id, chunk)`` oldest first."""
+
+    chunks: tuple[tuple[int, bytes], ...]
+    blob: bytes = field(init=False)
+
+    @blob.default
+    def _join(self) -> bytes:
+        return b"".join(chunk for _, chunk in self.chunks)
+
+    @property
+    def last_id(self) -> int:
+        return self.chunks[-1][0]
+
+    def after(self, last_id: int) -> tuple[bytes, int]:
+        """The bytes of the events after id ``last_id``, and how many they are."""
+        if self.chunks[0][0] > last_id:
+            return self.blob, len(self.chunks)
+        newer = [chunk for id_, chunk in self.chunks if id_ > last_id]
+        return b"".join(newer), len(newer)
+
+
 class EventStreams:
-    """Serves every ``/v1/events`` client; ``dropped`` counts events lost to slow ones.
+    """Serves every ``/v1/events`` client.
 
     One bus subscription for all of them: each event is encoded once, however
-    many clients follow.
+    many clients follow. ``dropped`` counts the events that clients dropped
+    for reading too slowly did not get from their stream, ``dropped_clients``
+    those clients.
     """
 
-    def __init__(self, bus: EventBus, clock: IReactorTime, buffer: int = CLIENT_BUFFER) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        clock: IReactorTime,
+        buffer: int = CLIENT_BUFFER,
+        per_turn: int = CLIENTS_PER_TURN,
+    ) -> None:
         self._bus = bus
         self._clock = clock
         self._buffer = buffer
+        self._per_turn = max(1, per_turn)
         self.dropped = 0
-        self._open: set[_Stream] = set()
+        self.dropped_clients = 0
+        self._open: dict[_Stream, None] = {}  # in the order they came: served in that order
+        self._outbox: list[Event] = []  # published, not yet in a batch
+        self._batch: _Batch | None = None  # being written, to the clients in _waiting
+        self._waiting: deque[_Stream] = deque()
+        self._turn: IDelayedCall | None = None
         bus.subscribe(self._publish)
 
     @property
@@ -61,10 +128,36 @@ class EventStreams:
         return len(self._open)
 
     def _publish(self, event: Event) -> None:
+        # On the publisher's time: no encoding, no writes, one timer per turn.
         if self._open:
-            chunk = encode(event)
-            for stream in list(self._open):
-                stream.push(chunk)
+            self._outbox.append(event)
+            if self._turn is None:
+                self._turn = self._clock.callLater(0, self._deliver)
+
+    def _deliver(self) -> None:
+        """One turn's writing: the batch under way, then the next, up to ``per_turn`` clients."""
+        self._turn = None
+        budget = self._per_turn
+        while budget > 0:
+            if not self._waiting:
+                if not self._outbox:
+                    break
+                chunks = _encoded(self._outbox)
+                self._outbox = []
+                if chunks:
+                    self._batch = _Batch(chunks)
+                    self._waiting = deque(self._open)
+                continue
+            assert self._batch is not None
+            try:
+                self._waiting.popleft().push(self._batch)
+            except Exception:  # one broken stream must not stop the others' feed
+                log.failure("writing events to a /v1/events client failed")
+            budget -= 1
+        if self._waiting or self._outbox:
+            self._turn = self._clock.callLater(0, self._deliver)
+        else:
+            self._batch = None
 
     def end_all(self) -> None:
         """End every open stream (the token changed: each must authenticate again)."""
@@ -76,8 +169,19 @@ class EventStreams:
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")  # nginx in front: do not buffer
         history, lost = _history(request, self._bus)
-        _Stream(self, request).start(history, lost)
+        _Stream(self, request).start(history, lost, self._bus.last_id)
         return NOT_DONE_YET
+
+
+def _encoded(events: list[Event]) -> tuple[tuple[int, bytes], ...]:
+    """Each event encoded once, with its id; one that cannot be is logged and left out."""
+    chunks = []
+    for event in events:
+        try:
+            chunks.append((event.id, encode(event)))
+        except Exception:
+            log.failure("event {id} ({kind}) could not be encoded", id=event.id, kind=event.kind)
+    return tuple(chunks)
 
 
 def _history(request: Request, bus: EventBus) -> tuple[list[Event], int]:
@@ -98,48 +202,57 @@ def _history(request: Request, bus: EventBus) -> tuple[list[Event], int]:
 
 @implementer(IPushProducer)
 class _Stream:
-    """One client's stream: its buffer and its keep-alive timer."""
+    """One client's stream: its backlog and its keep-alive timer."""
 
     def __init__(self, streams: EventStreams, request: Request) -> None:
         self._streams = streams
         self._request = request
-        self._pending: deque[bytes] = deque(maxlen=streams._buffer)
-        self._missed = 0
+        self._pending: list[bytes] = []  # batches' bytes (shared with other clients)
+        self._backlog = 0  # events in _pending
+        self._last_id = 0  # the last event handed to this client
+        self._written_id = 0  # the last event written to it
         self._paused = False
+        self._done = False
         self._keepalive: IDelayedCall | None = None
 
-    def start(self, history: list[Event], lost: int = 0) -> None:
-        """Begin the stream: ``history`` first, after a note of the ``lost`` events."""
-        self._missed = lost
-        self._streams._open.add(self)
+    def start(self, history: list[Event], lost: int, last_id: int) -> None:
+        """Begin the stream: ``history`` first, after a note of the ``lost`` events; live
+        events follow from the one after ``last_id``, the bus's latest."""
+        self._last_id = self._written_id = last_id
+        self._streams._open[self] = None
         self._request.registerProducer(self, True)
         self._request.notifyFinish().addBoth(self._closed)
-        self._request.write(f"retry: {RETRY_MS}\n\n".encode())
-        for event in history:
-            self._enqueue(encode(event))
-        self._flush()
+        opening = [f"retry: {RETRY_MS}\n\n".encode()]
+        if lost:
+            opening.append(f": {lost} events dropped\n\n".encode())
+        opening.extend(map(encode, history))
+        self._request.write(b"".join(opening))
         self._arm()
 
-    def push(self, chunk: bytes) -> None:
-        """An encoded event for this client: written now, or kept while it is slow."""
-        self._enqueue(chunk)
-        self._flush()
-
-    def _enqueue(self, chunk: bytes) -> None:
-        if len(self._pending) == self._pending.maxlen:
-            self._missed += 1
-            self._streams.dropped += 1
-        self._pending.append(chunk)  # the deque drops the oldest itself
-
-    def _flush(self) -> None:
-        if self._paused or self._request.finished:
+    def push(self, batch: _Batch) -> None:
+        """A turn's events: written now, kept while the client is slow, or the client dropped."""
+        if self._done or batch.last_id <= self._last_id:
             return
-        if self._missed:
-            self._request.write(f": {self._missed} events dropped\n\n".encode())
-            self._missed = 0
-        if self._pending:
-            self._request.write(b"".join(self._pending))
-            self._pending.clear()
+        data, count = batch.after(self._last_id)
+        self._last_id = batch.last_id
+        if not self._paused:
+            self._written_id = self._last_id
+            self._request.write(data)
+        elif self._backlog + count > self._streams._buffer:
+            self._drop(self._backlog + count)
+        else:
+            self._pending.append(data)
+            self._backlog += count
+
+    def _drop(self, missed: int) -> None:
+        """Tell the client it missed ``missed`` events, count it, and end its stream."""
+        self._streams.dropped += missed
+        self._streams.dropped_clients += 1
+        self._pending.clear()
+        self._backlog = 0
+        at = self._streams._clock.seconds()
+        self._request.write(encode_dropped(missed, self._written_id, at))
+        self.end()
 
     def _arm(self) -> None:
         self._keepalive = self._streams._clock.callLater(KEEPALIVE_S, self._ping)
@@ -157,7 +270,12 @@ class _Stream:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._flush()
+        if self._pending and not self._done:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._backlog = 0
+            self._written_id = self._last_id
+            self._request.write(data)
 
     def stopProducing(self) -> None:
         self._paused = True
@@ -165,12 +283,15 @@ class _Stream:
     def end(self) -> None:
         """Finish the stream from our side; an ``EventSource`` reconnects."""
         if not self._request.finished:
+            self._done = True
             self._request.unregisterProducer()
             self._request.finish()
 
     def _closed(self, _: object) -> Failure | None:
-        self._streams._open.discard(self)
+        self._done = True
+        self._streams._open.pop(self, None)
         self._pending.clear()
+        self._backlog = 0
         if self._keepalive is not None and self._keepalive.active():
             self._keepalive.cancel()
         self._keepalive = None

@@ -753,6 +753,7 @@ class EventsRouteTests(OperationsTestCase):
         self.assertEqual(headers[b"content-type"], [b"text/event-stream; charset=utf-8"])
         self.assertEqual(self.streams.clients, 1)
         self.bus.publish("load", consumer="mvoice", reason="admin")
+        self.clock.advance(0)
         self.assertIn(b"event: load\n", client.response()[2])
         client.disconnect()
         self.assertEqual(self.streams.clients, 0)

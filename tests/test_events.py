@@ -1,15 +1,24 @@
-"""Tests for mgpu.events: the event bus (numbering, history, listeners) and the event's JSON."""
+"""Tests for mgpu.events: the event bus (numbering, history, listeners, what publishing costs)
+and the event's JSON."""
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
 from typing import cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
+import mgpu
 from mgpu.events import EVENT_KINDS, Event, EventBus, iso_seconds
+from mgpu.sse import EventStreams
+from tests.test_facade import Client, _Front
 
 
 class EventBusTests(SynchronousTestCase):
@@ -67,6 +76,14 @@ class EventBusTests(SynchronousTestCase):
         for _ in range(5):
             bus.publish("load")
         self.assertEqual([bus.lost_after(n) for n in (0, 1, 2, 5)], [2, 1, 0, 0])
+
+    def test_last_id(self) -> None:
+        """last_id is the latest event's id, 0 before the first, however few are kept."""
+        bus = EventBus(cast(IReactorTime, self.clock), keep=2)
+        self.assertEqual(bus.last_id, 0)
+        for _ in range(5):
+            bus.publish("load")
+        self.assertEqual(bus.last_id, 5)
 
     def test_recent_after(self) -> None:
         """recent(after) holds the kept events with a higher id, oldest first."""
@@ -127,6 +144,57 @@ class EventBusTests(SynchronousTestCase):
         bus.publish("load")
         bus.publish("load")
         self.assertEqual([e.id for e in later], [1])
+
+
+_MGPU = str(Path(mgpu.__file__).parent)
+
+
+class PublishCostTests(SynchronousTestCase):
+    """What publishing costs its caller (the eviction and load paths) with ``/v1/events``
+    clients following."""
+
+    def cost(self, clients: int) -> tuple[int, Counter[str], int]:
+        """Publish one event with ``clients`` streams open: the writes to them done inside
+        publish, the calls into the daemon's own code, and the timers it scheduled."""
+        clock = Clock()
+        bus = EventBus(cast(IReactorTime, clock))
+        streams = EventStreams(bus, cast(IReactorTime, clock))
+        writes: list[bytes] = []
+
+        def follow(request: Request) -> None:
+            streams.render(request)
+            self.patch(request, "write", writes.append)
+
+        for _ in range(clients):
+            Client(_Front(follow)).send(b"GET", b"/v1/events")
+        self.assertEqual(streams.clients, clients)
+        timers = len(clock.getDelayedCalls())
+        calls: Counter[str] = Counter()
+
+        def profile(frame: FrameType, event: str, _: object) -> None:
+            code = frame.f_code
+            if event == "call" and code.co_filename.startswith(_MGPU):
+                calls[f"{Path(code.co_filename).name}:{code.co_name}"] += 1
+
+        before = sys.getprofile()
+        sys.setprofile(profile)
+        try:
+            bus.publish("evict", consumer="comfyui", target="mvoice", freed_mib=13000)
+        finally:
+            sys.setprofile(before)
+        published, scheduled = len(writes), len(clock.getDelayedCalls()) - timers
+        clock.advance(0)
+        self.assertEqual(len(writes), published + clients)  # all written on the next turn
+        return published, calls, scheduled
+
+    def test_same_cost_for_one_client_or_a_thousand(self) -> None:
+        """Publishing writes to no client, schedules one call, and makes the same calls with
+        1 client as with 1,000: the fan-out is the next turn's work, not the publisher's."""
+        one, thousand = self.cost(1), self.cost(1000)
+        self.assertEqual((one[0], thousand[0]), (0, 0))
+        self.assertEqual((one[2], thousand[2]), (1, 1))
+        self.assertEqual(one[1], thousand[1])
+        self.assertLessEqual(sum(one[1].values()), 10, one[1])
 
 
 class EventJsonTests(SynchronousTestCase):

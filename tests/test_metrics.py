@@ -324,7 +324,8 @@ class SchedulerGaugeTests(MetricsTestCase):
         self.assertEqual(set(samples["mgpu_lease_holder"].values()), {0.0})
 
     def test_event_stream_clients_and_drops(self) -> None:
-        """The event streams' client count and dropped events are read at scrape time."""
+        """The event streams' client count, dropped events and dropped clients are read at
+        scrape time."""
 
         def follow(request: Request) -> None:
             self.streams.render(request)
@@ -332,8 +333,10 @@ class SchedulerGaugeTests(MetricsTestCase):
         for _ in range(2):
             Client(_Front(follow)).send(b"GET", b"/v1/events")
         self.streams.dropped = 7
+        self.streams.dropped_clients = 3
         self.assertEqual(self.value("mgpu_sse_clients"), 2.0)
         self.assertEqual(self.value("mgpu_sse_dropped_events_total"), 7.0)
+        self.assertEqual(self.value("mgpu_sse_dropped_clients_total"), 3.0)
 
 
 class ConsumerGaugeTests(MetricsTestCase):
