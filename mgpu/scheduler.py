@@ -33,6 +33,7 @@ from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.policy import NO_SWAP, SWAP, effective_priority, next_waiting
 from mgpu.registry import Registry
+from mgpu.waitqueue import WaitQueue
 
 T = TypeVar("T")
 
@@ -81,6 +82,13 @@ class _Ticket:
     prepare: bool = True
     count: bool = True
     timer: IDelayedCall | None = None
+    waiting: bool = False  # in the queue (set by WaitQueue)
+    order: int = 0  # arrival order (set by WaitQueue)
+
+    @property
+    def group(self) -> tuple[str, int, bool, bool]:
+        """Requests that arrive in the order of every rule: one consumer, priority, kind."""
+        return (self.consumer, self.priority, self.exclusive, self.prepare)
 
 
 class _Shared:
@@ -169,7 +177,7 @@ class GpuScheduler:
         self._events = events or EventBus(clock)
         self._swap_cost = swap_cost or self._resident_or_not
         self._prepare = prepare
-        self._waiting: list[_Ticket] = []
+        self._waiting: WaitQueue[_Ticket] = WaitQueue()
         self._preparation: _Shared | None = None
         self._detached: set[Deferred[object]] = set()
         self._mean_s = 1.0
@@ -212,16 +220,15 @@ class GpuScheduler:
             admitted = self._admission(consumer, exclusive, prepare, count)
         except BrokerError as e:
             return fail(e)
-        return Deferred.fromCoroutine(self._run(consumer, admitted, job, count))
 
-    async def _run(
-        self,
-        consumer: str,
-        admitted: Deferred[None],
-        job: Callable[[Lease], Deferred[T]],
-        count: bool,
-    ) -> T:
-        await admitted
+        def start(_: object) -> Deferred[T]:
+            return Deferred.fromCoroutine(self._run(consumer, job, count))
+
+        # A queued request is a plain Deferred until admitted: leaving the queue
+        # costs no coroutine (cancelling 20,000 waiters is the queue's cost alone).
+        return start(None) if admitted.called else admitted.addCallback(start)
+
+    async def _run(self, consumer: str, job: Callable[[Lease], Deferred[T]], count: bool) -> T:
         lease = Lease(consumer)
         started = self._clock.seconds()
         preparation = self._preparation
@@ -283,13 +290,13 @@ class GpuScheduler:
             consumer,
             state.config.priority,
             self._clock.seconds(),
-            Deferred(self._leave),
+            Deferred(lambda _: self._leave(ticket)),
             exclusive,
             prepare,
             count,
         )
         ticket.timer = self._clock.callLater(self.config.queue_timeout_s, self._timed_out, ticket)
-        self._waiting.append(ticket)
+        self._waiting.add(ticket)
         state.queued += 1
         return ticket.admitted
 
@@ -324,7 +331,7 @@ class GpuScheduler:
                 t.consumer != consumer
                 and effective_priority(t.priority, now - t.arrived_at, aging) > priority
             )
-            for t in self._waiting
+            for t in self._waiting.heads()
         )
 
     def _overdue_elsewhere(self, consumer: str, level: int, now: float) -> bool:
@@ -342,7 +349,7 @@ class GpuScheduler:
             t.consumer != consumer
             and now - t.arrived_at > limit
             and effective_priority(t.priority, now - t.arrived_at, aging) >= level
-            for t in self._waiting
+            for t in self._waiting.heads()
         )
 
     def _next(self) -> _Ticket | None:
@@ -355,19 +362,20 @@ class GpuScheduler:
         def rank(t: _Ticket) -> tuple[int, float]:
             return (-effective_priority(t.priority, now - t.arrived_at, aging), t.arrived_at)
 
+        heads = self._waiting.heads()  # each rule's answer is among them (see WaitQueue)
         if self.holder is None:
-            return next_waiting(self._waiting, now, self.config, self._swap_cost)
+            return next_waiting(heads, now, self.config, self._swap_cost)
         if not self._may_join(self.holder):
             return None
-        own = [t for t in self._waiting if t.consumer == self.holder and not t.exclusive]
+        own = [t for t in heads if t.consumer == self.holder and not t.exclusive]
         if not own:
             return None
         mine = min(own, key=rank)
         if self._overdue_elsewhere(self.holder, -rank(mine)[0], now):
             return None
-        if any(t.exclusive and t.arrived_at <= mine.arrived_at for t in self._waiting):
+        if any(t.exclusive and t.arrived_at <= mine.arrived_at for t in heads):
             return None  # exclusive work waits for the lease to drain: do not refill it
-        others = [t for t in self._waiting if t.consumer != self.holder]
+        others = [t for t in heads if t.consumer != self.holder]
         if others and rank(min(others, key=rank))[0] < rank(mine)[0]:
             return None  # a request of higher effective priority waits for another consumer
         return mine
@@ -389,20 +397,21 @@ class GpuScheduler:
         self.running += 1
         self._registry[consumer].in_flight += 1
 
-    def _dequeue(self, ticket: _Ticket) -> None:
-        self._waiting.remove(ticket)
+    def _dequeue(self, ticket: _Ticket) -> bool:
+        """Out of the queue; True if it was the oldest of its group (see WaitQueue)."""
+        was_head = self._waiting.remove(ticket)
         self._registry[ticket.consumer].queued -= 1
         if ticket.timer is not None and ticket.timer.active():
             ticket.timer.cancel()
         ticket.timer = None
+        return was_head
 
-    def _leave(self, admitted: Deferred[None]) -> None:
+    def _leave(self, ticket: _Ticket) -> None:
         """A queued request was cancelled (its client left): drop it from the queue."""
-        for ticket in self._waiting:
-            if ticket.admitted is admitted:
-                self._dequeue(ticket)
-                self._dispatch()  # it may have been what blocked the holder's own requests
-                return
+        # A head may have been what blocked the holder's own requests; any other
+        # request changes no decision.
+        if ticket.waiting and self._dequeue(ticket):
+            self._dispatch()
 
     def _timed_out(self, ticket: _Ticket) -> None:
         ticket.timer = None
@@ -471,13 +480,14 @@ class GpuScheduler:
         ):
             return False
         now = self._clock.seconds()
+        heads = self._waiting.heads()
         levels = [effective_priority(t.priority, now - t.arrived_at, config.aging_s)
-                  for t in self._waiting]  # fmt: skip
+                  for t in heads]  # fmt: skip
         if max(levels) > state.config.priority:
             return False
-        if any(not t.prepare or self._swap_cost(t.consumer) == NO_SWAP for t in self._waiting):
+        if any(not t.prepare or self._swap_cost(t.consumer) == NO_SWAP for t in heads):
             return False
-        budget = config.max_skip_s - (now - min(t.arrived_at for t in self._waiting))
+        budget = config.max_skip_s - (now - min(t.arrived_at for t in heads))
         gap = self._arrivals.expected_gap(holder)
         if budget <= 0 or gap is None:
             return False  # nothing says another request of the holder is coming soon
