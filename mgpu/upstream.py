@@ -76,6 +76,9 @@ _NO_BODY_CODES: Final = (204, 304)
 #: Requests sent again on a new connection when a kept one closes before answering
 #: (RFC 9110 section 9.2.2): the consumer cannot have acted on them twice.
 _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: ``recv`` flags of the check before reuse: look without reading or waiting.  Combined
+#: once here: ``|`` on the ``socket`` module's flags is an enum operation.
+_PEEK: Final = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 Key = tuple[bytes, bytes, int]
 
@@ -560,11 +563,12 @@ class _Connection(Protocol):
         connection right after its answer, or sent anything since, is seen
         here instead of by the next request (a POST that is not retried).
         """
-        handle = getattr(self.transport, "getHandle", lambda: None)()
+        get_handle = getattr(self.transport, "getHandle", None)
+        handle = get_handle() if get_handle is not None else None
         if not isinstance(handle, socket.socket):
             return True
         try:
-            peeked = handle.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            peeked = handle.recv(1, _PEEK)
         except BlockingIOError:
             return True
         except OSError:
@@ -586,7 +590,8 @@ class _Connection(Protocol):
                 if retry is not None:
                     retry()
                 elif self._reused:
-                    self._pool._suspend(self.key, "closed a kept connection without saying so")
+                    if self._reuse:
+                        self._pool._suspend(self.key, "closed a kept connection without saying so")
                     why = (
                         "closed a kept connection as the request was sent (keep-alive "
                         f"is now off for it): {_why(reason)}"
@@ -684,6 +689,13 @@ class UpstreamClient:
     connection is reused only after an exactly framed answer, and only if a
     peek finds it open and silent; and an origin caught sending bytes that no
     request asked for gets one connection per request from then on.
+
+    A connection per request need not cost a connect between two GPU jobs:
+    after each such request one *spare* connection to its origin is opened,
+    never used, and the next request takes it (open and silent, checked by
+    the same peek) and writes at once.  A spare carries no request before
+    its own, so no byte on it can belong to another; one not taken within
+    ``idle_timeout_s`` is closed, and ``max_idle`` 0 keeps none.
     """
 
     def __init__(
@@ -703,6 +715,9 @@ class UpstreamClient:
         self._closed = False
         #: Origins caught sending bytes no request asked for: never reused again.
         self._suspended: set[Key] = set()
+        #: One connected, never used connection per origin, and those being opened.
+        self._spares: dict[Key, _Connection] = {}
+        self._sparing: set[Key] = set()
 
     def request(
         self,
@@ -733,19 +748,20 @@ class UpstreamClient:
         reuse = keepalive and key not in self._suspended
         head = _format_head(method, target, _host(uri), fields, body, reuse)
         call = _Call()
-        connection = self._take(key) if reuse else None
+        connection = self._take(key) if reuse else self._take_spare(key)
         if connection is None:
             self._connect(call, endpoint, key, method, head, body, reuse)
-            return call.answer
+        else:
+            retry = None
+            if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
 
-        retry = None
-        if method in _IDEMPOTENT and (body is None or isinstance(body, bytes)):
+                def retry() -> None:
+                    self._connect(call, endpoint, key, method, head, body, reuse)
 
-            def retry() -> None:
-                self._connect(call, endpoint, key, method, head, body, reuse)
-
-        call.stop = connection.cancel
-        connection.send(method, head, body, call.answer, retry, reused=True)
+            call.stop = connection.cancel
+            connection.send(method, head, body, call.answer, retry, reuse=reuse, reused=True)
+        if not reuse:
+            self._open_spare(endpoint, key)
         return call.answer
 
     def _connect(
@@ -759,9 +775,7 @@ class UpstreamClient:
         reuse: bool,
     ) -> None:
         """Send on a new connection to ``endpoint``; ``call.answer`` fires as for any other."""
-        factory = self._factories.get(key)
-        if factory is None:
-            factory = self._factories[key] = _ConnectionFactory(self, key)
+        factory = self._factory(key)
 
         def connected(connection: _Connection) -> None:
             if call.cancelled:  # too late to stop the attempt
@@ -788,6 +802,52 @@ class UpstreamClient:
                 return connection
             connection.abort()
         return None
+
+    def _take_spare(self, key: Key) -> _Connection | None:
+        """The spare connection of ``key``, if it is still open and silent."""
+        spare = self._spares.pop(key, None)
+        if spare is None:
+            return None
+        if spare.expiry is not None and spare.expiry.active():
+            spare.expiry.cancel()
+        spare.expiry = None
+        if spare.still_open():
+            return spare
+        spare.abort()
+        return None
+
+    def _open_spare(self, endpoint: IStreamClientEndpoint, key: Key) -> None:
+        """Connect a spare for the next request to ``key``, unless one is there or coming."""
+        if self._closed or not self._max_idle or key in self._spares or key in self._sparing:
+            return
+        self._sparing.add(key)
+
+        def connected(connection: _Connection) -> None:
+            self._sparing.discard(key)
+            if self._closed or key in self._spares:
+                connection._close()
+                return
+            self._spares[key] = connection
+            connection.expiry = self._clock.callLater(
+                self._idle_timeout_s, self._expire_spare, connection
+            )
+
+        def failed(failure: Failure) -> None:
+            self._sparing.discard(key)  # the next request connects by itself, and says why
+
+        endpoint.connect(self._factory(key)).addCallbacks(connected, failed)
+
+    def _expire_spare(self, connection: _Connection) -> None:
+        connection.expiry = None
+        if self._spares.get(connection.key) is connection:
+            del self._spares[connection.key]
+        connection._close()
+
+    def _factory(self, key: Key) -> _ConnectionFactory:
+        factory = self._factories.get(key)
+        if factory is None:
+            factory = self._factories[key] = _ConnectionFactory(self, key)
+        return factory
 
     def _stray(self, connection: _Connection, size: int | None) -> None:
         """``connection`` received bytes no request asked for: its origin is reused no more."""
@@ -854,6 +914,8 @@ class UpstreamClient:
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
+        if self._spares.get(connection.key) is connection:
+            del self._spares[connection.key]
 
     def idle_connections(self) -> int:
         """How many connections wait in the pool."""
@@ -863,6 +925,7 @@ class UpstreamClient:
         """Close every idle connection and keep no more; fires once they are all closed."""
         self._closed = True
         idle = [c for connections in self._idle.values() for c in connections]
+        idle += self._spares.values()
         return gatherResults([c.closed() for c in idle])
 
 

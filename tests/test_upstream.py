@@ -150,7 +150,7 @@ class UpstreamClientTests(SynchronousTestCase):
             self.assertEqual(_host(URI.fromBytes(url)), host, url)
         self.client.request(b"GET", b"http://[::1]:8080/a")
         wire = _Wire()
-        protocol: Any = self.reactor.tcpClients.pop()[2].buildProtocol(None)
+        protocol: Any = self.reactor.tcpClients.pop(0)[2].buildProtocol(None)
         protocol.makeConnection(wire)
         self.assertIn(b"\r\nHost: [::1]:8080\r\n", wire.value())
 
@@ -545,7 +545,7 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertTrue(wire.aborted)
         self.assertEqual(self.client.idle_connections(), 0)
         self.request()
-        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # its own, and a spare for the next
 
     def test_idle_bytes_suspend_reuse_for_the_origin(self) -> None:
         """An origin caught speaking on an idle connection gets one connection per request:
@@ -595,6 +595,69 @@ class UpstreamClientTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertTrue(wire.disconnecting)
         self.assertEqual(self.client.idle_connections(), 0)
+
+    def spare(self) -> tuple[Any, _Wire]:
+        """A request without keepalive, answered; then its spare connection, accepted."""
+        d = self.client.request(b"POST", URL, body=b"{}")
+        protocol, _ = self.connect()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.successResultOf(d)
+        return self.connect()
+
+    def test_spare_connection_carries_the_next_request_at_once(self) -> None:
+        """Without keepalive, the next request goes out at once on a spare connection opened
+        after the previous one, never used before; it says Connection: close, is not kept,
+        and another spare is opened for the one after."""
+        _, spare = self.spare()
+        self.assertEqual(spare.value(), b"")
+        d = self.client.request(b"POST", URL, body=b"next")
+        self.assertTrue(spare.value().startswith(b"POST /api/generate?x=1 HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nConnection: close\r\n", spare.value())
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # the next spare, not this request
+        spare.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertTrue(spare.disconnecting)
+        self.assertEqual(self.client.idle_connections(), 0)
+
+    def test_spare_closed_when_not_taken(self) -> None:
+        """A spare nobody takes within idle_timeout_s is closed, and leaves no timer."""
+        _, spare = self.spare()
+        self.reactor.advance(4.0)
+        self.assertTrue(spare.disconnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.client.request(b"POST", URL, body=b"{}")
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # its own, and a new spare
+
+    def test_spare_that_speaks_is_never_used(self) -> None:
+        """Bytes on a spare before any request are nobody's: it is aborted, and the next
+        request connects afresh."""
+        _, spare = self.spare()
+        spare.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nstray")
+        self.assertTrue(spare.aborted)
+        self.client.request(b"POST", URL, body=b"{}")
+        self.assertEqual(spare.value(), b"")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_spare_peeked_before_use(self) -> None:
+        """A spare that its consumer closed meanwhile is not used."""
+        _, spare = self.spare()
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        theirs.close()
+        spare.getHandle = lambda: ours  # type: ignore[attr-defined]
+        self.client.request(b"POST", URL, body=b"{}")
+        self.assertEqual(spare.value(), b"")
+        self.assertTrue(spare.aborted)
+
+    def test_no_spare_without_idle_room(self) -> None:
+        """max_idle 0 keeps no connection at all, spares included; close() closes a spare."""
+        client = UpstreamClient(self.reactor, max_idle=0)
+        client.request(b"POST", URL, body=b"{}")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.tcpClients.clear()
+        _, spare = self.spare()
+        self.client.close()
+        self.assertTrue(spare.disconnecting)
 
     def test_hostile_heads_refused_without_quoting_them(self) -> None:
         """Injected headers, control characters in the reason phrase or a header value, a
