@@ -29,6 +29,7 @@ from twisted.web.iweb import IResponse
 
 from mgpu.config import ConsumerConfig, Route
 from mgpu.errors import BrokerError
+from mgpu.fdlimit import exhausted, overloaded
 
 PROBE_BODY_LIMIT: Final = 64 * 1024
 """At most this much of a probe's (or a load or unload call's) answer is read."""
@@ -201,12 +202,16 @@ class ConsumerControl:
         self._clock = cast(_Timer, clock)
 
     def probe(self, consumer: ConsumerConfig, timeout_s: float) -> Deferred[ProbeResult]:
-        """Call the health route; never errbacks: a failure is an unhealthy result."""
+        """Call the health route: a failure is an unhealthy result, except the daemon's
+        own lack of file descriptors, which says nothing of the consumer (``daemon_overloaded``)."""
+
+        def failed(f: Failure) -> ProbeResult:
+            if exhausted(f.value):
+                raise overloaded(consumer.name, f"to probe {consumer.name}")
+            return ProbeResult(healthy=False, loaded=None, error=describe(f))
+
         d = self._exchange(consumer, consumer.health, timeout_s, PROBE_BODY_LIMIT)
-        return d.addCallbacks(
-            _probe_result,
-            lambda f: ProbeResult(healthy=False, loaded=None, error=describe(f)),
-        )
+        return d.addCallbacks(_probe_result, failed)
 
     def load(self, consumer: ConsumerConfig) -> Deferred[None]:
         """Call the load route: ``consumer_unreachable`` if the consumer is gone, else any
@@ -236,6 +241,8 @@ class ConsumerControl:
         def failed(f: Failure) -> Failure:
             if f.check(BrokerError):
                 return f
+            if exhausted(f.value):
+                return Failure(overloaded(consumer.name, f"for GET {path}"))
             return Failure(
                 BrokerError(
                     "consumer_unreachable",
@@ -271,6 +278,8 @@ class ConsumerControl:
                 return f
             if f.check(_TimedOut):
                 return Failure(why(describe(f)))
+            if exhausted(f.value):
+                return Failure(overloaded(consumer.name, f"to {action} {consumer.name}"))
             # The consumer is gone (refused, reset, closed): say so, as a request would.
             return Failure(
                 BrokerError(

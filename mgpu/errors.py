@@ -16,6 +16,7 @@ STATUS_OF: Final[dict[str, int]] = {
     "consumer_unreachable": 502,
     "bad_consumer_url": 502,
     "bad_answer": 502,
+    "daemon_overloaded": 503,
     "scheduler_error": 503,
     "queue_full": 503,
     "queue_timeout": 503,

@@ -159,6 +159,12 @@ class BrokerMetrics:
         )
         for reason in REJECT_REASONS:
             self._rejections.labels(reason)  # present, at zero, from the start
+        self._shed = Counter(
+            "mgpu_shed_connections",
+            "Client connections answered 503 daemon_overloaded because the daemon's "
+            "file-descriptor budget was spent.",
+            registry=reg,
+        )
         self._header_timeouts = Counter(
             "mgpu_header_timeouts",
             "Client connections closed because a request head they had begun was not "
@@ -192,6 +198,10 @@ class BrokerMetrics:
         self._duration.labels(consumer, code).observe(took)
         if request.queue_wait_s is not None:
             self._queue_wait.labels(consumer, code).observe(max(0.0, request.queue_wait_s))
+
+    def connection_shed(self) -> None:
+        """Count a client connection answered 503 at the file-descriptor budget."""
+        self._shed.inc()
 
     def header_timed_out(self) -> None:
         """Count a connection closed for a slow request head (not an event: a drip

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from mgpu.config import ConsumerConfig, HealthConfig
 from mgpu.control import ConsumerControl, ProbeResult, describe
+from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 
 log = Logger()
@@ -272,6 +273,10 @@ class HealthProber(Service):
             log.failure("health probe round failed")
 
     def _failed(self, f: Failure, name: str, generation: int) -> None:
+        if isinstance(f.value, BrokerError) and f.value.code == "daemon_overloaded":
+            # The daemon's own limit: nothing is known of the consumer, so nothing changes.
+            log.warn("health probe of {name} skipped: {why}", name=name, why=f.value.message)
+            return
         log.failure("health probe of {name} failed", f, name=name)
         why = f"probe failed: {describe(f)}"
         try:

@@ -29,6 +29,7 @@ from twisted.web.server import Request
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
+from mgpu.fdlimit import exhausted, overloaded
 from mgpu.spool import ClientSpool
 from mgpu.upstream import Answer, AnswerError, StaleConnection, UpstreamClient
 
@@ -272,7 +273,9 @@ class _Exchange(Protocol):
     def _unanswered(self, failure: Failure) -> None:
         self._upstream = None
         reason = failure.value
-        if isinstance(reason, _BAD_URL):
+        if exhausted(reason):  # the daemon's own limit: not the consumer's fault
+            self._end(overloaded(self._consumer.name, f"to reach {self._consumer.name}"))
+        elif isinstance(reason, _BAD_URL):
             self._end(_bad_url(self._consumer, reason))
         elif isinstance(reason, AnswerError | StaleConnection):
             # It answered before, or answered badly: not unreachable for the others.

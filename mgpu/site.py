@@ -36,6 +36,7 @@ from twisted.web.server import Request, Site
 
 from mgpu.config import KINDS, LimitsConfig
 from mgpu.errors import BrokerError
+from mgpu.shed import ConnectionCap, OverloadedAnswer
 
 log = Logger()
 
@@ -138,6 +139,7 @@ class BrokerChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.site.cap.open += 1
         self._await_head()
 
     def dataReceived(self, data: bytes) -> None:
@@ -163,6 +165,7 @@ class BrokerChannel(HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.site.cap.open -= 1
         self._stop_waiting()
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
@@ -283,6 +286,7 @@ class BrokerSite(Site):
         observers: Sequence[Callable[[TimedRequest], object]] = (),
         header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
         on_header_timeout: Callable[[], object] = lambda: None,
+        cap: ConnectionCap | None = None,
     ) -> None:
         super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.access_log = access_log
@@ -291,6 +295,14 @@ class BrokerSite(Site):
         self.observers = list(observers)
         self.header_timeout_s = header_timeout_s
         self.on_header_timeout = on_header_timeout
+        #: Client connections against the file-descriptor budget (see ``mgpu.shed``).
+        self.cap = cap or ConnectionCap(reactor)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """The connection's protocol, or a 503 for one past the descriptor budget."""
+        if self.cap.full():
+            return OverloadedAnswer(self.reactor)
+        return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:  # type: ignore[override]
         timed = cast(TimedRequest, request)

@@ -14,6 +14,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -23,6 +24,7 @@ from mgpu.config import Config, ConfigError, load_config, read_token
 from mgpu.control import ConsumerControl
 from mgpu.events import EventBus
 from mgpu.facade import Facade
+from mgpu.fdlimit import FdLimit, describe, fds_needed, raise_fd_limit
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.metrics import BrokerMetrics
 from mgpu.registry import HealthProber, Registry
@@ -30,11 +32,14 @@ from mgpu.relay import Relay
 from mgpu.reload import LiveParts, Reloader, SighupReload
 from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, SchedulerStats
+from mgpu.shed import ConnectionCap
 from mgpu.site import AccessLog, BrokerSite
 from mgpu.sse import EventStreams
 from mgpu.status import StatusView
 from mgpu.systemd import SystemdNotifier
 from mgpu.upstream import UpstreamClient
+
+log = Logger()
 
 #: Idle upstream connections are closed before the consumers' own keep-alive
 #: (uvicorn's default is 5 s) so a reused connection is never one they just closed.
@@ -60,7 +65,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             config, gpu_reader, demo = _demo(reactor)
         else:
             config, gpu_reader, demo = load_config(options["config"]), None, None
-        listen = options["listen"] or config.listen
+        listen = with_backlog(options["listen"] or config.listen)
         try:
             endpoint = serverFromString(reactor, listen)
         except (ValueError, KeyError, TypeError, IndexError) as e:
@@ -75,10 +80,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         sys.stderr.write(f"mgpumanager: {e}\n")
         raise SystemExit(2) from None
     config_path = None if options["demo"] else options["config"]
+    fd_limit = raise_fd_limit()
+    line, short = describe(fd_limit, fds_needed(config))
+    (log.warn if short else log.info)("{line}", line=line)
     return build_service(
         config, reactor, endpoint, gpu_reader, demo, token, config_path,
-        listen_override=bool(options["listen"]),
+        listen_override=bool(options["listen"]), fd_limit=fd_limit,
     )  # fmt: skip
+
+
+#: The listen backlog when the endpoint names none: Twisted's 50 makes a burst of
+#: clients retransmit their SYN for seconds.
+LISTEN_BACKLOG = 1024
+
+
+def with_backlog(listen: str) -> str:
+    """A ``tcp``/``tcp6``/``unix`` endpoint with ``backlog=1024`` unless it names one."""
+    kind = listen.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "unix") and "backlog=" not in listen:
+        return f"{listen}:backlog={LISTEN_BACKLOG}"
+    return listen
 
 
 def build_service(
@@ -91,12 +112,14 @@ def build_service(
     config_path: str | None = None,
     environ: Mapping[str, str] = os.environ,
     listen_override: bool = False,
+    fd_limit: FdLimit | None = None,
 ) -> MultiService:
     """The daemon: web server, health prober and GPU poller, sharing one set of collaborators.
 
     ``config_path`` is the file a reload reads again (None: the demo, no reload);
     ``environ`` is where systemd's notify socket and watchdog are named;
-    ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies.
+    ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies;
+    ``fd_limit``: the descriptor limit, whose budget caps client connections (None: no cap).
     """
     upstream = UpstreamClient(reactor, max_idle=32, idle_timeout_s=CACHED_CONNECTION_TIMEOUT_S)
     control_pool = _pool(reactor, max_per_host=4)
@@ -137,6 +160,11 @@ def build_service(
         observers=[metrics.observe],
         header_timeout_s=config.limits.header_timeout_s,
         on_header_timeout=metrics.header_timed_out,
+        cap=ConnectionCap(
+            reactor,
+            None if fd_limit is None else fd_limit.for_clients,
+            on_shed=metrics.connection_shed,
+        ),
     )
     reloader = Reloader(
         config_path,

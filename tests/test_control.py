@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from typing import Any, cast
 
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectBindError, ConnectionRefusedError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -93,6 +94,15 @@ class _RefusingAgent:
         return fail(ConnectionRefusedError())
 
 
+class _ExhaustedAgent:
+    """An agent whose daemon is out of file descriptors: the socket cannot be made."""
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
+        return fail(ConnectBindError(errno.EMFILE, "Too many open files"))
+
+
 def refusing_client() -> HTTPClient:
     """A treq client whose every connection is refused."""
     return HTTPClient(cast(IAgent, _RefusingAgent()))
@@ -133,6 +143,20 @@ class ControlTestCase(SynchronousTestCase):
 
 class ProbeTests(ControlTestCase):
     """ConsumerControl.probe."""
+
+    def test_daemon_out_of_descriptors_is_no_verdict(self) -> None:
+        """EMFILE on connect says nothing of the consumer: daemon_overloaded, not unhealthy;
+        so are a load, an unload and a GET the daemon could not make."""
+        control = ConsumerControl(HTTPClient(cast(IAgent, _ExhaustedAgent())), as_clock(Clock()))
+        target = consumer(load=Route("POST", "/load"))
+        for d in (
+            control.probe(target, 3.0),
+            control.load(target),
+            control.get_json(target, "/history/1", 3.0),
+        ):
+            error = self.failureResultOf(d, BrokerError).value
+            self.assertEqual((error.code, error.status), ("daemon_overloaded", 503))
+            self.assertEqual(error.headers, {"Retry-After": "1"})
 
     def test_healthy_reporting_loaded(self) -> None:
         """A 200 with a boolean top-level "loaded" is healthy and carries it."""

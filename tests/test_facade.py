@@ -9,6 +9,7 @@ to the same consumer resources; the client is an ``HTTPChannel`` over a
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -17,7 +18,7 @@ from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectBindError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -214,6 +215,8 @@ class Broker:
             self.sites[url.port] = Site(self.consumers[name], reactor=Clock())
             by_host[url.netloc.encode("ascii")] = self.consumers[name]
         self.refusing: set[int] = set()
+        #: Connections to these ports fail as a daemon out of file descriptors does.
+        self.exhausted: set[int] = set()
         self.pumps: list[IOPump] = []
         self.stub = StubTreq(ByHost(by_host))
         self.control = ConsumerControl(cast(HTTPClient, self.stub), self.reactor)
@@ -247,6 +250,10 @@ class Broker:
                 moved = True
                 if port in self.refusing:
                     factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+                    continue
+                if port in self.exhausted:
+                    no_socket = ConnectBindError(errno.EMFILE, "Too many open files")
+                    factory.clientConnectionFailed(connector, Failure(no_socket))
                     continue
                 server = self.sites[port].buildProtocol(None)
                 client = factory.buildProtocol(None)
@@ -548,6 +555,20 @@ class ConsumerGoneTests(FacadeTestCase):
         self.assertEqual(self.scheduler.stats.failed, 1)
         self.assertLeaseFree()
         self.assertNoTimers()
+
+    def test_daemon_out_of_descriptors(self) -> None:
+        """EMFILE on the connect is the daemon's own limit: 503 daemon_overloaded with
+        Retry-After, the lease released, and the consumer not marked unhealthy."""
+        self.broker.exhausted.add(8765)
+        _, result = self.broker.post("tts")
+        error = self.assertBrokerError(result, "daemon_overloaded", "mvoice")
+        self.assertEqual((error.status, error.headers), (503, {"Retry-After": "1"}))
+        self.assertIsNot(self.registry["mvoice"].healthy, False)
+        self.assertLeaseFree()
+        self.broker.exhausted.clear()
+        _, again = self.broker.post("tts")
+        self.reply(self.mvoice, 200, b"{}")
+        self.successResultOf(again)
 
     def test_refused_then_next_request_rejected(self) -> None:
         """After a refused connection, the next request is refused at once without a connection."""

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConsumerConfig, HealthConfig, KindPath
 from mgpu.control import ConsumerControl, ProbeResult
+from mgpu.errors import BrokerError
 from mgpu.registry import HealthProber, Registry
 
 NOW = datetime(2026, 11, 26, 22, 0, 0, tzinfo=UTC).timestamp()
@@ -229,6 +230,19 @@ class ProberTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(self.control.names(), ["mvoice", "mvoice", "ollama", "ollama"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_probe_the_daemon_could_not_make_changes_nothing(self) -> None:
+        """A probe that fails for the daemon's own lack of descriptors leaves the consumer's
+        health as it was, logged as skipped, without a traceback."""
+        self.control.answer = HEALTHY
+        self.prober.startService()
+        self.addCleanup(self.prober.stopService)
+        self.control.answer = None
+        self.clock.advance(5)
+        error = BrokerError("daemon_overloaded", "out of file descriptors", "mvoice")
+        self.control.pending["mvoice"].pop().errback(error)
+        self.assertIs(self.registry["mvoice"].healthy, True)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_failing_recording_does_not_stop_loop(self) -> None:
         """Even an error while recording a result leaves the loop running."""

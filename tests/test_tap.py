@@ -134,3 +134,18 @@ class ReadTokenTests(SynchronousTestCase):
             self.assertEqual(caught.exception.field, "auth.token_file")
             if content.strip():
                 self.assertNotIn(content.strip().decode(), str(caught.exception))
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    def test_default_backlog(self) -> None:
+        """TCP and UNIX endpoints get a backlog of 1024 unless they name one; others are
+        left alone (a systemd socket has its own)."""
+        from mgpu.tap import with_backlog
+
+        self.assertEqual(
+            with_backlog("tcp:8770:interface=127.0.0.1"),
+            "tcp:8770:interface=127.0.0.1:backlog=1024",
+        )
+        self.assertEqual(with_backlog("tcp:8770:backlog=64"), "tcp:8770:backlog=64")
+        self.assertEqual(with_backlog("unix:/run/m.sock"), "unix:/run/m.sock:backlog=1024")
+        self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")

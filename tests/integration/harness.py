@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -521,11 +521,17 @@ def daemon_argv(*args: str) -> list[str]:
 
 
 def start_daemon_process(
-    workdir: Path, args: Iterable[str], env: Mapping[str, str] | None = None
+    workdir: Path,
+    args: Iterable[str],
+    env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
 ) -> ManagedProcess:
-    """Start the daemon without waiting for anything (bad configurations)."""
+    """Start the daemon without waiting for anything (bad configurations).
+
+    ``launcher`` goes before the command (``prlimit --nofile=N:N --``).
+    """
     return ManagedProcess.start(
-        "daemon", daemon_argv(*args), workdir, env if env is not None else child_env()
+        "daemon", [*launcher, *daemon_argv(*args)], workdir, env if env is not None else child_env()
     )
 
 
@@ -534,12 +540,13 @@ async def start_daemon(
     config: Path | None = None,
     extra_args: Iterable[str] = (),
     env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = (),
 ) -> Daemon:
     """Start the daemon on a free port and wait until ``/healthz`` answers 200."""
     port = free_port()
     args = [] if config is None else ["--config", str(config)]
     args += [*extra_args, "--listen", f"tcp:{port}:interface=127.0.0.1"]
-    proc = start_daemon_process(workdir, args, env)
+    proc = start_daemon_process(workdir, args, env, launcher)
     daemon = Daemon(proc, port)
 
     async def healthy() -> bool:
@@ -818,11 +825,16 @@ class Stack:
         self.consumers[name] = consumer = await start_recorder(name, self.workdir)
         return consumer
 
-    async def start(self, config: Mapping[str, Any] | str, extra_args: Iterable[str] = ()) -> None:
+    async def start(
+        self,
+        config: Mapping[str, Any] | str,
+        extra_args: Iterable[str] = (),
+        launcher: Sequence[str] = (),
+    ) -> None:
         """Write ``config`` and start the daemon with the fake nvidia-smi's state in its env."""
         path = write_config(self.workdir / "mgpumanager.yaml", config)
         env = child_env(FAKE_NVIDIA_SMI_STATE=str(self.gpu_state))
-        self.daemon = await start_daemon(self.workdir, path, extra_args, env)
+        self.daemon = await start_daemon(self.workdir, path, extra_args, env, launcher)
 
     @property
     def port(self) -> int:

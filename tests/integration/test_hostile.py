@@ -338,6 +338,73 @@ class SlowReaderTests(_HostileCase):
         self.assertEqual(got, body, self.stack.output()[-3000:])
 
 
+#: The daemon's file-descriptor limit in the overload test: budget = limit - 64 reserved.
+FD_LIMIT = 160
+
+
+async def _fd_limited_stack() -> Stack:
+    """The daemon under ``prlimit --nofile=160:160`` in front of one hostile consumer."""
+    stack = Stack.new("mgpu-fdlimit-")
+    async with stack.starting():
+        stack.consumers["hostile"] = await start_hostile("hostile", stack.workdir)
+        config = {
+            "gpu": {"source": "none", "total_mib": 16384},
+            "health": {"interval_s": 0.5, "timeout_s": 2},
+            "scheduler": {"max_queue": 1000},
+            "routing": {"tts": "hostile"},
+            "consumers": {
+                "hostile": {
+                    "url": stack.consumers["hostile"].url,
+                    "paths": {"tts": {"method": "POST", "path": "/answer"}},
+                    "vram_resident_mib": 1,
+                    "timeout_s": CONSUMER_TIMEOUT_S,
+                }
+            },
+        }
+        await stack.start(config, launcher=["prlimit", f"--nofile={FD_LIMIT}:{FD_LIMIT}", "--"])
+    return stack
+
+
+class DescriptorLimitTests(TestCase):
+    """The daemon at its own file-descriptor limit."""
+
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.stack = await shared_stacks.get("fdlimit", _fd_limited_stack)
+        self.port = self.stack.port
+
+    def test_every_client_answered_at_the_limit(self) -> None:
+        """Twice as many clients at once as the limit allows: each gets an HTTP answer, its
+        own 200 or 503 daemon_overloaded with Retry-After; the consumer stays healthy, the
+        start-up log warned, and the shed connections were logged once, not one by one."""
+        ids = [f"fd-{n}-{uuid.uuid4().hex}" for n in range(2 * FD_LIMIT)]
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+        bodies = []
+        for rid in ids:
+            body = json.dumps({"id": rid}).encode()
+            bodies.append(script([head % len(body), body], gap_ms=5))
+        replies = all_at_once(self.port, "/v1/tts", bodies)
+        self.assertEqual([r.error for r in replies if r.status is None], [])
+        statuses = {r.status for r in replies}
+        self.assertLessEqual(statuses, {200, 503}, statuses)
+        for rid, reply in zip(ids, replies, strict=True):
+            if reply.status == 200:
+                self.assertEqual(reply.json(), {"id": rid})
+            else:
+                self.assertEqual(reply.json()["error"], "daemon_overloaded")
+                self.assertEqual(reply.headers.get("retry-after"), "1")
+        self.assertIn(503, statuses)
+        self.assertIn(200, statuses)
+        doc = wait_idle(self.port, timeout=30)
+        self.assertIs(doc["consumers"]["hostile"]["healthy"], True)
+        assert self.stack.daemon is not None
+        output = self.stack.daemon.process.stdout()
+        self.assertIn(f"soft limit at {FD_LIMIT} (hard {FD_LIMIT}), below the", output)
+        self.assertLessEqual(output.count("answered 503 daemon_overloaded"), 3)
+        self.assertNotIn("Too many open files", output)
+
+
 #: The ways a generated answer may be broken.
 _MUTATIONS = ("none", "inject", "nul_reason", "huge_length", "bad_chunk", "garbage", "truncate")
 

@@ -1,0 +1,88 @@
+"""Client connections past the descriptor budget: answered 503, counted, logged once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, Logger
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from mgpu import shed
+from mgpu.shed import LINGER_S, LOG_EVERY_S, ConnectionCap, OverloadedAnswer
+from mgpu.site import AccessLog, BrokerSite
+from tests.integration.harness import parse_response
+
+CLIENT = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class _HalfClosing(StringTransport):
+    def __init__(self) -> None:
+        super().__init__(peerAddress=CLIENT)
+        self.half_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.half_closed = True
+
+
+class ShedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.logged: list[dict[str, Any]] = []
+        self.patch(shed, "log", Logger(observer=cast(ILogObserver, self.logged.append)))
+        self.counted = 0
+
+        def count() -> None:
+            self.counted += 1
+
+        self.cap = ConnectionCap(self.clock, budget=2, on_shed=count)
+        self.site = BrokerSite(
+            Resource(), self.clock, AccessLog(self.clock), max_body_bytes=1024, cap=self.cap
+        )
+
+    def connect(self) -> tuple[Any, _HalfClosing]:
+        protocol = self.site.buildProtocol(CLIENT)
+        transport = _HalfClosing()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_past_the_budget_answered_503(self) -> None:
+        """The connections within the budget are served; the next one gets 503
+        daemon_overloaded with Retry-After, half-closed, then closed after LINGER_S."""
+        first, _ = self.connect()
+        self.connect()
+        self.assertEqual(self.cap.open, 2)
+        protocol, transport = self.connect()
+        self.assertIsInstance(protocol, OverloadedAnswer)
+        answer = parse_response(transport.value())
+        self.assertEqual((answer.status, answer.header("retry-after")), (503, "1"))
+        self.assertEqual(json.loads(answer.body)["error"], "daemon_overloaded")
+        self.assertTrue(transport.half_closed)
+        self.clock.advance(LINGER_S)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((self.cap.shed, self.counted), (1, 1))
+        first.connectionLost(None)
+        self.assertEqual(self.cap.open, 1)
+        protocol, _ = self.connect()
+        self.assertNotIsInstance(protocol, OverloadedAnswer)
+
+    def test_logged_once_per_interval(self) -> None:
+        """Shed connections are logged at most once per LOG_EVERY_S, with how many."""
+        self.connect()
+        self.connect()
+        for _ in range(5):
+            self.connect()
+        self.assertEqual(len(self.logged), 1)
+        self.clock.advance(LOG_EVERY_S)
+        self.connect()
+        self.assertEqual(len(self.logged), 2)
+        self.assertEqual(self.logged[1]["n"], 5)
+
+    def test_no_budget_no_shedding(self) -> None:
+        """Without a budget (no limit known) every connection is served."""
+        cap = ConnectionCap(self.clock)
+        self.assertFalse(any(cap.full() for _ in range(10_000)))
