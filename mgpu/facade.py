@@ -153,12 +153,15 @@ class Facade:
         return d.addErrback(failed)
 
     def _served(self, result: RelayResult, consumer: ConsumerConfig) -> RelayResult:
-        """A scheduled request was answered: its consumer is loaded.
+        """A scheduled request was done: its consumer loaded itself to do the work.
 
-        Only GPU requests say so; an ``/audio`` download is served from disk
+        Only a 2xx says so (SPEC 9.3): ComfyUI refuses a bad prompt with a 400
+        before it loads anything, and a consumer's 5xx proves nothing either.
+        Only GPU requests count; an ``/audio`` download is served from disk
         whether or not the model is resident.
         """
-        self.registry.mark_loaded(consumer.name)
+        if 200 <= result.status < 300:
+            self.registry.mark_loaded(consumer.name)
         return result
 
     def _hold_lease(

@@ -162,6 +162,14 @@ class Registry:
         state.last_error = error
         if changed:
             self._events.publish("health", consumer=state.config.name, healthy=healthy, error=error)
+            config = state.config
+            probed = f"{config.health.method} {config.url}{config.health.path}"
+            if healthy:
+                log.info("{consumer} is healthy again ({probed})", consumer=config.name,
+                         probed=probed)  # fmt: skip
+            else:
+                log.warn("{consumer} is unhealthy ({probed}): {error}", consumer=config.name,
+                         probed=probed, error=error)  # fmt: skip
 
     def _set_loaded(self, state: ConsumerState, loaded: bool) -> None:
         if loaded and state.loaded is not True:

@@ -436,6 +436,16 @@ class ServeKindTests(FacadeTestCase):
         self.assertEqual(self.registry["mvoice"].in_flight, 1)
         self.assertEqual(self.scheduler.stats.completed, 0)
 
+    def test_error_answer_does_not_mark_loaded(self) -> None:
+        """A consumer's 4xx or 5xx proves nothing was loaded (ComfyUI refuses a bad prompt
+        before loading): the broker's record stays unloaded."""
+        self.mvoice.answer(b"GET", b"/api/health", 200, b'{"loaded": false}')
+        for code in (400, 500):
+            _, result = self.broker.post("tts")
+            self.reply(self.mvoice, code, b'{"error": "bad prompt"}')
+            self.successResultOf(result)
+            self.assertIs(self.registry["mvoice"].loaded, False, code)
+
     def test_mark_loaded_after_answer(self) -> None:
         """A consumer whose probe reported loaded: false counts as loaded once it has answered."""
         self.mvoice.answer(b"GET", b"/api/health", 200, b'{"loaded": false}')

@@ -8,8 +8,10 @@ from typing import cast
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from mgpu import registry as registry_module
 from mgpu.config import ConsumerConfig, HealthConfig, KindPath
 from mgpu.control import ConsumerControl, ProbeResult
 from mgpu.errors import BrokerError
@@ -111,6 +113,23 @@ class RegistryTests(SynchronousTestCase):
         self.assertEqual((state.healthy, state.last_error), (False, "connection refused"))
         self.registry.record_probe("mvoice", 0, HEALTHY)
         self.assertEqual((state.healthy, state.last_error), (True, None))
+
+    def test_health_changes_logged_with_the_probed_url(self) -> None:
+        """Each change of health is one log line naming the consumer, the probed route and
+        the reason; a repeated verdict logs nothing."""
+        logged: list[dict[str, object]] = []
+        self.patch(registry_module, "log", Logger(observer=cast(ILogObserver, logged.append)))
+        self.registry.record_probe("mvoice", 0, HEALTHY)
+        self.assertEqual(logged, [])  # the first verdict of a healthy consumer is no change
+        self.registry.record_probe("mvoice", 0, REFUSED)
+        self.registry.record_probe("mvoice", 0, REFUSED)
+        self.registry.record_probe("mvoice", 0, HEALTHY)
+        texts = [formatEvent(event) for event in logged]
+        self.assertEqual(len(texts), 2, texts)
+        self.assertIn("mvoice is unhealthy", texts[0])
+        self.assertIn("connection refused", texts[0])
+        self.assertIn("GET http://", texts[0])
+        self.assertIn("mvoice is healthy again", texts[1])
 
     def test_mark_used(self) -> None:
         """mark_used stamps wall time and the clock reading from the injected clock."""
