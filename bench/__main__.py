@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="one: pin every process to one CPU; all: let the kernel place them "
         "(default: one for latency, all for throughput and evict)",
     )
+    p.add_argument(
+        "--keepalive",
+        choices=["off", "on"],
+        default="off",
+        help="latency and throughput: the broker's consumer config key keepalive "
+        "(default: off, the daemon's default: a connection of its own per request)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the configs and logs (temp dir)")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where <name>.json goes")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target does not hold")
@@ -162,6 +169,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
             max_seconds=args.max_seconds,
             profile=args.profile,
             cpus=args.cpus or "one",
+            keepalive=args.keepalive == "on",
             **common,
         )
     if name == "throughput":
@@ -172,6 +180,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
             rounds=args.rounds,
             profile=args.profile,
             cpus=args.cpus or "all",
+            keepalive=args.keepalive == "on",
             **common,
         )
     if name == "trace":

@@ -42,12 +42,23 @@ consumers:
       tts: {{method: POST, path: /api/synthesize}}
     vram_resident_mib: 100
     max_concurrency: {max_concurrency}
+    keepalive: {keepalive}
 """
 
 
-def one_consumer_config(consumer_port: int, max_concurrency: int = 1) -> str:
-    """``tts`` to one small consumer on a GPU with no reader: no eviction, no load."""
-    return _CONFIG.format(consumer_port=consumer_port, max_concurrency=max_concurrency)
+def one_consumer_config(
+    consumer_port: int, max_concurrency: int = 1, keepalive: bool = False
+) -> str:
+    """``tts`` to one small consumer on a GPU with no reader: no eviction, no load.
+
+    ``keepalive``: the consumer's ``keepalive`` key (off, the daemon's default:
+    a connection of its own per request).
+    """
+    return _CONFIG.format(
+        consumer_port=consumer_port,
+        max_concurrency=max_concurrency,
+        keepalive="true" if keepalive else "false",
+    )
 
 
 def twistd_path() -> str:

@@ -6,6 +6,10 @@ so it must be small and steady. This client sends a pre-built request with one
 parses only what it needs (status, ``Content-Length`` or chunked framing,
 ``Connection: close``). It reconnects if the server closes, and counts it: a
 leg that reconnects is not measuring a keep-alive path.
+
+``ConnectionPerRequestClient`` is the same client with a connection of its own
+per request, as the broker with ``keepalive`` off treats its consumers: the
+baseline that charges the consumer a connect, an accept and a close per request.
 """
 
 from __future__ import annotations
@@ -26,11 +30,19 @@ REQUEST_BODY = json.dumps(
 ).encode()
 
 
-def build_request(method: str, path: str, host: str, port: int, body: bytes = b"") -> bytes:
-    """The raw bytes of one HTTP/1.1 request (keep-alive is HTTP/1.1's default)."""
+def build_request(
+    method: str, path: str, host: str, port: int, body: bytes = b"", *, close: bool = False
+) -> bytes:
+    """The raw bytes of one HTTP/1.1 request (keep-alive is HTTP/1.1's default).
+
+    ``close``: say ``Connection: close``, as the broker does toward a consumer
+    without ``keepalive``.
+    """
     head = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
     if body or method in ("POST", "PUT"):
         head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    if close:
+        head.append("Connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -171,3 +183,37 @@ class KeepAliveClient:
                 self._fill()
             parts.append(bytes(pending[:size]))
             del pending[: size + 2]
+
+
+class ConnectionPerRequestClient(KeepAliveClient):
+    """A connection of its own per request: connect, send, read the answer, close.
+
+    The request should say ``Connection: close`` (``build_request(...,
+    close=True)``). The first request uses the connection opened with the
+    client; every later one connects when it is sent, so the connect is part
+    of its time. ``reconnects`` stays 0: a new connection is the point here.
+    """
+
+    def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send ``raw`` on a new connection and read the whole answer; close it."""
+        self.send(raw)
+        return self.receive()
+
+    def send(self, raw: bytes) -> None:
+        """Connect (unless the connection opened with the client is still unused) and send."""
+        if self._sock.fileno() < 0:
+            self._sock = self._connect()
+        try:
+            self._sock.sendall(raw)
+        except OSError:
+            self._sock.close()
+            raise
+
+    def receive(self) -> tuple[int, bytes]:
+        """Read the answer to what ``send`` sent, then close the connection."""
+        try:
+            status, body, _close = self._read_response()
+        finally:
+            self._sock.close()
+            self._pending.clear()
+        return status, body

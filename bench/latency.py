@@ -6,6 +6,11 @@ Three legs send the same ~200-byte JSON POST over one keep-alive connection each
 - ``nginx``:  client -> nginx -> consumer (the reference reverse proxy);
 - ``broker``: client -> mgpumanager -> consumer (``POST /v1/tts``).
 
+With the broker's ``keepalive`` off, a fourth leg, ``direct-per-conn``, sends
+the direct leg's request with ``Connection: close`` on a connection of its own
+per request, as the broker then does: the broker's latency minus that leg's is
+what the broker adds besides the consumer's own cost of a connection.
+
 The figure of interest is each proxy's *added* latency: its percentile minus
 the direct leg's. Every leg is warmed up first (connection pools, the broker's
 first health probe, CPython's caches), then the timed requests are split into
@@ -35,7 +40,12 @@ from typing import Any
 
 from bench import broker as broker_mod
 from bench import nginx as nginx_mod
-from bench.client import REQUEST_BODY, KeepAliveClient, build_request
+from bench.client import (
+    REQUEST_BODY,
+    ConnectionPerRequestClient,
+    KeepAliveClient,
+    build_request,
+)
 from bench.common import (
     Bench,
     BenchTimeout,
@@ -68,6 +78,7 @@ class Options(CommonOptions):
     max_seconds: float = 110.0
     profile: str | None = None  # None | "cprofile" | "py-spy"
     cpus: str = "one"
+    keepalive: bool = False  # the broker keeps its connections to the consumer
 
 
 @dataclass
@@ -146,6 +157,12 @@ def analyze(legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "nginx" in added and "broker" in added:
         for p in ("p50", "p99"):
             ratio[f"{p}"] = _ratio(added["broker"][f"{p}_us"], added["nginx"][f"{p}_us"])
+    over_per_conn: dict[str, dict[str, float]] = {}
+    if "broker" in legs and "direct-per-conn" in legs:
+        over_per_conn["broker"] = {
+            f"{p}_us": legs["broker"][f"{p}_us"] - legs["direct-per-conn"][f"{p}_us"]
+            for p in ("p50", "p99")
+        }
     targets: dict[str, Any] = {}
     if "broker" in added:
         b50 = added["broker"]["p50_us"] / 1000.0
@@ -160,7 +177,12 @@ def analyze(legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 "limit": TARGET_RATIO,
                 "ok": ratio["p50"] <= TARGET_RATIO,  # type: ignore[operator]
             }
-    return {"added": added, "ratio_broker_over_nginx": ratio, "targets": targets}
+    return {
+        "added": added,
+        "added_over_direct_per_conn": over_per_conn,
+        "ratio_broker_over_nginx": ratio,
+        "targets": targets,
+    }
 
 
 def render(result: dict[str, Any]) -> str:
@@ -168,15 +190,17 @@ def render(result: dict[str, Any]) -> str:
     legs = result["legs"]
     out = [
         "",
-        f"latency, one keep-alive connection per leg, {result['params']['requests']} timed "
+        "latency, one keep-alive connection per leg (direct-per-conn: one per request), "
+        f"{result['params']['requests']} timed "
         f"requests of {result['params']['body_bytes']} B each, "
-        f"cpus={result['params']['cpus']} (µs)",
-        f"{'leg':<8} {'p50':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'mean':>9} "
+        f"cpus={result['params']['cpus']}, broker keep-alive "
+        f"{'on' if result['params'].get('keepalive') else 'off'} (µs)",
+        f"{'leg':<15} {'p50':>9} {'p90':>9} {'p99':>9} {'p99.9':>9} {'mean':>9} "
         f"{'cpu/req':>9} {'reconn':>6}",
     ]
     for name, s in legs.items():
         out.append(
-            f"{name:<8} {_fmt(s['p50_us']):>9} {_fmt(s['p90_us']):>9} {_fmt(s['p99_us']):>9} "
+            f"{name:<15} {_fmt(s['p50_us']):>9} {_fmt(s['p90_us']):>9} {_fmt(s['p99_us']):>9} "
             f"{_fmt(s['p999_us']):>9} {_fmt(s['mean_us']):>9} "
             f"{_fmt(s['server_cpu_us_per_request']):>9} {s['reconnects']:>6}"
         )
@@ -190,6 +214,10 @@ def render(result: dict[str, Any]) -> str:
         if r:
             out.append(
                 f"{'broker / nginx':<20} {_fmt(r.get('p50'), 'x'):>9} {_fmt(r.get('p99'), 'x'):>9}"
+            )
+        for name, d in (a.get("added_over_direct_per_conn") or {}).items():
+            out.append(
+                f"{name + ' over per-conn':<20} {_fmt(d['p50_us']):>9} {_fmt(d['p99_us']):>9}"
             )
     for skipped, why in result["skipped"].items():
         out.append(f"{skipped} leg skipped: {why}")
@@ -230,9 +258,11 @@ class _Run(Bench):
         self.profile = BrokerProfile(opts.profile, "broker", tmp)
         self.deadline_ns = time.perf_counter_ns() + int(opts.max_seconds * 1e9)
 
-    def _leg(self, name: str, pid: int, port: int, path: str) -> None:
-        client = KeepAliveClient("127.0.0.1", port)
-        raw = build_request("POST", path, "127.0.0.1", port, REQUEST_BODY)
+    def _leg(self, name: str, pid: int, port: int, path: str, per_conn: bool = False) -> None:
+        """A leg over one keep-alive connection, or with ``per_conn`` a connection a request."""
+        kind = ConnectionPerRequestClient if per_conn else KeepAliveClient
+        client = kind("127.0.0.1", port)
+        raw = build_request("POST", path, "127.0.0.1", port, REQUEST_BODY, close=per_conn)
         self.legs.append(Leg(name, path, pid, client, raw))
 
     def start(self) -> None:
@@ -242,6 +272,8 @@ class _Run(Bench):
         consumer_port = port
         self.log(f"consumer: 127.0.0.1:{port} (pid {proc.pid})")
         self._leg("direct", proc.pid, port, "/api/synthesize")
+        if opts.broker and not opts.keepalive:  # the broker's connection per request, alone
+            self._leg("direct-per-conn", proc.pid, port, "/api/synthesize", per_conn=True)
 
         if not opts.nginx:
             self.skipped["nginx"] = "--no-nginx"
@@ -264,7 +296,7 @@ class _Run(Bench):
             proc, port = broker_mod.start_broker(
                 self.group,
                 tmp,
-                broker_mod.one_consumer_config(consumer_port),
+                broker_mod.one_consumer_config(consumer_port, keepalive=opts.keepalive),
                 **self.profile.broker_options(consumer_port),
             )
         except StartError as e:
@@ -326,6 +358,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
             "body_bytes": len(REQUEST_BODY),
             "response_bytes": len(SYNTH_BODY),
             "profile": opts.profile,
+            "keepalive": opts.keepalive,
         },
         legs=summaries,
         skipped=bench.skipped,

@@ -1,10 +1,15 @@
 """The throughput benchmark: how much of the GPU's time the lease hand-off costs.
 
 One consumer whose every job takes ``work_ms`` (2 ms: ``time.sleep`` in its
-connection thread, like a GPU kernel the process waits on), two legs:
+connection thread, like a GPU kernel the process waits on), two legs, three
+with the broker's ``keepalive`` off:
 
 - ``direct``: one client, back to back -> consumer (``POST /api/synthesize``):
   the consumer's own rate, one job after the other;
+- ``direct-per-conn`` (only when the broker's ``keepalive`` is off): the same,
+  with a connection of its own per request and ``Connection: close``, as the
+  broker then sends them: the consumer's rate when it pays a connection per
+  request;
 - ``broker``: ``clients`` (16) concurrent keep-alive clients -> mgpumanager ->
   the same consumer (``POST /v1/tts``), ``max_concurrency: 1``: every request
   waits in the queue and takes the GPU lease when the one before releases it.
@@ -13,7 +18,9 @@ With enough clients the queue is never empty, so the broker leg's rate is the
 consumer's rate minus what the broker puts *between* two jobs: reading the
 answer, relaying it, releasing the lease, admitting the next ticket and
 forwarding its request. The ratio broker/direct is that share (target >= 0.9);
-``handoff_us`` is the same gap in microseconds per request.
+``handoff_us`` is the same gap in microseconds per request. With ``keepalive``
+off, broker/direct-per-conn is the broker's share once the consumer pays a
+connection per request on both sides (no target).
 
 Each client is a thread with a blocking ``KeepAliveClient``: cheap enough for
 16 connections at ~500 requests a second (the threads wait in ``recv``, out
@@ -38,7 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import broker as broker_mod
-from bench.client import REQUEST_BODY, HttpError, KeepAliveClient, build_request
+from bench.client import (
+    REQUEST_BODY,
+    ConnectionPerRequestClient,
+    HttpError,
+    KeepAliveClient,
+    build_request,
+)
 from bench.common import (
     Bench,
     CommonOptions,
@@ -69,6 +82,7 @@ class Options(CommonOptions):
     rounds: int = 5
     max_seconds: float = 60.0
     profile: str | None = None  # None | "cprofile" | "py-spy" | "handoff"
+    keepalive: bool = False  # the broker keeps its connections to the consumer
 
 
 @dataclass
@@ -170,9 +184,13 @@ class _Run(Bench):
         self.profile = BrokerProfile(opts.profile, "throughput", tmp)
         self.lease: dict[str, Any] = {}
 
-    def _leg(self, name: str, pid: int, port: int, path: str, clients: int) -> None:
-        raw = build_request("POST", path, "127.0.0.1", port, REQUEST_BODY)
-        conns = [KeepAliveClient("127.0.0.1", port) for _ in range(clients)]
+    def _leg(
+        self, name: str, pid: int, port: int, path: str, clients: int, per_conn: bool = False
+    ) -> None:
+        """A leg of ``clients`` keep-alive clients, or with ``per_conn`` a connection a request."""
+        raw = build_request("POST", path, "127.0.0.1", port, REQUEST_BODY, close=per_conn)
+        kind = ConnectionPerRequestClient if per_conn else KeepAliveClient
+        conns = [kind("127.0.0.1", port) for _ in range(clients)]
         self.legs.append(Leg(name, path, pid, conns, raw, self.consumer_port))
 
     def start(self) -> None:
@@ -181,14 +199,21 @@ class _Run(Bench):
         self.consumer_port = port
         self.log(f"consumer: 127.0.0.1:{port} (pid {proc.pid}), {opts.work_ms:g} ms a job")
         self._leg("direct", proc.pid, port, "/api/synthesize", 1)
+        if not opts.keepalive:  # the broker pays a connection per request: so does this baseline
+            self._leg("direct-per-conn", proc.pid, port, "/api/synthesize", 1, per_conn=True)
         proc, port = broker_mod.start_broker(
             self.group,
             tmp,
-            broker_mod.one_consumer_config(self.consumer_port, max_concurrency=1),
+            broker_mod.one_consumer_config(
+                self.consumer_port, max_concurrency=1, keepalive=opts.keepalive
+            ),
             **self.profile.broker_options(self.consumer_port),
         )
         self.profile.started(proc.pid)
-        self.log(f"broker: 127.0.0.1:{port} (pid {proc.pid}), max_concurrency 1")
+        self.log(
+            f"broker: 127.0.0.1:{port} (pid {proc.pid}), max_concurrency 1, "
+            f"keep-alive {'on' if opts.keepalive else 'off'}"
+        )
         self._leg("broker", proc.pid, port, "/v1/tts", opts.clients)
 
     def measure(self) -> None:
@@ -245,7 +270,7 @@ def analyze(legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not (direct > 0 and broker > 0):
         return {}
     ratio = broker / direct
-    return {
+    result: dict[str, Any] = {
         "ratio_broker_over_direct": ratio,
         "job_us": 1e6 / direct,
         "handoff_us": 1e6 / broker - 1e6 / direct,
@@ -257,6 +282,14 @@ def analyze(legs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             }
         },
     }
+    per_conn = legs.get("direct-per-conn", {}).get("rps", 0.0)
+    if per_conn > 0:
+        result |= {
+            "ratio_broker_over_direct_per_conn": broker / per_conn,
+            "job_per_conn_us": 1e6 / per_conn,
+            "handoff_over_per_conn_us": 1e6 / broker - 1e6 / per_conn,
+        }
+    return result
 
 
 def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, Any], bool]:
@@ -290,6 +323,7 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
             "rounds": opts.rounds,
             "max_concurrency": 1,
             "profile": opts.profile,
+            "keepalive": opts.keepalive,
         },
         legs=legs,
         consumer_jobs=bench.lease,
@@ -308,15 +342,16 @@ def render(result: dict[str, Any]) -> str:
     out = [
         "",
         f"throughput, {p['work_ms']:g} ms a job, max_concurrency {p['max_concurrency']}, "
-        f"median of {p['rounds']} rounds x {p['seconds']:g} s, cpus={p['cpus']}",
-        f"{'leg':<8} {'clients':>7} {'req/s':>8} {'idle p50':>9} {'idle p99':>9} "
+        f"median of {p['rounds']} rounds x {p['seconds']:g} s, cpus={p['cpus']}, "
+        f"broker keep-alive {'on' if p.get('keepalive') else 'off'}",
+        f"{'leg':<15} {'clients':>7} {'req/s':>8} {'idle p50':>9} {'idle p99':>9} "
         f"{'cpu/req':>9}  rounds (req/s)",
     ]
     for name, leg in result["legs"].items():
         rounds = " ".join(f"{x:,.0f}" for x in leg["rps_rounds"])
         idle = leg["consumer_idle_us"]
         out.append(
-            f"{name:<8} {leg['clients']:>7} {fmt(leg['rps']):>8} {fmt(idle['p50']):>9} "
+            f"{name:<15} {leg['clients']:>7} {fmt(leg['rps']):>8} {fmt(idle['p50']):>9} "
             f"{fmt(idle['p99']):>9} {fmt(leg['server_cpu_us_per_request']):>9}  {rounds}"
         )
     out += [
@@ -329,6 +364,12 @@ def render(result: dict[str, Any]) -> str:
             f"broker / direct: {a['ratio_broker_over_direct']:.3f}; a job takes "
             f"{a['job_us']:,.0f} µs direct, the hand-off adds {a['handoff_us']:,.0f} µs a request"
         )
+        if "ratio_broker_over_direct_per_conn" in a:
+            out.append(
+                f"broker / direct-per-conn: {a['ratio_broker_over_direct_per_conn']:.3f}; "
+                f"a job takes {a['job_per_conn_us']:,.0f} µs with a connection each, the "
+                f"broker adds {a['handoff_over_per_conn_us']:,.0f} µs a request to that (no target)"
+            )
         t = a["targets"]["broker_rps_ge_0.9x_direct"]
         out.append(
             f"target: broker >= {t['limit']:g}x direct req/s: {verdict(t['ok'])} ({t['value']:.3f})"
