@@ -241,8 +241,8 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(dechunk(body), b"".join(chunks))
         self.assertNoTimers()
 
-    def test_spooled_answer_bounded_by_the_timeout(self) -> None:
-        """A client that never takes a spooled answer is cut at the consumer's timeout_s."""
+    def spooled_for_a_paused_client(self) -> RelayResult:
+        """A spooled exchange whose consumer is done while its client reads nothing."""
         self.start(spool=True)
         upstream = self.answer()
         assert self.client.producer is not None
@@ -250,7 +250,11 @@ class RelayTests(SynchronousTestCase):
         upstream.write(b"x" * 1000)
         upstream.finish()
         self.flush()
-        result = self.successResultOf(self.result)
+        return self.successResultOf(self.result)
+
+    def test_spooled_answer_bounded_by_the_timeout(self) -> None:
+        """A client that never takes a spooled answer is cut at the consumer's timeout_s."""
+        result = self.spooled_for_a_paused_client()
         self.reactor.advance(30)
         self.failureResultOf(result.delivered, RelayBroken)
         self.assertTrue(self.client.disconnecting or self.client.disconnected)
@@ -258,14 +262,7 @@ class RelayTests(SynchronousTestCase):
 
     def test_spooled_answer_client_leaves(self) -> None:
         """A client that leaves while its spooled answer waits ends the delivery: cancelled."""
-        self.start(spool=True)
-        upstream = self.answer()
-        assert self.client.producer is not None
-        self.client.producer.pauseProducing()
-        upstream.write(b"x" * 1000)
-        upstream.finish()
-        self.flush()
-        result = self.successResultOf(self.result)
+        result = self.spooled_for_a_paused_client()
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(result.delivered, CancelledError)
         self.assertNoTimers()
