@@ -190,7 +190,9 @@ class UpstreamConnectionTests(_GuardCase):
     ``keepalive: true`` kept alive and closed when idle."""
 
     async def test_one_connection_per_request_by_default(self) -> None:
-        """Without keepalive, each request says Connection: close and no connection stays."""
+        """Without keepalive, each request says Connection: close; at most one spare
+        connection (opened for the next request, never used before) stays, and it closes
+        once idle."""
         daemon = self.stack.daemon
         assert daemon is not None
 
@@ -203,9 +205,20 @@ class UpstreamConnectionTests(_GuardCase):
         for n in range(3):
             response, body = await self.http.json("POST", "/v1/stt", json_body={"n": n})
             self.assertEqual(response.code, 200, body)
+            await wait_for(
+                lambda: established_connections(daemon.pid, self.recorder.port) <= 1,
+                3,
+                "only the spare connection to stay",
+                0.05,
+            )
         entries = self.recorder.log_lines()[mark:]
         self.assertEqual([e["headers"].get("Connection") for e in entries], ["close"] * 3)
-        await wait_for(unconnected, 3, "the daemon's connections to the recorder to close", 0.1)
+        await wait_for(
+            unconnected,
+            CACHED_CONNECTION_TIMEOUT_S + 3,
+            "the daemon's spare connection to the recorder to close",
+            0.1,
+        )
 
     async def test_one_connection_serves_requests_in_turn_then_closes(self) -> None:
         """With keepalive, requests one after the other share one upstream connection,
