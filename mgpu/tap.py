@@ -219,7 +219,11 @@ class _Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            sys.stderr.write(f"mgpumanager: cannot listen: {e.socketError}\n")
+            where = f"{e.interface or '*'}:{e.port}"
+            sys.stderr.write(
+                f"mgpumanager: cannot listen on {where}: {e.socketError}; choose another "
+                "address with --listen ENDPOINT (make run LISTEN=ENDPOINT)\n"
+            )
             raise SystemExit(1) from None
 
 

@@ -160,7 +160,10 @@ class BadConfigTests(TestCase):
             await sleep(0.05)
         self.assertFalse(proc.alive(), f"still running, not listening, after 6 s\n{proc.output()}")
         self.assertNotEqual(proc.popen.returncode, 0, proc.output())
-        self.assertIn("already in use", proc.stdout() + proc.stderr())
+        said = proc.stdout() + proc.stderr()
+        self.assertIn("already in use", said)
+        self.assertIn(f"cannot listen on 127.0.0.1:{port}", said)
+        self.assertIn("--listen", said)
 
     async def test_alias_bomb(self) -> None:
         """Nine levels of nine YAML aliases in an unload body (billions of nodes once
