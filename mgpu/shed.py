@@ -24,8 +24,10 @@ from mgpu.errors import BrokerError
 
 log = Logger()
 
-#: How long a shed connection is kept (reading and dropping) so the client reads its 503.
-LINGER_S: Final = 1.0
+#: The longest a shed connection is kept (reading and dropping) so the client reads its
+#: 503; it closes as soon as the client's request head is in, so that closing resets
+#: nothing. Shed connections hold descriptors from the reserve: they must not linger.
+LINGER_S: Final = 0.25
 #: At most one log line per this long about shed connections.
 LOG_EVERY_S: Final = 10.0
 
@@ -73,6 +75,7 @@ class OverloadedAnswer(Protocol):
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._closing: IDelayedCall | None = None
+        self._tail = b""  # the last bytes read, to find the end of the request head
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -96,7 +99,10 @@ class OverloadedAnswer(Protocol):
         self._closing = self._clock.callLater(LINGER_S, transport.loseConnection)
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        seen = self._tail + data
+        if b"\r\n\r\n" in seen and self.transport is not None:
+            self.transport.loseConnection()  # the head is in: closing now resets nothing
+        self._tail = seen[-3:]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._closing is not None and self._closing.active():

@@ -645,7 +645,7 @@ class OperationsTestCase(ApiTestCase):
         self.admin = FakeAdmin()
         self.reloader = FakeReloader()
         self.bus = EventBus(self.clock)
-        self.streams = EventStreams(self.bus, self.clock)
+        self.streams = EventStreams(self.bus, self.clock, delay_s=0)
         self.operations = Operations(
             cast(Admin, self.admin),
             cast(Reloader, self.reloader),

@@ -452,7 +452,7 @@ class HostileReloadTests(ReloadCase):
         b = self.broker
         status = StatusView(self.poller, b.registry, b.scheduler)
         self.api = BrokerResource(b.facade, status)
-        streams = EventStreams(EventBus(b.reactor), b.reactor)
+        streams = EventStreams(EventBus(b.reactor), b.reactor, delay_s=0)
         self.api.serve_operations(
             Operations(
                 cast(Admin, FakeAdmin()), self.reloader, streams, cast(BrokerMetrics, FakeMetrics())

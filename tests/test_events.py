@@ -158,7 +158,7 @@ class PublishCostTests(SynchronousTestCase):
         publish, the calls into the daemon's own code, and the timers it scheduled."""
         clock = Clock()
         bus = EventBus(cast(IReactorTime, clock))
-        streams = EventStreams(bus, cast(IReactorTime, clock))
+        streams = EventStreams(bus, cast(IReactorTime, clock), delay_s=0)
         writes: list[bytes] = []
 
         def follow(request: Request) -> None:

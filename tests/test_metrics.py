@@ -101,7 +101,7 @@ class MetricsTestCase(SynchronousTestCase):
         self.bus = EventBus(self.clock)
         self.registry = Registry(CONFIG.consumers, self.clock, self.bus)
         self.scheduler = GpuScheduler(self.registry, self.clock, CONFIG.scheduler, events=self.bus)
-        self.streams = EventStreams(self.bus, self.clock)
+        self.streams = EventStreams(self.bus, self.clock, delay_s=0)
         self.reader = ControlledReader(OK_READING)
         self.poller = GpuPoller(self.reader, self.clock, 2.0)
         self.metrics = BrokerMetrics(

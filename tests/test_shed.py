@@ -70,6 +70,17 @@ class ShedTests(SynchronousTestCase):
         protocol, _ = self.connect()
         self.assertNotIsInstance(protocol, OverloadedAnswer)
 
+    def test_closed_once_the_request_head_is_in(self) -> None:
+        """A shed connection closes as soon as the client's request head has arrived (its
+        bytes read, so the close resets nothing), without waiting for LINGER_S."""
+        self.connect()
+        self.connect()
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /v1/tts HTTP/1.1\r\nHost: x\r")
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"\n\r\n")
+        self.assertTrue(transport.disconnecting)
+
     def test_logged_once_per_interval(self) -> None:
         """Shed connections are logged at most once per LOG_EVERY_S, with how many."""
         self.connect()

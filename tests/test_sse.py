@@ -21,7 +21,7 @@ from twisted.web.server import Request
 
 import mgpu.sse
 from mgpu.events import Event, EventBus
-from mgpu.sse import CLIENT_BUFFER, KEEPALIVE_S, RETRY_MS, EventStreams, encode
+from mgpu.sse import CLIENT_BUFFER, DELIVERY_DELAY_S, KEEPALIVE_S, RETRY_MS, EventStreams, encode
 from tests.test_facade import Client, _Front, parse_response
 
 
@@ -67,7 +67,7 @@ class StreamCase(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_795_000_000)
         self.bus = EventBus(cast(IReactorTime, self.clock))
-        self.streams = EventStreams(self.bus, cast(IReactorTime, self.clock))
+        self.streams = EventStreams(self.bus, cast(IReactorTime, self.clock), delay_s=0)
         self.requests: list[Request] = []
 
     def connect(
@@ -143,7 +143,7 @@ class OpeningTests(StreamCase):
     def test_resume_past_what_is_kept_says_so(self) -> None:
         """A Last-Event-ID older than the kept events: the client is told how many it lost."""
         bus = EventBus(cast(IReactorTime, self.clock), keep=2)
-        streams = EventStreams(bus, cast(IReactorTime, self.clock))
+        streams = EventStreams(bus, cast(IReactorTime, self.clock), delay_s=0)
         for n in range(5):
             bus.publish("load", n=n)
         client = self.connect(headers=(b"Last-Event-ID: 1",), streams=streams)
@@ -237,6 +237,22 @@ class OffThePublisherTests(StreamCase):
         self.assertEqual(sorted(map(id, writes)), sorted(map(id, self.requests)))
         self.assertEqual([self.ids(client) for client in clients], [[1, 2, 3]] * 4)
 
+    def test_events_of_a_burst_share_one_write(self) -> None:
+        """By default, events published within DELIVERY_DELAY_S of the first are written
+        together: nothing before the delay, then one write per client with all of them."""
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock))
+        clients = [self.connect(streams=streams) for _ in range(3)]
+        writes: list[Request] = []
+        for request in self.requests[-3:]:
+            self.patch(request, "write", _counted(request, writes))
+        self.publish(1)
+        self.clock.advance(DELIVERY_DELAY_S / 2)
+        self.publish(1)
+        self.assertEqual(writes, [])
+        self.clock.advance(DELIVERY_DELAY_S / 2)
+        self.assertEqual(len(writes), 3)
+        self.assertEqual([len(self.ids(client)) for client in clients], [2, 2, 2])
+
     def test_no_clients_no_timer(self) -> None:
         """With no client connected, publishing schedules nothing."""
         self.publish(2)
@@ -245,7 +261,7 @@ class OffThePublisherTests(StreamCase):
     def test_batches_across_turns(self) -> None:
         """With more clients than ``per_turn``, a turn writes to ``per_turn`` of them and the
         next turn goes on; an event published meanwhile follows on the same terms, in order."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), per_turn=2)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), per_turn=2, delay_s=0)
         clients = [self.connect(streams=streams) for _ in range(5)]
         self.publish(2)
         one_turn(self.clock)
@@ -330,7 +346,7 @@ class ReplayTests(StreamCase):
 
     def test_new_stream_during_a_round(self) -> None:
         """A stream opened while a turn's events are still being written starts after them."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), per_turn=1)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), per_turn=1, delay_s=0)
         early = [self.connect(streams=streams) for _ in range(2)]
         self.publish(1)
         one_turn(self.clock)
@@ -357,7 +373,7 @@ class BackpressureTests(StreamCase):
 
     def test_backlog_up_to_the_bound_kept(self) -> None:
         """A paused client may fall ``buffer`` events behind, over several turns, and stay."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=3)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=3, delay_s=0)
         client = self.connect(streams=streams)
         transport_says("pause", client)
         self.deliver(2)
@@ -370,7 +386,7 @@ class BackpressureTests(StreamCase):
     def test_past_the_bound_dropped_and_closed(self) -> None:
         """Past ``buffer`` waiting events the client gets a last ``dropped`` event, with no id,
         saying how many it missed and why; its stream is ended and released, and counted."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2, delay_s=0)
         client = self.connect(streams=streams)
         [request] = self.requests
         self.deliver(1)
@@ -399,7 +415,7 @@ class BackpressureTests(StreamCase):
 
     def test_one_turn_past_the_bound(self) -> None:
         """More events in one turn than a paused client may hold: dropped at once."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2, delay_s=0)
         client = self.connect(streams=streams)
         transport_says("pause", client)
         self.deliver(3)
@@ -420,7 +436,7 @@ class BackpressureTests(StreamCase):
 
     def test_only_the_slow_client_is_dropped(self) -> None:
         """A slow client's drop touches neither a fast client nor its events."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=1)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=1, delay_s=0)
         slow, fast = self.connect(streams=streams), self.connect(streams=streams)
         transport_says("pause", slow)
         self.deliver(3)
@@ -433,7 +449,7 @@ class BackpressureTests(StreamCase):
     def test_reconnect_after_drop_replays(self) -> None:
         """Reconnecting with Last-Event-ID after a drop replays what the client missed, then
         the live feed: across both streams every event once, in order."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2, delay_s=0)
         client = self.connect(streams=streams)
         self.deliver(2)
         transport_says("pause", client)
@@ -502,7 +518,7 @@ class ClosingTests(StreamCase):
 
     def test_gone_while_paused(self) -> None:
         """A paused client that leaves with events buffered is released all the same."""
-        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2)
+        streams = EventStreams(self.bus, cast(IReactorTime, self.clock), buffer=2, delay_s=0)
         client = self.connect(streams=streams)
         transport_says("pause", client)
         self.deliver(2)
