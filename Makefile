@@ -37,7 +37,7 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	touch $@
 
 # make bench [BENCH="trace --seed 2"]: what python -m bench runs (default: latency,
-# throughput, evict; the trace replay takes minutes and runs only when named).
+# throughput, evict, scale; the trace replay takes minutes and runs only when named).
 bench: $(BIN)/.bench-installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }

@@ -7,7 +7,10 @@ the consumer's own rate. ``evict``: from the moment an evicted consumer's
 memory shows free to the moment the waiting request reaches its target.
 ``trace``: a seeded bursty trace of four consumers replayed per scheduler
 policy, against Belady's reference (about 2 minutes; run only when named).
-With no name, the first three run, one after the other. Each prints a table and
+``scale``: the daemon's cost as the work grows: up to 10,000 requests
+waiting, 1,000 event subscribers, a burst past its file-descriptor limit,
+the queue in process at 20,000, each against its baseline (about 2 minutes).
+With no name, all but ``trace`` run, one after the other. Each prints a table and
 writes ``bench/out/<name>.json``. Exit status: 0 when every benchmark ran
 (with ``--strict``: and its targets held), 1 otherwise, 2 on bad arguments.
 """
@@ -20,17 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import evict, latency, throughput, trace
+from bench import evict, latency, scale, throughput, trace
 from bench.common import OUT_DIR, write_json
 
-BENCHES = ("latency", "throughput", "evict", "trace")
+BENCHES = ("latency", "throughput", "evict", "trace", "scale")
 #: What runs with no name (or ``all``): ``trace`` takes minutes and runs only when named.
-DEFAULT_BENCHES = ("latency", "throughput", "evict")
+DEFAULT_BENCHES = ("latency", "throughput", "evict", "scale")
 MODULES: dict[str, Any] = {
     "latency": latency,
     "throughput": throughput,
     "evict": evict,
     "trace": trace,
+    "scale": scale,
 }
 
 
@@ -81,7 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t = throughput.Options()
     g = p.add_argument_group("throughput")
     g.add_argument("--clients", type=int, default=t.clients, help="concurrent broker clients")
-    g.add_argument("--work-ms", type=float, default=t.work_ms, help="the consumer's job time")
+    g.add_argument(
+        "--work-ms",
+        type=float,
+        help=f"the consumer's job time (default: throughput {t.work_ms:g}, "
+        f"scale {scale.Options.work_ms:g})",
+    )
     g.add_argument("--seconds", type=float, default=t.seconds, help="per leg and round")
 
     e = evict.Options()
@@ -133,10 +142,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--linger-s", type=float, default=tr.linger_s, help="scheduler.linger_s, trace seconds"
     )
     g.add_argument("--no-plot", action="store_true", help="skip bench/out/trace.png")
+
+    g = p.add_argument_group("scale")
+    g.add_argument(
+        "--part",
+        action="append",
+        choices=list(scale.PARTS),
+        help="run this part only (repeatable; default: all, in this order)",
+    )
+    g.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        default=list(scale.Options.depths),
+        metavar="N",
+        help="requests kept waiting, one depth after the other",
+    )
+    g.add_argument(
+        "--window-s", type=float, default=scale.Options.window_s, help="the rate window per depth"
+    )
+    g.add_argument(
+        "--subscribers",
+        type=int,
+        default=scale.Options.subscribers,
+        help="/v1/events streams in the sse part",
+    )
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.rounds < 1 or args.requests < args.rounds:
         p.error("need --requests >= --rounds >= 1 and --warmup >= 0")
-    if args.clients < 1 or args.work_ms < 0 or args.seconds <= 0:
+    if args.clients < 1 or (args.work_ms or 0) < 0 or args.seconds <= 0:
         p.error("need --clients >= 1, --work-ms >= 0 and --seconds > 0")
     unknown = [name for name in args.bench if name not in ("all", *BENCHES)]
     if unknown:
@@ -147,12 +181,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.bench = ["throughput"]
     if args.profile == "handoff" and args.bench != ["throughput"]:
         p.error("--profile handoff profiles the throughput benchmark only")
-    if args.profile and ("evict" in args.bench or "trace" in args.bench):
-        p.error("--profile profiles latency or throughput (evict and trace have no hot path)")
+    if args.profile and {"evict", "trace", "scale"} & set(args.bench):
+        p.error("--profile profiles latency or throughput (the others have no hot path)")
     if args.evictions < 1 or not 0 <= args.free_after[0] <= args.free_after[1]:
         p.error("need --evictions >= 1 and 0 <= MIN_S <= MAX_S for --free-after")
     if not 0 < args.scale <= 1 or args.duration <= 0 or args.max_skip_s < 0 or args.busy <= 0:
         p.error("need 0 < --scale <= 1, --duration > 0 and --max-skip-s >= 0")
+    if min(args.depths) < 2 or args.window_s <= 0 or args.subscribers < 1:
+        p.error("need --depths >= 2, --window-s > 0 and --subscribers >= 1")
     return args
 
 
@@ -175,7 +211,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
     if name == "throughput":
         return throughput.Options(
             clients=args.clients,
-            work_ms=args.work_ms,
+            work_ms=throughput.Options.work_ms if args.work_ms is None else args.work_ms,
             seconds=args.seconds,
             rounds=args.rounds,
             profile=args.profile,
@@ -196,6 +232,16 @@ def options(name: str, args: argparse.Namespace) -> Any:
             linger_s=args.linger_s,
             out_dir=args.out_dir,
             plot=not args.no_plot,
+            cpus=args.cpus or "all",
+            **common,
+        )
+    if name == "scale":
+        return scale.Options(
+            parts=tuple(dict.fromkeys(args.part)) if args.part else scale.PARTS,
+            depths=tuple(args.depths),
+            work_ms=scale.Options.work_ms if args.work_ms is None else args.work_ms,
+            window_s=args.window_s,
+            subscribers=args.subscribers,
             cpus=args.cpus or "all",
             **common,
         )

@@ -31,8 +31,8 @@ gpu:
   source: none
   total_mib: 24576
 health:
-  interval_s: 5
-routing:
+  interval_s: {health_interval_s}
+{scheduler}routing:
   tts: mvoice
 consumers:
   mvoice:
@@ -47,17 +47,27 @@ consumers:
 
 
 def one_consumer_config(
-    consumer_port: int, max_concurrency: int = 1, keepalive: bool = False
+    consumer_port: int,
+    max_concurrency: int = 1,
+    keepalive: bool = False,
+    *,
+    scheduler: Mapping[str, float] | None = None,
+    health_interval_s: float = 5.0,
 ) -> str:
     """``tts`` to one small consumer on a GPU with no reader: no eviction, no load.
 
     ``keepalive``: the consumer's ``keepalive`` key (off, the daemon's default:
-    a connection of its own per request).
+    a connection of its own per request). ``scheduler``: keys of the
+    ``scheduler`` section (``max_queue``, ``queue_timeout_s``); the daemon's
+    defaults without it.
     """
+    section = "".join(f"  {key}: {value}\n" for key, value in (scheduler or {}).items())
     return _CONFIG.format(
         consumer_port=consumer_port,
         max_concurrency=max_concurrency,
         keepalive="true" if keepalive else "false",
+        health_interval_s=f"{health_interval_s:g}",
+        scheduler=f"scheduler:\n{section}" if section else "",
     )
 
 

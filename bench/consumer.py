@@ -27,10 +27,15 @@ Options for the other benchmarks (the latency benchmark uses none):
   time since the previous call: from a job's answer sent to the next job's
   request received, the hand-off as the GPU sees it.
 - ``--loaded yes|no``: the consumer reports ``loaded`` in its health answer,
-  starts as told, has ``POST /api/unload`` (answered at once) and loads on
-  its first synthesize request (the eviction benchmark).
+  starts as told, has ``POST /api/unload`` and ``POST /api/load`` (answered
+  at once) and loads on its first synthesize request when not loaded (the
+  eviction and scale benchmarks).
+- ``--gpu-state FILE --vram-mib MIB`` (with ``--loaded``): the consumer holds
+  MIB in the stand-in nvidia-smi's state file while loaded (``mgpu.sim``'s
+  ``FileLedger``), written before the answer to a load or unload, so the
+  daemon's next fresh reading sees it (the scale benchmark's swaps).
 - ``--events``: print ``<route> <CLOCK_MONOTONIC ns>`` on stdout, after the
-  port line, for each synthesize or unload request, timed when its last bytes
+  port line, for each synthesize, load or unload request, timed when its last bytes
   were received. CLOCK_MONOTONIC is system-wide, so the benchmark compares
   these times with its own ``time.monotonic_ns()``.
 """
@@ -46,7 +51,9 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 #: The JSON answer to every synthesize request: small, like a real TTS job's metadata.
 SYNTH_BODY = json.dumps(
@@ -72,6 +79,7 @@ def _response(status: bytes, body: bytes, *, close: bool = False) -> bytes:
 
 SYNTHESIZE = (b"POST", b"/api/synthesize")
 UNLOAD = (b"POST", b"/api/unload")
+LOAD = (b"POST", b"/api/load")
 HEALTH = (b"GET", b"/api/health")
 STATS = (b"GET", b"/api/stats")
 
@@ -88,7 +96,7 @@ _LOADED_HEALTH = {
     loaded: _health(json.dumps({"status": "ok", "loaded": loaded}).encode())
     for loaded in (True, False)
 }
-_UNLOADED = _response(b"200 OK", b'{"ok":true}')
+_DONE = _response(b"200 OK", b'{"ok":true}')
 _NOT_FOUND = _response(b"404 Not Found", b'{"error":"not_found"}')
 _NOT_ALLOWED = _response(b"405 Method Not Allowed", b'{"error":"method_not_allowed"}')
 _BAD = _response(b"400 Bad Request", b'{"error":"bad_request"}', close=True)
@@ -168,17 +176,36 @@ def parse_one(buf: bytearray) -> tuple[int, tuple[bytes, bytes], bool]:
     return consumed, (method, target.split(b"?", 1)[0]), close
 
 
+class Ledger(Protocol):
+    """Where a loaded model's memory shows: ``mgpu.sim.gpu.FileLedger``."""
+
+    def allocate(self, owner: str, mib: int) -> None: ...
+
+    def release(self, owner: str) -> None: ...
+
+
 class Consumer:
     """What this process answers, and the state its options give it."""
 
-    def __init__(self, work_s: float = 0.0, loaded: bool | None = None, events: bool = False):
+    def __init__(
+        self,
+        work_s: float = 0.0,
+        loaded: bool | None = None,
+        events: bool = False,
+        ledger: Ledger | None = None,
+        vram_mib: int = 0,
+    ):
         self.work_s = work_s
         self.events = events
         self.routes = dict(_ROUTES)
         self.loaded = loaded
+        self.ledger = ledger
+        self.vram_mib = vram_mib
+        self.owner = f"bench-consumer-{os.getpid()}"
         if loaded is not None:
-            self.routes[UNLOAD] = _UNLOADED
+            self.routes[UNLOAD] = self.routes[LOAD] = _DONE
             self.routes.update(_LOADED_HEALTH[loaded])
+            self._hold(loaded)
         self.paths = {path for _, path in self.routes} | {STATS[1]}
         self.busy = work_s > 0 or events or loaded is not None
         self._lock = threading.Lock()
@@ -194,6 +221,9 @@ class Consumer:
             elif key == UNLOAD and self.loaded is not None:
                 self._event("unload", received_ns)
                 self._set_loaded(False)
+            elif key == LOAD and self.loaded is not None:
+                self._event("load", received_ns)
+                self._set_loaded(True)
         if key == STATS:
             return _response(b"200 OK", json.dumps(self._stats()).encode())
         answer = self.routes.get(key)
@@ -231,8 +261,19 @@ class Consumer:
             self.running -= 1
 
     def _set_loaded(self, loaded: bool) -> None:
+        if loaded != self.loaded:
+            self._hold(loaded)
         self.loaded = loaded
         self.routes.update(_LOADED_HEALTH[loaded])
+
+    def _hold(self, loaded: bool) -> None:
+        """Show the model's memory as used (loaded) or free in the ledger, if there is one."""
+        if self.ledger is None:
+            return
+        if loaded:
+            self.ledger.allocate(self.owner, self.vram_mib)
+        else:
+            self.ledger.release(self.owner)
 
     def _event(self, what: str, at_ns: int) -> None:
         if self.events:
@@ -307,6 +348,15 @@ def serve(host: str, port: int, watch_stdin: bool, consumer: Consumer) -> None:
             threading.Thread(target=serve_connection, args=(conn, consumer), daemon=True).start()
 
 
+def _ledger(path: Path | None) -> Ledger | None:
+    """The shared state file's ledger (imported only when asked for: it brings Twisted)."""
+    if path is None:
+        return None
+    from mgpu.sim.gpu import FileLedger
+
+    return FileLedger(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -323,11 +373,21 @@ def main(argv: list[str] | None = None) -> None:
         help="report loaded in health answers, starting so; serve POST /api/unload",
     )
     parser.add_argument(
-        "--events", action="store_true", help="print each synthesize and unload, timed, on stdout"
+        "--events",
+        action="store_true",
+        help="print each synthesize, load and unload, timed, on stdout",
     )
+    parser.add_argument(
+        "--gpu-state", type=Path, help="with --loaded: hold --vram-mib in this state file"
+    )
+    parser.add_argument("--vram-mib", type=int, default=0, help="the model's size, MiB")
     args = parser.parse_args(argv)
+    if args.gpu_state is not None and args.loaded is None:
+        parser.error("--gpu-state needs --loaded")
     loaded = None if args.loaded is None else args.loaded == "yes"
-    consumer = Consumer(args.work_ms / 1000.0, loaded, args.events)
+    consumer = Consumer(
+        args.work_ms / 1000.0, loaded, args.events, _ledger(args.gpu_state), args.vram_mib
+    )
     serve(args.host, args.port, not args.no_stdin_watch, consumer)
 
 

@@ -45,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,25 @@ _CONSUMER = """\
     unload: {{method: POST, path: /api/unload}}
     vram_resident_mib: {mib}
 """
+_LOAD_ROUTE = "    load: {{method: POST, path: /api/load}}\n"
+
+
+def daemon_config(
+    consumers: Sequence[tuple[str, str, int, int]], poll_interval_s: float, load: bool = False
+) -> str:
+    """The daemon's config: the stand-in nvidia-smi, and each ``(name, kind, port, MiB)``
+    consumer with its unload route (and with ``load`` its load route)."""
+    block = _CONSUMER + (_LOAD_ROUTE if load else "")
+    return _CONFIG.format(
+        smi=FAKE_NVIDIA_SMI,
+        poll_interval_s=poll_interval_s,
+        cushion=CUSHION_MIB,
+        routing="\n".join(f"  {kind}: {name}" for name, kind, _, _ in consumers),
+        consumers="".join(
+            block.format(name=name, port=port, kind=kind, mib=mib)
+            for name, kind, port, mib in consumers
+        ),
+    )
 
 
 @dataclass
@@ -209,15 +228,8 @@ class _Run(Bench):
         for name, kind, mib, loaded in (big, small):
             proc, port = start_consumer(self.group, tmp, name, ["--loaded", loaded, "--events"])
             self.consumers.append(Consumer(name, kind, mib, proc, port))
-        config = _CONFIG.format(
-            smi=FAKE_NVIDIA_SMI,
-            poll_interval_s=opts.poll_interval_s,
-            cushion=CUSHION_MIB,
-            routing="\n".join(f"  {c.kind}: {c.name}" for c in self.consumers),
-            consumers="".join(
-                _CONSUMER.format(name=c.name, port=c.port, kind=c.kind, mib=c.mib)
-                for c in self.consumers
-            ),
+        config = daemon_config(
+            [(c.name, c.kind, c.port, c.mib) for c in self.consumers], opts.poll_interval_s
         )
         proc, self.broker_port = broker_mod.start_broker(
             self.group, tmp, config, env=self.state.env()

@@ -299,3 +299,26 @@ def proc_cpu_s(pid: int) -> float | None:
         return None
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def proc_rss_mib(pid: int) -> float | None:
+    """The resident memory of ``pid`` in MiB (``VmRSS`` in ``/proc/PID/status``), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def proc_nofile(pid: int) -> tuple[str, str] | None:
+    """The soft and hard ``Max open files`` of ``pid`` (``/proc/PID/limits``), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft, hard = line.split()[3:5]
+                return soft, hard
+    except (OSError, ValueError):
+        pass
+    return None
