@@ -41,7 +41,17 @@ class FdLimit:
 
     @property
     def for_clients(self) -> int:
-        """Client connections the daemon accepts before it sheds new ones."""
+        """Client connections served before new ones are answered 503.
+
+        A quarter of the limit (at least the reserve) stays between this and
+        ``ceiling``: Twisted accepts a burst in loops of a hundred and more,
+        and what one loop brings past the budget must still fit.
+        """
+        return max(1, self.soft - max(RESERVE_FDS, self.soft // 4))
+
+    @property
+    def ceiling(self) -> int:
+        """Client connections (served and answered 503) at which accepting pauses."""
         return max(1, self.soft - RESERVE_FDS)
 
 

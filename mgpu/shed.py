@@ -1,19 +1,25 @@
 # -*- test-case-name: tests.test_shed -*-
 """Client connections past the daemon's descriptor budget: answered 503, never dropped.
 
-Past its file-descriptor limit the daemon can neither accept a client (the
-kernel's EMFILE on ``accept``, which Twisted logs once per attempt) nor
-reach a consumer.  So it keeps count of its client connections and, past a
-budget that leaves a reserve for its own work (``FdLimit.for_clients``),
-answers each new one ``503 daemon_overloaded`` with ``Retry-After`` and
-closes it: every client gets an HTTP answer, the consumers are never
-blamed, and the log says so once per interval, not once per connection.
+Past its file-descriptor limit the daemon can neither accept a client (EMFILE
+on ``accept``: Twisted then accepts and closes the connection unanswered)
+nor reach a consumer.  So it keeps count of its client connections: past a
+budget (``FdLimit.for_clients``) each new one is answered
+``503 daemon_overloaded`` with ``Retry-After`` and closed once its request
+head is in; and at a ceiling (the limit less a small reserve for the
+daemon's own work) the listening port stops accepting until connections
+close, so the clients wait in the kernel's backlog instead of meeting
+EMFILE.  The gap between budget and ceiling absorbs what Twisted accepts in
+one loop after the ceiling is reached.  Every client gets an HTTP answer,
+the consumers are never blamed, and the log says so once per interval, not
+once per connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
+from typing import Protocol as _Interface
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -32,22 +38,64 @@ LINGER_S: Final = 0.25
 LOG_EVERY_S: Final = 10.0
 
 
+class _Pausable(_Interface):
+    """A listening port that can stop and resume accepting (``tcp.Port``)."""
+
+    def stopReading(self) -> None: ...
+    def startReading(self) -> None: ...
+
+
 class ConnectionCap:
-    """Counts the open client connections against a budget (None: no budget)."""
+    """Counts client connections against a budget and a ceiling (None: no limit)."""
 
     def __init__(
         self,
         clock: IReactorTime,
         budget: int | None = None,
         on_shed: Callable[[], object] = lambda: None,
+        ceiling: int | None = None,
     ) -> None:
         self._clock = clock
         self.budget = budget
-        self.open = 0
+        self.ceiling = ceiling
+        self.open = 0  # served connections
+        self.shedding = 0  # connections being answered 503
         self.shed = 0
+        self.paused = False
+        self._port: _Pausable | None = None
         self._on_shed = on_shed
         self._unlogged = 0
         self._logged_at: float | None = None
+
+    def watch(self, port: object) -> object:
+        """Pause and resume this listening port at the ceiling (a ``listening`` callback)."""
+        if hasattr(port, "stopReading") and hasattr(port, "startReading"):
+            self._port = cast(_Pausable, port)
+        return port
+
+    def opened(self, shed: bool = False) -> None:
+        """A connection began; at the ceiling the port stops accepting."""
+        if shed:
+            self.shedding += 1
+        else:
+            self.open += 1
+        held = self.open + self.shedding
+        port = self._port
+        at_ceiling = self.ceiling is not None and held >= self.ceiling
+        if port is not None and at_ceiling and not self.paused:
+            self.paused = True
+            port.stopReading()
+
+    def closed(self, shed: bool = False) -> None:
+        """A connection ended; below the ceiling the port accepts again."""
+        if shed:
+            self.shedding -= 1
+        else:
+            self.open -= 1
+        if self.paused and self.ceiling is not None and self.open + self.shedding < self.ceiling:
+            self.paused = False
+            if self._port is not None:
+                self._port.startReading()
 
     def full(self) -> bool:
         """Whether a new connection is past the budget (then it is counted as shed)."""
@@ -72,12 +120,15 @@ class ConnectionCap:
 class OverloadedAnswer(Protocol):
     """A shed connection: ``503 daemon_overloaded`` at once, then closed."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: IReactorTime, cap: ConnectionCap | None = None) -> None:
         self._clock = clock
+        self._cap = cap
         self._closing: IDelayedCall | None = None
         self._tail = b""  # the last bytes read, to find the end of the request head
 
     def connectionMade(self) -> None:
+        if self._cap is not None:
+            self._cap.opened(shed=True)
         transport = self.transport
         assert transport is not None
         error = BrokerError(
@@ -108,3 +159,6 @@ class OverloadedAnswer(Protocol):
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
         self._closing = None
+        if self._cap is not None:
+            self._cap.closed(shed=True)
+            self._cap = None

@@ -139,7 +139,7 @@ class BrokerChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.site.cap.open += 1
+        self.site.cap.opened()
         self._await_head()
 
     def dataReceived(self, data: bytes) -> None:
@@ -165,7 +165,7 @@ class BrokerChannel(HTTPChannel):
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.site.cap.open -= 1
+        self.site.cap.closed()
         self._stop_waiting()
         if self._closing is not None and self._closing.active():
             self._closing.cancel()
@@ -301,7 +301,7 @@ class BrokerSite(Site):
     def buildProtocol(self, addr: Any) -> Any:
         """The connection's protocol, or a 503 for one past the descriptor budget."""
         if self.cap.full():
-            return OverloadedAnswer(self.reactor)
+            return OverloadedAnswer(self.reactor, self.cap)
         return super().buildProtocol(addr)
 
     def log(self, request: Request) -> None:  # type: ignore[override]

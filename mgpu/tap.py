@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from treq.client import HTTPClient
@@ -164,6 +164,7 @@ def build_service(
             reactor,
             None if fd_limit is None else fd_limit.for_clients,
             on_shed=metrics.connection_shed,
+            ceiling=None if fd_limit is None else fd_limit.ceiling,
         ),
     )
     reloader = Reloader(
@@ -186,6 +187,7 @@ def build_service(
     poller.setServiceParent(top)
     prober.setServiceParent(top)
     listener = _Listener(endpoint, site)
+    listener.on_port = site.cap.watch
     listener.setServiceParent(top)
     if config_path is not None:
         SighupReload(reloader, reactor).setServiceParent(top)
@@ -201,6 +203,8 @@ class _Listener(StreamServerEndpointService):
     """
 
     _raiseSynchronously = True
+    #: Called with the listening port once there is one.
+    on_port: Callable[[object], object] | None = None
 
     def listening(self) -> Deferred[object]:
         """Fires with the port once the server listens (after the service started)."""
@@ -218,6 +222,8 @@ class _Listener(StreamServerEndpointService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
+            if self.on_port is not None and self._waitingForPort is not None:
+                self._waitingForPort.addCallback(self.on_port)
         except CannotListenError as e:
             where = f"{e.interface or '*'}:{e.port}"
             sys.stderr.write(

@@ -93,6 +93,32 @@ class ShedTests(SynchronousTestCase):
         self.assertEqual(len(self.logged), 2)
         self.assertEqual(self.logged[1]["n"], 5)
 
+    def test_accepting_pauses_at_the_ceiling(self) -> None:
+        """At the ceiling (served and shed connections together) the listening port stops
+        accepting, and resumes once a connection closes below it."""
+
+        class Port:
+            reading = True
+
+            def stopReading(self) -> None:
+                self.reading = False
+
+            def startReading(self) -> None:
+                self.reading = True
+
+        port = Port()
+        self.cap.ceiling = 3
+        self.cap.watch(port)
+        self.connect()
+        self.connect()
+        self.assertTrue(port.reading)
+        shed, _ = self.connect()  # past the budget of 2: a 503, and the ceiling reached
+        self.assertIsInstance(shed, OverloadedAnswer)
+        self.assertFalse(port.reading)
+        shed.connectionLost(None)
+        self.assertTrue(port.reading)
+        self.assertEqual((self.cap.open, self.cap.shedding), (2, 0))
+
     def test_no_budget_no_shedding(self) -> None:
         """Without a budget (no limit known) every connection is served."""
         cap = ConnectionCap(self.clock)
