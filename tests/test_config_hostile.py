@@ -46,8 +46,9 @@ from tests.test_reload import ReloadCase
 
 T = TypeVar("T")
 
-#: Whatever the file, loading it takes less than this (a bomb used to take minutes).
-QUICK_S = 2.0
+#: Whatever the file, loading it takes less than this (a bomb used to take a minute or
+#: more); generous, so that a loaded machine never fails a file that is refused at once.
+QUICK_S = 10.0
 
 #: ``make test`` runs this many generated documents; ``make fuzz`` sets thousands.
 FUZZ_EXAMPLES = examples(200)
@@ -150,13 +151,13 @@ class AliasTests(HostileCase):
 
     def test_billion_laughs_refused_at_once(self) -> None:
         """Nine levels of nine aliases (387 million nodes expanded) in an unload body are
-        refused in well under a second, naming the body field and line where the count
-        ran over."""
+        refused at once (it used to expand for a minute), naming the body field and line
+        where the count ran over."""
         started = time.monotonic()
         error = self.assertRefused(
             config_text(extra=body(laughs(9))), "consumers.a.unload.body.l4[0]", "10000", "alias"
         )
-        self.assertLess(time.monotonic() - started, 0.5)
+        self.assertLess(time.monotonic() - started, QUICK_S)
         self.assertIn("line 15", error.reason)
 
     def test_small_bomb_refused(self) -> None:
