@@ -79,17 +79,20 @@ class Target:
         return f"{self.scheme}://{host}:{self.port}{self.prefix}"
 
 
-def parse_url(text: str) -> Target:
-    """``--url``, checked; a usage error if it is not an ``http(s)`` URL of a host."""
+def parse_url(text: str, source: str = "--url") -> Target:
+    """The daemon's URL, checked; a usage error naming ``source`` (``--url`` or
+    ``MGPU_URL``) if it is not an ``http(s)`` URL of a host."""
     parts = urlsplit(text.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"--url {text!r}: not an http:// or https:// URL of a host")
+        raise UsageError(
+            f"{source} {text!r}: not an http:// or https:// URL of a host (such as {DEFAULT_URL})"
+        )
     if parts.query or parts.fragment or parts.username or parts.password:
-        raise UsageError(f"--url {text!r}: give only the scheme, host, port and a path prefix")
+        raise UsageError(f"{source} {text!r}: give only the scheme, host, port and a path prefix")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise UsageError(f"--url {text!r}: not a valid port") from None
+        raise UsageError(f"{source} {text!r}: not a valid port") from None
     return Target(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
 
 
@@ -579,7 +582,8 @@ class Io:
 def _client(args: argparse.Namespace) -> Client:
     """The client the global options describe (the token is read here, before any call)."""
     token = None if args.token_file is None else read_token_file(args.token_file)
-    return Client(parse_url(args.url), token, args.timeout)
+    from_env = args.url_from_env is not None and args.url == args.url_from_env
+    return Client(parse_url(args.url, "MGPU_URL" if from_env else "--url"), token, args.timeout)
 
 
 def _dump(doc: object) -> str:
@@ -701,6 +705,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         prog="mgpu", description="Command line client of the mgpumanager daemon."
     )
     _add_globals(parser, environ, top=True)
+    # To name MGPU_URL, not --url, when the environment's URL is the one refused.
+    parser.set_defaults(url_from_env=environ.get("MGPU_URL") or None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, json_help: str | None = None) -> argparse.ArgumentParser:
@@ -736,13 +742,17 @@ def run(argv: Sequence[str], environ: Mapping[str, str], io: Io) -> int:
         io.err.write(f"error: {e}\n")
         return EXIT_USAGE
     except DaemonError as e:
-        io.err.write(f"error: {e.code}: {e.message}\n")
+        hint = " (give the token with --token-file PATH or MGPU_TOKEN_FILE)"
+        io.err.write(f"error: {e.code}: {e.message}{hint if e.code == 'unauthorized' else ''}\n")
         return EXIT_ERROR
     except StreamLost as e:
         io.err.write(f"error: lost the event stream of {e.url}: {e.reason}\n")
         return EXIT_UNREACHABLE
     except Unreachable as e:
-        io.err.write(f"error: cannot reach {e.url}: {e.reason}\n")
+        io.err.write(
+            f"error: cannot reach {e.url}: {e.reason} (is the daemon running there? "
+            "--url or MGPU_URL names another address)\n"
+        )
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

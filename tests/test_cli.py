@@ -483,9 +483,17 @@ class CommandTests(SynchronousTestCase):
         self.use(Unreachable("http://127.0.0.1:8770", "Connection refused"))
         result = run_cli(["status"])
         self.assertEqual(result.code, 3)
-        self.assertEqual(
-            result.err, "error: cannot reach http://127.0.0.1:8770: Connection refused\n"
+        self.assertTrue(
+            result.err.startswith("error: cannot reach http://127.0.0.1:8770: Connection refused")
         )
+        self.assertIn("MGPU_URL", result.err)  # how to name another address
+
+    def test_unauthorized_names_the_token_option(self) -> None:
+        """A 401 says how to give the token."""
+        self.use(DaemonError("unauthorized", "a valid bearer token is required"))
+        result = run_cli(["status"])
+        self.assertEqual(result.code, 1)
+        self.assertIn("--token-file", result.err)
 
     def test_reload(self) -> None:
         """``reload`` POSTs /v1/admin/reload and says what changed."""
@@ -681,9 +689,13 @@ class UsageTests(SynchronousTestCase):
         self.check_usage(["events", "--history", "-3"], "not a whole number")
 
     def test_bad_url(self) -> None:
-        """A URL that is not http(s) to a host: exit 2."""
+        """A URL that is not http(s) to a host: exit 2, naming where it came from."""
         self.check_usage(["--url", "ftp://host", "status"], "error: --url 'ftp://host'")
         self.check_usage(["--url", "http://host:99999", "status"], "not a valid port")
+        result = run_cli(["status"], {"MGPU_URL": "127.0.0.1:8790"})
+        self.assertEqual(result.code, 2)
+        self.assertIn("error: MGPU_URL '127.0.0.1:8790'", result.err)
+        self.assertIn("http://127.0.0.1:8770", result.err)  # an example of the form
 
     def test_options_before_or_after_the_command(self) -> None:
         """A global option given before the command is kept when the command's own
