@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Final
 
+from twisted.web.http import RESPONSES
+
 STATUS_OF: Final[dict[str, int]] = {
     "bad_request": 400,
     "unauthorized": 401,
@@ -62,6 +64,16 @@ class BrokerError(Exception):
 
     def body(self) -> bytes:
         return json.dumps(self.to_dict()).encode("utf-8")
+
+    def raw_answer(self) -> bytes:
+        """The whole HTTP/1.1 answer, for a connection answered before (or without) a
+        request object: its headers, ``Connection: close``, the JSON body."""
+        body = self.body()
+        lines = [b"HTTP/1.1 %d %s" % (self.status, RESPONSES.get(self.status, b"Error"))]
+        lines.append(b"Content-Type: application/json")
+        lines += [f"{name}: {value}".encode("latin-1") for name, value in self.headers.items()]
+        lines.append(b"Content-Length: %d\r\nConnection: close\r\n" % len(body))
+        return b"\r\n".join(lines) + b"\r\n" + body
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

@@ -136,12 +136,7 @@ class OverloadedAnswer(Protocol):
             "the daemon is at its file-descriptor limit; try again shortly",
             headers={"Retry-After": "1"},
         )
-        body = error.body()
-        transport.write(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: 1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-            % (len(body), body)
-        )
+        transport.write(error.raw_answer())
         # Half-close and read what the client sends meanwhile, so no reset destroys
         # the answer before it is read; then close for good.
         half_close = getattr(transport, "loseWriteConnection", None)

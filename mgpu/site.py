@@ -49,16 +49,6 @@ CLOSING_LINGER_S = 5.0
 DEFAULT_HEADER_TIMEOUT_S = LimitsConfig().header_timeout_s
 
 
-def write_error(connection: ITransport, error: BrokerError, reason: bytes) -> None:
-    """Write ``error`` as a whole answer on the raw connection, which is to close after it."""
-    body = error.body()
-    connection.write(
-        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-        % (error.status, reason, len(body), body)
-    )
-
-
 class TimedRequest(Request):
     """A request that knows when it arrived and refuses a body over the limit."""
 
@@ -106,7 +96,7 @@ class TimedRequest(Request):
         mib = self.site.max_body_bytes // 2**20
         error = BrokerError("payload_too_large", f"the request body is over {mib} MiB")
         connection = self._connection()
-        write_error(connection, error, b"Payload Too Large")
+        connection.write(error.raw_answer())
         # The client sees the answer end now; the daemon still reads (and drops)
         # what it sends, so no reset destroys the answer before it is read.
         half_close = getattr(connection, "loseWriteConnection", None)
@@ -177,7 +167,7 @@ class BrokerChannel(HTTPChannel):
 
     def _refuse_head(self, message: str) -> None:
         assert self.transport is not None
-        write_error(self.transport, BrokerError("bad_request", message), b"Bad Request")
+        self.transport.write(BrokerError("bad_request", message).raw_answer())
         self.loseConnection()
 
     def _await_head(self) -> None:
