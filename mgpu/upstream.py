@@ -289,7 +289,7 @@ class _Connection(Protocol):
         self._waiting = answer
         self._retry = retry
         self._reuse = reuse
-        self._reused = retry is not None or reused
+        self._reused = reused
         self._heard = False
         self._stage = "head"
         self._head_size = 0
