@@ -27,6 +27,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mgpu import child
+
 if TYPE_CHECKING:
     from mgpu.config import GpuConfig
 
@@ -339,11 +341,29 @@ class _Collect(ProcessProtocol):
         self.done.callback((bytes(self.out), bytes(self.err), code))
 
 
+#: Starts ``path`` with ``argv`` and ``env``, connected to the protocol; ``OSError`` if it cannot.
+Spawn = Callable[[ProcessProtocol, str, Sequence[str], Mapping[str, str]], object]
+
+
+def _default_spawn(reactor: ReactorProcess) -> Spawn:
+    """Through a pidfd where the system has them, else Twisted's ``spawnProcess``."""
+    if child.available() and hasattr(reactor, "addReader"):
+        return lambda protocol, path, argv, env: child.spawn_child(
+            cast("child.ReactorFDSet", reactor), protocol, path, argv, env
+        )
+    return lambda protocol, path, argv, env: reactor.spawnProcess(
+        protocol, path, list(argv), env=dict(env)
+    )
+
+
 class ProcessRunner:
     """An ``SmiRunner`` that spawns a real process, killing it after ``timeout_s``.
 
     The result fires only after the process has been reaped, killed or not.
     ``env`` defaults to this process's environment at the time of the call.
+    ``spawn`` starts it: ``mgpu.child.spawn_child`` where the system has
+    pidfds (its cost does not grow with the daemon's open connections), else
+    the reactor's ``spawnProcess``.
     """
 
     def __init__(
@@ -351,8 +371,10 @@ class ProcessRunner:
         reactor: ReactorProcess,
         timeout_s: float = 5.0,
         env: Mapping[str, str] | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         self._reactor = reactor
+        self._spawn: Spawn = spawn or _default_spawn(reactor)
         self._timeout_s = timeout_s
         self._env = env
         #: Where each (executable, PATH) was found: a poll every few seconds, and
@@ -383,7 +405,7 @@ class ProcessRunner:
         done: Deferred[SmiResult] = Deferred(cancel)
         protocol = _Collect(done, self._timeout_s, self._reactor.callLater)
         try:
-            self._reactor.spawnProcess(protocol, path, [executable, *args], env=env)
+            self._spawn(protocol, path, [executable, *args], env)
         except OSError as exc:
             return fail(exc)
         protocol.timer = self._reactor.callLater(self._timeout_s, protocol.expire)
