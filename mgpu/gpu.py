@@ -6,18 +6,23 @@ The scheduler makes room against what the card really has free, and
 ``GpuSnapshot`` shape.  A reader never errbacks: a failure is a snapshot with
 ``ok=False`` and the reason, because the broker must say why it has no reading
 rather than crash a timer or a request.
+
+A reading also lists the processes holding memory on the card, where the
+source can say (SPEC section 9.3).  That list is best effort: failing to get
+it sets ``processes_error`` and never makes the memory reading fail.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
@@ -35,6 +40,7 @@ if TYPE_CHECKING:
 MIB: Final = 2**20
 SMI_QUERY: Final = "--query-gpu=index,name,memory.total,memory.used,memory.free"
 SMI_FORMAT: Final = "--format=csv,noheader,nounits"
+SMI_APPS_QUERY: Final = "--query-compute-apps=pid,used_memory"
 NO_SOURCE_ERROR: Final = "no GPU source configured (gpu.source: none)"
 NOT_READ_YET: Final = "not read yet"
 _MAX_OUTPUT: Final = 64 * 1024
@@ -43,8 +49,23 @@ _log = Logger()
 
 
 @frozen
+class GpuProcess:
+    """One process holding memory on the card."""
+
+    pid: int
+    #: None: the driver does not say (NVML's "not available", nvidia-smi's [N/A]).
+    used_mib: int | None
+
+
+@frozen
 class GpuSnapshot:
-    """One reading of one GPU's memory, or why there is none."""
+    """One reading of one GPU's memory, or why there is none.
+
+    ``ok`` and ``error`` are about the memory figures only.  ``processes`` is
+    the processes holding memory, sorted by pid, or None when the source could
+    not list them this time: ``processes_error`` says why, or is None too when
+    they were not asked for (NVML after a failed memory read, ``failed_snapshot``).
+    """
 
     source: str
     ok: bool
@@ -55,6 +76,8 @@ class GpuSnapshot:
     used_mib: int | None
     free_mib: int | None
     read_at: datetime | None
+    processes: tuple[GpuProcess, ...] | None = None
+    processes_error: str | None = None
 
     def to_json(self) -> dict[str, object]:
         """The ``gpu`` object of the status document (SPEC section 6)."""
@@ -157,14 +180,88 @@ class NvmlMemory(Protocol):
     def free(self) -> int: ...
 
 
+class NvmlProcess(Protocol):
+    """An item of ``nvmlDeviceGet{Compute,Graphics}RunningProcesses``."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def usedGpuMemory(self) -> int | None:
+        """Bytes; None or ``NVML_VALUE_NOT_AVAILABLE`` when the driver does not say."""
+        ...
+
+
 class Nvml(Protocol):
-    """The part of the ``pynvml`` module this reader uses (the demo fakes it)."""
+    """The part of the ``pynvml`` module this reader uses (tests fake it)."""
 
     def nvmlInit(self) -> None: ...
     def nvmlShutdown(self) -> None: ...
     def nvmlDeviceGetHandleByIndex(self, index: int) -> Any: ...
     def nvmlDeviceGetName(self, handle: Any) -> str | bytes: ...
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> NvmlMemory: ...
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> Sequence[NvmlProcess]: ...
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> Sequence[NvmlProcess]: ...
+
+
+#: ``usedGpuMemory`` when NVML cannot tell (``NVML_VALUE_NOT_AVAILABLE``, an unsigned -1).
+NVML_VALUE_NOT_AVAILABLE: Final = 2**64 - 1
+
+ProcessList = tuple[tuple[GpuProcess, ...] | None, str | None]
+"""A listing of processes and why there is none: ``(processes, None)`` or ``(None, error)``."""
+
+
+def _by_pid(processes: Mapping[int, int | None]) -> tuple[GpuProcess, ...]:
+    """``GpuProcess`` values sorted by pid."""
+    return tuple(GpuProcess(pid, processes[pid]) for pid in sorted(processes))
+
+
+def _larger(a: int | None, b: int | None) -> int | None:
+    """The larger figure; a figure beats "not available"."""
+    if a is None or b is None:
+        return b if a is None else a
+    return max(a, b)
+
+
+def _nvml_mib(used: object) -> int | None:
+    """NVML's ``usedGpuMemory`` in MiB, or None where it is not available."""
+    if used is None or used == NVML_VALUE_NOT_AVAILABLE:
+        return None
+    if not isinstance(used, int) or used < 0:
+        raise ValueError(f"usedGpuMemory {used!r}")
+    return used // MIB
+
+
+def _nvml_figures(items: Sequence[NvmlProcess]) -> dict[int, int | None]:
+    """One NVML list as pid -> MiB; ``ValueError`` on an item NVML never gives."""
+    figures: dict[int, int | None] = {}
+    for item in items:
+        pid, used = item.pid, _nvml_mib(item.usedGpuMemory)
+        if not isinstance(pid, int) or pid < 0:
+            raise ValueError(f"pid {pid!r}")
+        figures[pid] = _larger(figures[pid], used) if pid in figures else used
+    return figures
+
+
+def nvml_processes(nvml: Nvml, handle: Any) -> ProcessList:
+    """The processes on ``handle``: compute's and graphics', a pid in both once.
+
+    Both lists give a process's whole memory, so a pid in both is the same
+    memory seen twice: it keeps the larger figure.  Compute processes are what
+    an inference service runs, so a compute call that fails leaves no list;
+    graphics alone failing (``NotSupported`` on many compute cards) keeps
+    compute's.
+    """
+    try:
+        found = _nvml_figures(nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+    except Exception as exc:
+        return None, f"NVML nvmlDeviceGetComputeRunningProcesses failed: {_describe(exc)}"
+    try:
+        graphics = _nvml_figures(nvml.nvmlDeviceGetGraphicsRunningProcesses(handle))
+    except Exception:
+        graphics = {}
+    for pid, used in graphics.items():
+        found[pid] = _larger(found[pid], used) if pid in found else used
+    return _by_pid(found), None
 
 
 def _import_pynvml() -> Nvml:
@@ -230,6 +327,7 @@ class NvmlReader:
             error = f"NVML read of GPU {self.index} failed: {_describe(exc)}"
             return failed_snapshot(self.source, self.index, error, at)
         name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
+        processes, processes_error = nvml_processes(nvml, handle)
         return GpuSnapshot(
             source=self.source,
             ok=True,
@@ -240,6 +338,8 @@ class NvmlReader:
             used_mib=used // MIB,
             free_mib=free // MIB,
             read_at=at,
+            processes=processes,
+            processes_error=processes_error,
         )
 
     def _init(self) -> Nvml:
@@ -439,8 +539,68 @@ def parse_smi_line(stdout: str, index: int) -> tuple[str, int, int, int]:
     return name, total, used, free
 
 
+#: The most characters of nvidia-smi's output an error about its process list quotes.
+APPS_QUOTE_CHARS: Final = 60
+#: What nvidia-smi prints for a process's memory it cannot tell.
+_SMI_NOT_AVAILABLE: Final = frozenset({"[N/A]", "[Not Supported]", "N/A"})
+#: Printed by some versions instead of nothing when the card runs no process.
+_SMI_NO_PROCESSES: Final = "No running processes found"
+_SMI_NUMBER: Final = re.compile(r"[0-9]{1,19}")
+
+
+def _quote(text: str) -> str:
+    """``text`` stripped, cut to ``APPS_QUOTE_CHARS`` and quoted, for an error message."""
+    return repr(text.strip()[:APPS_QUOTE_CHARS])
+
+
+def _smi_app(line: str) -> tuple[int, int | None]:
+    """``pid, MiB`` from one line of the process query; ``ValueError`` if unreadable."""
+    fields = [field.strip() for field in line.split(",")]
+    if len(fields) != 2 or not _SMI_NUMBER.fullmatch(fields[0]):
+        raise ValueError(line)
+    if fields[1] in _SMI_NOT_AVAILABLE:
+        return int(fields[0]), None
+    if not _SMI_NUMBER.fullmatch(fields[1]):
+        raise ValueError(line)
+    return int(fields[0]), int(fields[1])
+
+
+def parse_smi_apps(stdout: str) -> ProcessList:
+    """``--query-compute-apps=pid,used_memory`` CSV as processes, or None and why.
+
+    No output is no process.  ``[N/A]`` memory is None.  A pid on several
+    lines (one per MIG instance) holds their sum, None if any is unknown.  The
+    reason quotes at most ``APPS_QUOTE_CHARS`` of the output: it is a log line
+    and a status field, and the output is the tool's, not ours.
+    """
+    figures: dict[int, int | None] = {}
+    for number, line in enumerate(stdout.splitlines(), 1):
+        if not line.strip() or line.strip() == _SMI_NO_PROCESSES:
+            continue
+        try:
+            pid, used = _smi_app(line)
+        except ValueError:
+            return None, f"line {number} unreadable: {_quote(line)}"
+        if pid in figures:
+            before = figures[pid]
+            used = None if before is None or used is None else before + used
+        figures[pid] = used
+    return _by_pid(figures), None
+
+
+def _exit_text(code: int) -> str:
+    """How a process ended, from a runner's exit code."""
+    return f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
 class SmiReader:
-    """Reads by running ``nvidia-smi --query-gpu=...`` through ``runner``."""
+    """Reads by running ``nvidia-smi --query-gpu=...`` through ``runner``.
+
+    The process list comes from a second query, ``--query-compute-apps``, run
+    at the same time through the same runner; its failure only sets
+    ``processes_error``.  The reading waits for both (each has the runner's
+    timeout): the two queries ask the same driver, which answers both or neither.
+    """
 
     source = "nvidia-smi"
 
@@ -461,13 +621,30 @@ class SmiReader:
         """The arguments after the executable's name."""
         return [SMI_QUERY, SMI_FORMAT, "-i", str(self.index)]
 
+    @property
+    def apps_arguments(self) -> list[str]:
+        """The process query's arguments after the executable's name."""
+        return [SMI_APPS_QUERY, SMI_FORMAT, "-i", str(self.index)]
+
     def read(self) -> Deferred[GpuSnapshot]:
-        """Run nvidia-smi once; any failure becomes a snapshot with ``ok=False``."""
+        """Run both queries at once; a memory failure is ``ok=False``, a process one
+        ``processes_error``."""
+        memory = self._run(self.arguments).addCallbacks(self._parsed, self._failed)
+        apps = self._run(self.apps_arguments).addCallbacks(self._parsed_apps, self._apps_failed)
+        return memory.addCallback(self._with_processes, apps)
+
+    def _run(self, arguments: list[str]) -> Deferred[SmiResult]:
         try:
-            running = self._runner(self._nvidia_smi, self.arguments)
+            return self._runner(self._nvidia_smi, arguments)
         except Exception:
-            running = fail()
-        return running.addCallbacks(self._parsed, self._failed)
+            return fail()
+
+    def _with_processes(
+        self, snapshot: GpuSnapshot, apps: Deferred[ProcessList]
+    ) -> Deferred[GpuSnapshot]:
+        return apps.addCallback(
+            lambda found: evolve(snapshot, processes=found[0], processes_error=found[1])
+        )
 
     def _fail(self, why: str) -> GpuSnapshot:
         return failed_snapshot(
@@ -478,7 +655,7 @@ class SmiReader:
         stdout, stderr = (part.decode("utf-8", "replace") for part in result[:2])
         code = result[2]
         if code != 0:
-            what = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            what = _exit_text(code)
             line = _first_line(stderr, stdout)
             return self._fail(f"{what}: {line}" if line else what)
         try:
@@ -505,6 +682,30 @@ class SmiReader:
             return self._fail(f"could not be run: {_describe(reason.value)}")
         _log.failure("nvidia-smi runner failed", reason)
         return self._fail(f"failed: {_describe(reason.value)}")
+
+    def _apps_fail(self, why: str) -> ProcessList:
+        return None, f"{self._nvidia_smi} --query-compute-apps {why}"
+
+    def _parsed_apps(self, result: SmiResult) -> ProcessList:
+        stdout, stderr = (part.decode("utf-8", "replace") for part in result[:2])
+        code = result[2]
+        if code != 0:
+            line = _first_line(stderr, stdout)
+            ended = _exit_text(code)
+            return self._apps_fail(f"{ended}: {_quote(line)}" if line else ended)
+        processes, error = parse_smi_apps(stdout)
+        if error is not None:
+            return self._apps_fail(f"gave unreadable output: {error}")
+        return processes, None
+
+    def _apps_failed(self, reason: Failure) -> ProcessList:
+        # Not logged: the memory query ran through the same runner, and logs there.
+        why = _describe(reason.value)
+        if reason.check(SmiTimeout):
+            return self._apps_fail(why)
+        if reason.check(OSError):
+            return self._apps_fail(f"could not be run: {why}")
+        return self._apps_fail(f"failed: {why}")
 
 
 class NoReader:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pynvml
 from attrs import define, evolve, field
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
@@ -21,14 +23,18 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mgpu.config import GpuConfig
 from mgpu.gpu import (
+    APPS_QUOTE_CHARS,
     INIT_RETRY_S,
     MIB,
     NO_SOURCE_ERROR,
+    NVML_VALUE_NOT_AVAILABLE,
     REAP_GRACE_S,
+    SMI_APPS_QUERY,
     SMI_FORMAT,
     SMI_QUERY,
     AutoReader,
     GpuPoller,
+    GpuProcess,
     GpuSnapshot,
     NoReader,
     NvmlReader,
@@ -36,8 +42,10 @@ from mgpu.gpu import (
     SmiReader,
     SmiResult,
     SmiTimeout,
+    parse_smi_apps,
     reader_for,
 )
+from tests.fuzz import examples
 
 FAKE_SMI = str(Path(__file__).with_name("fake_nvidia_smi.py"))
 START = 1_795_000_000.0  # 2026-11-17T..., any fixed instant will do
@@ -106,6 +114,15 @@ class GpuSnapshotTests(SynchronousTestCase):
         poller = GpuPoller(NoReader(0, Clock()), Clock(), 2.0)
         self.assertIsNone(poller.latest.to_json()["read_at"])
 
+    def test_to_json_leaves_processes_out(self) -> None:
+        """The per-process fields stay out of to_json: the status layer adds its own keys."""
+        listed = evolve(snapshot(), processes=(GpuProcess(7, 100),), processes_error="x")
+        self.assertEqual(listed.to_json(), snapshot().to_json())
+
+    def test_processes_default_to_unknown(self) -> None:
+        """A snapshot built without them has no process list and no error."""
+        self.assertEqual((snapshot().processes, snapshot().processes_error), (None, None))
+
     def test_to_json_converts_to_utc(self) -> None:
         """A read_at in another timezone is shown in UTC."""
         from datetime import timedelta, timezone
@@ -123,6 +140,14 @@ class FakeMemory:
 
 
 @define
+class FakeProcessInfo:
+    """An item of pynvml's running-process lists: memory in bytes, or None."""
+
+    pid: int
+    usedGpuMemory: int | None
+
+
+@define
 class FakeNvml:
     """A stand-in for the pynvml module that records its calls."""
 
@@ -132,6 +157,8 @@ class FakeNvml:
     )
     init_error: Exception | None = None
     call_error: Exception | None = None
+    compute: list[FakeProcessInfo] | Exception = field(factory=list)
+    graphics: list[FakeProcessInfo] | Exception = field(factory=list)
     calls: list[object] = field(factory=list)
 
     def nvmlInit(self) -> None:
@@ -154,6 +181,18 @@ class FakeNvml:
     def nvmlDeviceGetMemoryInfo(self, handle: Any) -> FakeMemory:
         return self.memory
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[FakeProcessInfo]:
+        self.calls.append(("compute", handle))
+        if isinstance(self.compute, Exception):
+            raise self.compute
+        return self.compute
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> list[FakeProcessInfo]:
+        self.calls.append(("graphics", handle))
+        if isinstance(self.graphics, Exception):
+            raise self.graphics
+        return self.graphics
+
 
 class NvmlReaderTests(SynchronousTestCase):
     """NvmlReader against a fake pynvml module."""
@@ -167,7 +206,7 @@ class NvmlReaderTests(SynchronousTestCase):
         reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
         self.assertEqual(
             reading,
-            GpuSnapshot("nvml", True, None, 0, RTX_4090, 24564, 1000, 23564, at(START)),
+            GpuSnapshot("nvml", True, None, 0, RTX_4090, 24564, 1000, 23564, at(START), ()),
         )
 
     def test_mib_conversion_floors(self) -> None:
@@ -188,6 +227,100 @@ class NvmlReaderTests(SynchronousTestCase):
         reading = self.successResultOf(NvmlReader(2, self.clock, nvml, source="sim").read())
         self.assertIn(("handle", 2), nvml.calls)
         self.assertEqual((reading.index, reading.source), (2, "sim"))
+
+    def processes(self, nvml: FakeNvml) -> GpuSnapshot:
+        """A reading of card 1 through ``nvml``, whose memory figures are always fine."""
+        reading = self.successResultOf(NvmlReader(1, self.clock, nvml).read())
+        self.assertEqual((reading.ok, reading.error, reading.used_mib), (True, None, 1000))
+        return reading
+
+    def test_processes_from_both_lists(self) -> None:
+        """Compute and graphics processes of the card asked for, sorted by pid, bytes as
+        whole MiB rounded down."""
+        nvml = FakeNvml(
+            compute=[FakeProcessInfo(900, 2048 * MIB), FakeProcessInfo(12, MIB - 1)],
+            graphics=[FakeProcessInfo(40, 300 * MIB + 5)],
+        )
+        reading = self.processes(nvml)
+        self.assertEqual(
+            reading.processes, (GpuProcess(12, 0), GpuProcess(40, 300), GpuProcess(900, 2048))
+        )
+        self.assertIsNone(reading.processes_error)
+        self.assertIn(("compute", ("handle", 1)), nvml.calls)
+        self.assertIn(("graphics", ("handle", 1)), nvml.calls)
+
+    def test_pid_in_both_lists_once_with_the_larger_figure(self) -> None:
+        """A process with compute and graphics work is listed once, with its larger figure,
+        whichever list has it; a figure wins over "not available"."""
+        nvml = FakeNvml(
+            compute=[FakeProcessInfo(5, 100 * MIB), FakeProcessInfo(6, 900 * MIB),
+                     FakeProcessInfo(7, None)],
+            graphics=[FakeProcessInfo(5, 400 * MIB), FakeProcessInfo(6, 20 * MIB),
+                      FakeProcessInfo(7, 3 * MIB)],
+        )  # fmt: skip
+        self.assertEqual(
+            self.processes(nvml).processes,
+            (GpuProcess(5, 400), GpuProcess(6, 900), GpuProcess(7, 3)),
+        )
+
+    def test_memory_not_available(self) -> None:
+        """None (pynvml's own translation) and NVML_VALUE_NOT_AVAILABLE are both None."""
+        self.assertEqual(NVML_VALUE_NOT_AVAILABLE, pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value)
+        nvml = FakeNvml(
+            compute=[FakeProcessInfo(1, None), FakeProcessInfo(2, NVML_VALUE_NOT_AVAILABLE)]
+        )
+        self.assertEqual(self.processes(nvml).processes, (GpuProcess(1, None), GpuProcess(2, None)))
+
+    def test_no_processes(self) -> None:
+        """Empty lists are an empty tuple: known to be none, not unknown."""
+        reading = self.processes(FakeNvml())
+        self.assertEqual((reading.processes, reading.processes_error), ((), None))
+
+    def test_compute_not_supported(self) -> None:
+        """A compute list NVML refuses leaves no list, with the call and NVML's message;
+        the memory reading stays ok."""
+        not_supported = pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        nvml = FakeNvml(compute=not_supported, graphics=[FakeProcessInfo(3, MIB)])
+        reading = self.processes(nvml)
+        self.assertIsNone(reading.processes)
+        self.assertEqual(
+            reading.processes_error,
+            "NVML nvmlDeviceGetComputeRunningProcesses failed: Not Supported",
+        )
+
+    def test_both_not_supported(self) -> None:
+        """Both lists refused: no list, the compute call named."""
+        nvml = FakeNvml(
+            compute=pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED),
+            graphics=pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED),
+        )
+        reading = self.processes(nvml)
+        self.assertIsNone(reading.processes)
+        self.assertIn("nvmlDeviceGetComputeRunningProcesses", reading.processes_error or "")
+
+    def test_graphics_not_supported_keeps_compute(self) -> None:
+        """Graphics refused alone (many compute cards): compute's list, and no error."""
+        nvml = FakeNvml(
+            compute=[FakeProcessInfo(8, 10 * MIB)],
+            graphics=pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED),
+        )
+        reading = self.processes(nvml)
+        self.assertEqual((reading.processes, reading.processes_error), ((GpuProcess(8, 10),), None))
+
+    def test_nonsense_item_is_a_failed_list(self) -> None:
+        """An item no NVML gives (a negative figure) is a failed list, not a crash."""
+        reading = self.processes(FakeNvml(compute=[FakeProcessInfo(8, -1)]))
+        self.assertIsNone(reading.processes)
+        self.assertIn("usedGpuMemory -1", reading.processes_error or "")
+
+    def test_failed_memory_read_lists_nothing(self) -> None:
+        """When the memory cannot be read, the process lists are not asked for."""
+        nvml = FakeNvml(call_error=pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST))
+        reading = self.successResultOf(NvmlReader(0, self.clock, nvml).read())
+        self.assertEqual(
+            (reading.ok, reading.processes, reading.processes_error), (False, None, None)
+        )
+        self.assertNotIn("compute", [call[0] for call in nvml.calls if isinstance(call, tuple)])
 
     def test_init_once(self) -> None:
         """NVML is initialised on the first read only."""
@@ -268,22 +401,35 @@ class RealNvmlTests(SynchronousTestCase):
         self.assertGreater(reading.total_mib, 0)
         # Each figure is floored on its own, and newer drivers keep some memory reserved.
         self.assertLessEqual(reading.used_mib + reading.free_mib, reading.total_mib + 2)
+        if reading.processes is None:
+            self.assertTrue(reading.processes_error)
+        else:
+            pids = [process.pid for process in reading.processes]
+            self.assertEqual(pids, sorted(set(pids)))
+
+
+Answer = Deferred[SmiResult] | SmiResult | Exception
 
 
 @define
 class ScriptedRunner:
-    """An SmiRunner answering from a script, recording what it was asked to run."""
+    """An SmiRunner answering from a script, recording what it was asked to run.
 
-    answer: Deferred[SmiResult] | SmiResult | Exception
+    ``answer`` is the memory query's, ``apps`` the process query's (no process by default).
+    """
+
+    answer: Answer
+    apps: Answer = (b"", b"", 0)
     calls: list[tuple[str, list[str]]] = field(factory=list)
 
     def __call__(self, executable: str, args: Sequence[str]) -> Deferred[SmiResult]:
         self.calls.append((executable, list(args)))
-        if isinstance(self.answer, Exception):
-            return fail(self.answer)
-        if isinstance(self.answer, Deferred):
-            return self.answer
-        return succeed(self.answer)
+        answer = self.apps if args[0] == SMI_APPS_QUERY else self.answer
+        if isinstance(answer, Exception):
+            return fail(answer)
+        if isinstance(answer, Deferred):
+            return answer
+        return succeed(answer)
 
 
 def smi_line(index: int = 0, name: str = RTX_4090, used: int = 1000) -> bytes:
@@ -296,12 +442,12 @@ class SmiReaderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = started_clock()
 
-    def read(self, answer: Any, index: int = 0) -> GpuSnapshot:
-        reader = SmiReader(index, self.clock, ScriptedRunner(answer), "nvidia-smi")
+    def read(self, answer: Any, index: int = 0, apps: Any = (b"", b"", 0)) -> GpuSnapshot:
+        reader = SmiReader(index, self.clock, ScriptedRunner(answer, apps), "nvidia-smi")
         return self.successResultOf(reader.read())
 
     def test_arguments(self) -> None:
-        """The exact query, format and ``-i <index>`` are passed to the configured executable."""
+        """The exact queries, format and ``-i <index>`` are passed to the configured executable."""
         runner = ScriptedRunner((smi_line(3), b"", 0))
         self.successResultOf(SmiReader(3, self.clock, runner, "/opt/bin/nvidia-smi").read())
         self.assertEqual(
@@ -315,17 +461,138 @@ class SmiReaderTests(SynchronousTestCase):
                         "-i",
                         "3",
                     ],
-                )
+                ),
+                (
+                    "/opt/bin/nvidia-smi",
+                    [
+                        "--query-compute-apps=pid,used_memory",
+                        "--format=csv,noheader,nounits",
+                        "-i",
+                        "3",
+                    ],
+                ),
             ],
         )
         self.assertEqual((SMI_QUERY, SMI_FORMAT), tuple(runner.calls[0][1][:2]))
+        self.assertEqual((SMI_APPS_QUERY, SMI_FORMAT), tuple(runner.calls[1][1][:2]))
 
     def test_parse(self) -> None:
         """One CSV line becomes an ok snapshot stamped with the clock's time."""
         self.assertEqual(
             self.read((smi_line(used=16012), b"", 0)),
-            GpuSnapshot("nvidia-smi", True, None, 0, RTX_4090, 24564, 16012, 8552, at(START)),
+            GpuSnapshot("nvidia-smi", True, None, 0, RTX_4090, 24564, 16012, 8552, at(START), ()),
         )
+
+    def test_queries_run_at_once(self) -> None:
+        """Both queries start before either answers; the reading waits for both."""
+        memory: Deferred[SmiResult] = Deferred()
+        apps: Deferred[SmiResult] = Deferred()
+        runner = ScriptedRunner(memory, apps)
+        reading = SmiReader(0, self.clock, runner).read()
+        self.assertEqual(len(runner.calls), 2)
+        memory.callback((smi_line(), b"", 0))
+        self.assertNoResult(reading)
+        apps.callback((b"17, 300\n", b"", 0))
+        self.assertEqual(self.successResultOf(reading).processes, (GpuProcess(17, 300),))
+
+    def test_processes(self) -> None:
+        """Each line is a process, sorted by pid; N/A memory is None."""
+        apps = b"4242, 16000\n17, [N/A]\n\n99 , [Not Supported]\n5,N/A\n"
+        reading = self.read((smi_line(), b"", 0), apps=(apps, b"", 0))
+        self.assertEqual(
+            reading.processes,
+            (GpuProcess(5, None), GpuProcess(17, None), GpuProcess(99, None),
+             GpuProcess(4242, 16000)),
+        )  # fmt: skip
+        self.assertIsNone(reading.processes_error)
+
+    def test_pid_on_several_lines_holds_the_sum(self) -> None:
+        """A pid listed twice (one line per MIG instance) holds both; unknown if one is."""
+        apps = b"8, 100\n8, 250\n9, 1\n9, [N/A]\n"
+        reading = self.read((smi_line(), b"", 0), apps=(apps, b"", 0))
+        self.assertEqual(reading.processes, (GpuProcess(8, 350), GpuProcess(9, None)))
+
+    def test_no_processes(self) -> None:
+        """No output is no process (the real tool prints nothing); so is its own sentence."""
+        for empty in (b"", b"\n", b"No running processes found\n"):
+            reading = self.read((smi_line(), b"", 0), apps=(empty, b"", 0))
+            self.assertEqual((reading.processes, reading.processes_error), ((), None), empty)
+
+    def test_unreadable_processes(self) -> None:
+        """A line that is not ``pid, MiB`` leaves no list, saying which line, quoting it
+        shortly; the memory reading is untouched."""
+        long = "x" * 500
+        apps = f"1, 2\n3, 4 MiB, {long}\n".encode()
+        reading = self.read((smi_line(used=16012), b"", 0), apps=(apps, b"", 0))
+        self.assertEqual(
+            reading,
+            GpuSnapshot(
+                "nvidia-smi", True, None, 0, RTX_4090, 24564, 16012, 8552, at(START), None,
+                "nvidia-smi --query-compute-apps gave unreadable output: line 2 unreadable: "
+                + repr(f"3, 4 MiB, {long}"[:APPS_QUOTE_CHARS]),
+            ),
+        )  # fmt: skip
+
+    def test_unreadable_figures(self) -> None:
+        """Negative, signed, non-ASCII or absurdly long numbers are unreadable."""
+        for line in ("-1, 5", "1, -5", "+1, 5", "1, 5.0", "\u0661, 5", "1, " + "9" * 30, "1"):
+            processes, error = parse_smi_apps(line + "\n")
+            self.assertIsNone(processes, line)
+            self.assertEqual(error, f"line 1 unreadable: {line[:APPS_QUOTE_CHARS]!r}")
+
+    def test_processes_query_fails_beside_good_memory(self) -> None:
+        """A failing process query keeps the memory reading ok, its error shortened."""
+        stderr = b"Field 'used_memory' is not valid " + b"y" * 300 + b"\n"
+        reading = self.read((smi_line(), b"", 0), apps=(b"", stderr, 2))
+        self.assertEqual((reading.ok, reading.error, reading.used_mib), (True, None, 1000))
+        self.assertIsNone(reading.processes)
+        quoted = repr(stderr.decode().strip()[:APPS_QUOTE_CHARS])
+        self.assertEqual(
+            reading.processes_error, f"nvidia-smi --query-compute-apps exited with code 2: {quoted}"
+        )
+
+    def test_processes_query_cannot_run(self) -> None:
+        """A process query that times out, is killed or cannot start says so."""
+        answers: list[tuple[Answer, str]] = [
+            (SmiTimeout("did not answer within 5s (killed)"), "did not answer within 5s (killed)"),
+            ((b"", b"", -9), "killed by signal 9"),
+            (OSError("no such file"), "could not be run: no such file"),
+            (RuntimeError("bug"), "failed: bug"),
+        ]
+        for apps, said in answers:
+            reading = self.read((smi_line(), b"", 0), apps=apps)
+            self.assertTrue(reading.ok)
+            self.assertEqual(
+                (reading.processes, reading.processes_error),
+                (None, f"nvidia-smi --query-compute-apps {said}"),
+            )
+
+    def test_failed_memory_keeps_the_processes(self) -> None:
+        """The two queries are independent: a failed memory reading still lists processes."""
+        reading = self.read((b"", b"No devices were found\n", 6), apps=(b"3, 30\n", b"", 0))
+        self.assertEqual(reading.error, "nvidia-smi exited with code 6: No devices were found")
+        self.assertEqual(reading.processes, (GpuProcess(3, 30),))
+
+    @settings(max_examples=examples(300), deadline=None)
+    @given(st.one_of(st.text(), st.lists(st.text(alphabet="0123456789, []N/A\n")).map("\n".join)))
+    def test_any_processes_output(self, text: str) -> None:
+        """Whatever the process query prints, the reading is ok, and its list is processes
+        with non-negative figures or None with an error quoting at most 100 characters."""
+        reading = self.read((smi_line(), b"", 0), apps=(text.encode(), b"", 0))
+        self.assertEqual((reading.ok, reading.used_mib), (True, 1000))
+        if reading.processes is None:
+            error = reading.processes_error
+            assert error is not None
+            for start in range(len(text) - 100):
+                self.assertNotIn(text[start : start + 101], error)
+            return
+        self.assertIsNone(reading.processes_error)
+        pids = [process.pid for process in reading.processes]
+        self.assertEqual(pids, sorted(set(pids)))
+        for process in reading.processes:
+            self.assertIsInstance(process, GpuProcess)
+            self.assertGreaterEqual(process.pid, 0)
+            self.assertTrue(process.used_mib is None or process.used_mib >= 0)
 
     def test_name_with_comma(self) -> None:
         """A comma inside the name does not shift the memory figures."""
@@ -881,6 +1148,58 @@ class FakeSmiProcessTests(TestCase):
         reading = await self.reader(timeout_s=0.3).read()
         self.assertFalse(reading.ok)
         self.assertEqual(reading.error, f"{FAKE_SMI} did not answer within 0.3s (killed)")
+
+    async def test_processes_of_the_card_asked_for(self) -> None:
+        """The process query lists the card's processes, sorted by pid, a null figure as None,
+        and nothing of another card."""
+        gpus = [*self.gpus(3000), {"index": 1, "name": "B", "total_mib": 100, "used_mib": 0}]
+        processes = {
+            "0": [{"pid": 4242, "used_mib": 2000}, {"pid": 17, "used_mib": None}],
+            "1": [{"pid": 99, "used_mib": 1}],
+        }
+        self.write_state(gpus=gpus, processes=processes)
+        reading = await self.reader().read()
+        self.assertEqual((reading.ok, reading.used_mib), (True, 3000))
+        self.assertEqual(reading.processes, (GpuProcess(17, None), GpuProcess(4242, 2000)))
+        self.assertIsNone(reading.processes_error)
+
+    async def test_no_processes(self) -> None:
+        """A card running nothing lists no process: the tool prints nothing."""
+        self.write_state(gpus=self.gpus(0))
+        reading = await self.reader().read()
+        self.assertEqual((reading.ok, reading.processes, reading.processes_error), (True, (), None))
+
+    async def test_malformed_processes(self) -> None:
+        """Malformed process output leaves no list, quoting it shortly; the memory is read."""
+        self.write_state(gpus=self.gpus(1000), raw_apps="4242, lots\n" + "z" * 300)
+        reading = await self.reader().read()
+        self.assertEqual((reading.ok, reading.used_mib, reading.processes), (True, 1000, None))
+        self.assertEqual(
+            reading.processes_error,
+            f"{FAKE_SMI} --query-compute-apps gave unreadable output: "
+            "line 1 unreadable: '4242, lots'",
+        )
+
+    async def test_failing_processes_query_beside_good_memory(self) -> None:
+        """A process query that fails (exit 9) leaves the memory reading ok."""
+        self.write_state(gpus=self.gpus(1000), fail_apps="Not supported on this card")
+        reading = await self.reader().read()
+        self.assertEqual((reading.ok, reading.error, reading.used_mib), (True, None, 1000))
+        self.assertEqual(
+            reading.processes_error,
+            f"{FAKE_SMI} --query-compute-apps exited with code 9: 'Not supported on this card'",
+        )
+
+    async def test_hung_processes_query_killed(self) -> None:
+        """A hung process query is killed after the timeout (long enough for the memory query
+        to answer under load); the memory reading stays ok."""
+        self.write_state(gpus=self.gpus(1000), delay_apps_s=30)
+        reading = await self.reader(timeout_s=2.0).read()
+        self.assertEqual((reading.ok, reading.used_mib, reading.processes), (True, 1000, None))
+        self.assertEqual(
+            reading.processes_error,
+            f"{FAKE_SMI} --query-compute-apps did not answer within 2s (killed)",
+        )
 
 
 class GpuPollerReconfigureTests(PollerCase):

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_sim -*-
 """The simulated GPU: a memory ledger the simulated consumers write, and its reader.
 
-Two ledgers share one small interface (``allocate``, ``release``, ``used_mib``):
+Two ledgers share one small interface (``allocate``, ``release``, ``used_mib``,
+``owners``, ``processes``):
 
 - ``MemoryLedger``: everything lives in one process (``--demo``: all simulated
   consumers run inside the daemon);
@@ -10,7 +11,8 @@ Two ledgers share one small interface (``allocate``, ``release``, ``used_mib``):
   ``tests/fake_nvidia_smi.py`` reads).
 
 ``SimGpuReader`` reads a ledger through the same ``GpuReader`` interface as
-NVML, so the daemon's own code paths are the ones that run.
+NVML, so the daemon's own code paths are the ones that run, per-process
+memory included (SPEC section 9.3): each ledger says which process holds what.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ from typing import Any, Final, Protocol
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 
-from mgpu.gpu import GpuSnapshot, ReactorTime, failed_snapshot
+from mgpu.gpu import GpuProcess, GpuSnapshot, ProcessList, ReactorTime, failed_snapshot
 
 SIM_GPU_NAME: Final = "Simulated GPU"
+#: ``MemoryLedger``'s first virtual pid: above Linux's largest (``pid_max`` is at
+#: most 2**22), so a virtual pid never names a real process.
+VIRTUAL_PID_BASE: Final = 4_194_305
 
 
 class GpuLedger(Protocol):
@@ -48,16 +53,34 @@ class GpuLedger(Protocol):
     def owners(self) -> dict[str, int]:
         """Who holds how much, in MiB."""
 
+    def processes(self) -> dict[int, int]:
+        """Which process holds how much, in MiB: what a driver would list."""
+
 
 @define
 class MemoryLedger:
-    """A ledger in this process's memory: the demo's card."""
+    """A ledger in this process's memory: the demo's card.
+
+    Every simulated consumer lives in this one process, so each owner gets a
+    virtual pid of its own instead (``pid_of``): the attribution of memory to
+    consumers can then tell them apart, as it would real services.
+    """
 
     _owners: dict[str, int] = field(factory=dict)
+    _pids: dict[str, int] = field(factory=dict, init=False)
 
     def allocate(self, owner: str, mib: int) -> None:
         """Set ``owner``'s allocation to ``mib``."""
+        self.pid_of(owner)
         self._owners[owner] = mib
+
+    def pid_of(self, owner: str) -> int:
+        """``owner``'s virtual pid, the same for the ledger's whole life.
+
+        ``VIRTUAL_PID_BASE`` plus the owner's order of first allocation, or of
+        first asking: the demo can learn a consumer's pid before it loads.
+        """
+        return self._pids.setdefault(owner, VIRTUAL_PID_BASE + len(self._pids))
 
     def release(self, owner: str) -> None:
         """Drop ``owner``'s allocation."""
@@ -71,17 +94,24 @@ class MemoryLedger:
         """The per-owner breakdown."""
         return dict(self._owners)
 
+    def processes(self) -> dict[int, int]:
+        """Each owner's allocation under its virtual pid."""
+        return {self._pids[owner]: mib for owner, mib in self._owners.items()}
+
 
 @define
 class FileLedger:
     """A ledger in a JSON file several processes share, in ``fake_nvidia_smi``'s format.
 
     The file is ``{"gpus": [{"index", "name", "total_mib", "used_mib"}], "fail": null,
-    "owners": {"<index>": {"<owner>": mib}}}``; ``fake_nvidia_smi`` ignores ``owners``
-    and the ledger keeps every other key (``fail``, ``delay_s``) as a test wrote it.
+    "owners": {"<index>": {"<owner>": mib}}, "pids": {"<index>": {"<owner>": pid}}}``;
+    the ledger keeps every other key (``fail``, ``delay_s``) as a test wrote it.
     ``used_mib`` is the sum of the owners, clamped to ``total_mib`` so that
     ``free`` never goes negative; a ``used_mib`` already in the file when the
-    ledger first meets the index becomes the owner ``"external"``.
+    ledger first meets the index becomes the owner ``"external"``, with no pid:
+    memory held by something no process list shows.  ``pids`` records the
+    process that made each allocation; ``fake_nvidia_smi`` lists those owners
+    as the card's processes.
 
     Each update holds ``fcntl.flock`` on ``<path>.lock`` across read-modify-write
     and replaces the file atomically (``os.replace``): two processes never lose an
@@ -99,14 +129,16 @@ class FileLedger:
             pass  # creates the file, or adds this index to it
 
     def allocate(self, owner: str, mib: int) -> None:
-        """Set ``owner``'s allocation to ``mib`` in the shared file."""
-        with self._update() as owners:
+        """Set ``owner``'s allocation to ``mib`` in the shared file, held by this process."""
+        with self._update() as (owners, pids):
             owners[owner] = mib
+            pids[owner] = os.getpid()
 
     def release(self, owner: str) -> None:
         """Drop ``owner``'s allocation from the shared file."""
-        with self._update() as owners:
+        with self._update() as (owners, pids):
             owners.pop(owner, None)
+            pids.pop(owner, None)
 
     def used_mib(self) -> int:
         """Every process's allocations on this index, unclamped."""
@@ -115,6 +147,16 @@ class FileLedger:
     def owners(self) -> dict[str, int]:
         """The per-owner breakdown of this index, as the file says now."""
         return dict(self._read()["owners"].get(str(self.index), {}))
+
+    def processes(self) -> dict[int, int]:
+        """The MiB each recorded process holds on this index: the sum of its owners'."""
+        data = self._read()
+        owners = data["owners"].get(str(self.index), {})
+        held: dict[int, int] = {}
+        for owner, pid in data["pids"].get(str(self.index), {}).items():
+            if owner in owners:
+                held[int(pid)] = held.get(int(pid), 0) + int(owners[owner])
+        return held
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -126,11 +168,12 @@ class FileLedger:
         data.setdefault("gpus", [])
         data.setdefault("fail", None)
         data.setdefault("owners", {})
+        data.setdefault("pids", {})
         return data
 
     @contextmanager
-    def _update(self) -> Iterator[dict[str, int]]:
-        """Under the lock: read, let the caller change this index's owners, write back."""
+    def _update(self) -> Iterator[tuple[dict[str, int], dict[str, int]]]:
+        """Under the lock: read, let the caller change this index's owners and pids, write back."""
         with open(f"{self.path}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -143,7 +186,7 @@ class FileLedger:
                 owners = data["owners"].setdefault(
                     str(self.index), {"external": external} if external else {}
                 )
-                yield owners
+                yield owners, data["pids"].setdefault(str(self.index), {})
                 gpu["used_mib"] = min(int(gpu["total_mib"]), sum(owners.values()))
                 self._write(data)
             finally:
@@ -184,6 +227,7 @@ class SimGpuReader:
             used = min(max(self.ledger.used_mib(), 0), self.total_mib)
         except Exception as e:
             return succeed(failed_snapshot(self.source, self.index, f"simulated GPU: {e}", now))
+        processes, processes_error = self._processes()
         return succeed(
             GpuSnapshot(
                 source=self.source,
@@ -195,5 +239,15 @@ class SimGpuReader:
                 used_mib=used,
                 free_mib=self.total_mib - used,
                 read_at=now,
+                processes=processes,
+                processes_error=processes_error,
             )
         )
+
+    def _processes(self) -> ProcessList:
+        """The ledger's processes sorted by pid, or None and why."""
+        try:
+            held = self.ledger.processes()
+            return tuple(GpuProcess(pid, max(held[pid], 0)) for pid in sorted(held)), None
+        except Exception as e:
+            return None, f"simulated GPU: {e}"
