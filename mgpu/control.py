@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_control -*-
-"""The broker's own calls to consumers: health probes, load, unload, JSON polls.
+"""The broker's own calls to consumers: health probes, load, unload, JSON calls.
 
 Every call goes through an injected treq ``HTTPClient`` and is bounded as a whole
 (headers *and* body) by a ``clock.callLater`` that cancels it: treq's own timeout
@@ -35,7 +35,8 @@ PROBE_BODY_LIMIT: Final = 64 * 1024
 """At most this much of a probe's (or a load or unload call's) answer is read."""
 
 JSON_BODY_LIMIT: Final = 8 * 1024 * 1024
-"""At most this much of a ``get_json`` answer is read (ComfyUI histories carry the workflow)."""
+"""At most this much of a ``get_json`` or ``post_json`` answer is read (ComfyUI histories
+carry the workflow)."""
 
 
 class _DelayedCall(TypingProtocol):
@@ -180,7 +181,7 @@ def _is_2xx(status: int) -> bool:
 def _json_or_none(body: bytes) -> object:
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
 
 
@@ -227,12 +228,31 @@ class ConsumerControl:
     ) -> Deferred[tuple[int, object]]:
         """GET ``consumer.url + path``: (status, parsed JSON or None); failures are
         ``consumer_unreachable``."""
+        return self._json_call(consumer, Route("GET", path), timeout_s, "consumer_unreachable")
+
+    def post_json(
+        self, consumer: ConsumerConfig, path: str, body: Mapping[str, Any], timeout_s: float
+    ) -> Deferred[tuple[int, object]]:
+        """POST ``body`` as JSON to ``consumer.url + path``: (status, parsed JSON or None).
+
+        A POST is an action, so its failures are a load's or an unload's: a
+        timeout is a ``scheduler_error`` (the consumer is there, only slow),
+        other failures ``consumer_unreachable``.
+        """
+        return self._json_call(consumer, Route("POST", path, body), timeout_s, "scheduler_error")
+
+    def _json_call(
+        self, consumer: ConsumerConfig, route: Route, timeout_s: float, timed_out: str
+    ) -> Deferred[tuple[int, object]]:
+        """``route`` answered with (status, parsed JSON or None); a timeout is the code
+        ``timed_out``, any other failure ``consumer_unreachable``."""
+        call = f"{route.method} {route.path}"
 
         def parsed(answer: _Answer) -> tuple[int, object]:
             if answer.truncated:
                 raise BrokerError(
                     "consumer_unreachable",
-                    f"upstream {consumer.name}: GET {path} answered more than "
+                    f"upstream {consumer.name}: {call} answered more than "
                     f"{JSON_BODY_LIMIT // (1024 * 1024)} MiB",
                     consumer.name,
                 )
@@ -242,16 +262,15 @@ class ConsumerControl:
             if f.check(BrokerError):
                 return f
             if exhausted(f.value):
-                return Failure(overloaded(consumer.name, f"for GET {path}"))
+                return Failure(overloaded(consumer.name, f"for {call}"))
+            code = timed_out if f.check(_TimedOut) else "consumer_unreachable"
             return Failure(
                 BrokerError(
-                    "consumer_unreachable",
-                    f"upstream {consumer.name}: GET {path} failed: {describe(f)}",
-                    consumer.name,
+                    code, f"upstream {consumer.name}: {call} failed: {describe(f)}", consumer.name
                 )
             )
 
-        d = self._exchange(consumer, Route("GET", path), timeout_s, JSON_BODY_LIMIT)
+        d = self._exchange(consumer, route, timeout_s, JSON_BODY_LIMIT)
         return d.addCallback(parsed).addErrback(failed)
 
     def _admin(self, action: str, consumer: ConsumerConfig, route: Route | None) -> Deferred[None]:

@@ -18,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from mgpu.config import ConsumerConfig, KindPath, Route
-from mgpu.control import PROBE_BODY_LIMIT, ConsumerControl, ProbeResult
+from mgpu.control import JSON_BODY_LIMIT, PROBE_BODY_LIMIT, ConsumerControl, ProbeResult
 from mgpu.errors import BrokerError
 
 
@@ -54,6 +54,8 @@ class FakeConsumer(Resource):
     def __init__(self, answers: dict[tuple[bytes, bytes], tuple[int, bytes]]) -> None:
         super().__init__()
         self.answers = answers
+        self.hang_paths = {b"/hang"}
+        """Paths that never answer, whatever the method."""
         self.received: list[tuple[bytes, bytes, bytes | None, bytes]] = []
         self.hanging: list[Request] = []
         self.lost: list[Request] = []
@@ -69,7 +71,7 @@ class FakeConsumer(Resource):
                 request.content.read(),
             )
         )
-        if (request.method, request.path) == (b"GET", b"/hang"):
+        if request.path in self.hang_paths:
             return self._hang(request)
         if (request.method, request.path) == (b"GET", b"/half"):
             request.setHeader(b"content-length", b"1000")
@@ -153,6 +155,7 @@ class ProbeTests(ControlTestCase):
             control.probe(target, 3.0),
             control.load(target),
             control.get_json(target, "/history/1", 3.0),
+            control.post_json(target, "/api/generate", {"model": "m"}, 3.0),
         ):
             error = self.failureResultOf(d, BrokerError).value
             self.assertEqual((error.code, error.status), ("daemon_overloaded", 503))
@@ -254,6 +257,12 @@ class ProbeTests(ControlTestCase):
         self.answer(b"GET", b"/health", 200, b"{}")
         self.successResultOf(self.control.probe(consumer(), 3.0))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nested_too_deep(self) -> None:
+        """JSON nested deeper than the parser goes is no JSON: healthy, loaded unknown."""
+        self.answer(b"GET", b"/health", 200, b"[" * 50_000)
+        result = self.successResultOf(self.control.probe(consumer(), 3.0))
+        self.assertEqual(result, ProbeResult(healthy=True, loaded=None, error=None))
 
     def test_body_over_limit(self) -> None:
         """Past 64 KiB the body is not read: the status decides, loaded is unknown."""
@@ -365,3 +374,79 @@ class GetJsonTests(ControlTestCase):
         f = self.failureResultOf(d, BrokerError)
         self.assertEqual(f.value.code, "consumer_unreachable")
         self.assertIn("timed out after 0.5 s", f.value.message)
+
+    def test_nested_too_deep(self) -> None:
+        """A body nested deeper than the parser goes comes back as None, not an exception."""
+        self.answer(b"GET", b"/deep", 200, b'{"a": ' * 50_000)
+        self.assertEqual(
+            self.successResultOf(self.control.get_json(consumer(), "/deep", 5.0)), (200, None)
+        )
+
+    def test_over_limit(self) -> None:
+        """An answer past JSON_BODY_LIMIT is consumer_unreachable saying how big it was."""
+        self.answer(b"GET", b"/big", 200, b"[" + b" " * JSON_BODY_LIMIT + b"]")
+        f = self.failureResultOf(self.control.get_json(consumer(), "/big", 5.0), BrokerError)
+        self.assertEqual(f.value.code, "consumer_unreachable")
+        self.assertIn("GET /big answered more than 8 MiB", f.value.message)
+
+
+class PostJsonTests(ControlTestCase):
+    """ConsumerControl.post_json."""
+
+    def test_posts_json_and_returns_answer(self) -> None:
+        """post_json POSTs the body as JSON to url+path and returns the status and parsed answer."""
+        self.answer(b"POST", b"/api/generate", 200, b'{"done": true, "done_reason": "unload"}')
+        body = {"model": "llama3.2", "keep_alive": 0}
+        d = self.control.post_json(consumer(), "/api/generate", body, 5.0)
+        self.assertEqual(self.successResultOf(d), (200, {"done": True, "done_reason": "unload"}))
+        [(method, path, ctype, sent)] = self.fake.received
+        self.assertEqual(
+            (method, path, ctype), (b"POST", b"/api/generate", b"application/json; charset=UTF-8")
+        )
+        self.assertEqual(json.loads(sent), body)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_error_status_is_returned(self) -> None:
+        """A non-2xx answer is no failure: its status and parsed body come back to the caller."""
+        self.answer(b"POST", b"/api/generate", 404, b'{"error": "model not found"}')
+        d = self.control.post_json(consumer(), "/api/generate", {"model": "x"}, 5.0)
+        self.assertEqual(self.successResultOf(d), (404, {"error": "model not found"}))
+
+    def test_not_json(self) -> None:
+        """A body that is not JSON (ComfyUI's empty 200) comes back as None with its status."""
+        self.answer(b"POST", b"/free", 200, b"")
+        d = self.control.post_json(consumer(), "/free", {"unload_models": True}, 5.0)
+        self.assertEqual(self.successResultOf(d), (200, None))
+
+    def test_unreachable(self) -> None:
+        """A refused connection is consumer_unreachable naming the call."""
+        control = ConsumerControl(refusing_client(), as_clock(self.clock))
+        d = control.post_json(consumer(), "/api/generate", {}, 5.0)
+        f = self.failureResultOf(d, BrokerError)
+        self.assertEqual(
+            (f.value.code, f.value.consumer, f.value.message),
+            (
+                "consumer_unreachable",
+                "mvoice",
+                "upstream mvoice: POST /api/generate failed: connection refused",
+            ),
+        )
+
+    def test_timeout_is_scheduler_error(self) -> None:
+        """A POST that outlasts timeout_s is a scheduler_error, as a load's timeout is: the
+        consumer is there, only slow, so it is not called unreachable; the connection closes."""
+        self.fake.hang_paths.add(b"/api/generate")
+        d = self.control.post_json(consumer(), "/api/generate", {"model": "m"}, 2.0)
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        f = self.failureResultOf(d, BrokerError)
+        self.assertEqual(
+            (f.value.code, f.value.message),
+            (
+                "scheduler_error",
+                "upstream mvoice: POST /api/generate failed: timed out after 2.0 s",
+            ),
+        )
+        self.agent.flush()
+        self.assertEqual(len(self.fake.lost), 1)

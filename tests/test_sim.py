@@ -31,9 +31,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from mgpu.config import Config, load_config
+from mgpu.gpu import GpuProcess
+from mgpu.ollama import parse_ps
 from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
 from mgpu.sim.demo import DEMO_TOTAL_MIB, demo_settings, start_demo
-from mgpu.sim.gpu import FileLedger, MemoryLedger, SimGpuReader
+from mgpu.sim.gpu import VIRTUAL_PID_BASE, FileLedger, MemoryLedger, SimGpuReader
 from mgpu.sim.http import CHUNK, BodyProducer, SimResource, SyntheticBody, parse_range, sim_site
 from tests import fake_nvidia_smi
 
@@ -90,6 +92,32 @@ class MemoryLedgerTests(SynchronousTestCase):
         ledger.release("nobody")
         self.assertEqual((ledger.used_mib(), ledger.owners()), (50, {"b": 50}))
 
+    def test_virtual_pids_by_order_of_first_allocation(self) -> None:
+        """Each owner holds its memory under its own virtual pid, above any real pid, kept
+        across a release and a reallocation."""
+        ledger = MemoryLedger()
+        ledger.allocate("a", 100)
+        ledger.allocate("b", 50)
+        ledger.allocate("a", 300)
+        self.assertGreater(VIRTUAL_PID_BASE, 2**22)
+        first, second = VIRTUAL_PID_BASE, VIRTUAL_PID_BASE + 1
+        self.assertEqual((ledger.pid_of("a"), ledger.pid_of("b")), (first, second))
+        self.assertEqual(ledger.processes(), {first: 300, second: 50})
+        ledger.release("a")
+        self.assertEqual(ledger.processes(), {second: 50})
+        ledger.allocate("c", 7)
+        ledger.allocate("a", 1)
+        self.assertEqual(ledger.processes(), {first: 1, second: 50, first + 2: 7})
+
+    def test_pid_of_before_allocation(self) -> None:
+        """Asking first gives the pid the owner's memory will show under, and holds nothing."""
+        ledger = MemoryLedger()
+        pid = ledger.pid_of("comfyui")
+        self.assertEqual((pid, ledger.processes()), (VIRTUAL_PID_BASE, {}))
+        ledger.allocate("ollama", 10)
+        ledger.allocate("comfyui", 20)
+        self.assertEqual(ledger.processes(), {pid: 20, pid + 1: 10})
+
 
 class FileLedgerTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -107,6 +135,57 @@ class FileLedgerTests(SynchronousTestCase):
             )  # fmt: skip
         self.assertEqual(code, 0)
         return out.getvalue()
+
+    def smi_apps(self) -> str:
+        """What tests/fake_nvidia_smi.py prints for the file's processes on GPU 0."""
+        out = io.StringIO()
+        env = {"FAKE_NVIDIA_SMI_STATE": str(self.path)}
+        args = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", "0"]
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out):
+            self.assertEqual(fake_nvidia_smi.main(args), 0)
+        return out.getvalue()
+
+    def test_allocations_record_this_process(self) -> None:
+        """An allocation records the pid of the process that made it, apart from the owners;
+        a release drops it; fake_nvidia_smi lists each owner with a pid."""
+        ledger = FileLedger(self.path)
+        ledger.allocate("mvoice", 2800)
+        ledger.allocate("ollama", 6000)
+        data = json.loads(self.path.read_text())
+        self.assertEqual(data["owners"], {"0": {"mvoice": 2800, "ollama": 6000}})
+        self.assertEqual(data["pids"], {"0": {"mvoice": os.getpid(), "ollama": os.getpid()}})
+        self.assertEqual(ledger.processes(), {os.getpid(): 8800})
+        self.assertEqual(self.smi_apps(), f"{os.getpid()}, 2800\n{os.getpid()}, 6000\n")
+        ledger.release("mvoice")
+        self.assertEqual(json.loads(self.path.read_text())["pids"], {"0": {"ollama": os.getpid()}})
+        self.assertEqual(ledger.processes(), {os.getpid(): 6000})
+        ledger.release("ollama")
+        self.assertEqual((ledger.processes(), self.smi_apps()), ({}, ""))
+
+    def test_processes_per_pid_and_external_has_none(self) -> None:
+        """Owners of other processes are theirs; the external memory has no process; a
+        test's own processes list comes first in fake_nvidia_smi's answer."""
+        state = {"gpus": [{"index": 0, "name": "X", "total_mib": 8000, "used_mib": 500}],
+                 "processes": {"0": [{"pid": 3, "used_mib": None}]}}  # fmt: skip
+        self.path.write_text(json.dumps(state))
+        ledger = FileLedger(self.path)
+        ledger.allocate("mvoice", 1000)
+        data = json.loads(self.path.read_text())
+        data["pids"]["0"]["comfyui"] = 4321  # another process's allocation
+        data["owners"]["0"]["comfyui"] = 4000
+        self.path.write_text(json.dumps(data))
+        self.assertEqual(ledger.owners(), {"external": 500, "mvoice": 1000, "comfyui": 4000})
+        self.assertEqual(ledger.processes(), {os.getpid(): 1000, 4321: 4000})
+        self.assertEqual(self.smi_apps(), f"3, [N/A]\n{os.getpid()}, 1000\n4321, 4000\n")
+
+    def test_indexes_apart(self) -> None:
+        """Each card lists only its own processes."""
+        FileLedger(self.path, index=0).allocate("a", 10)
+        other = FileLedger(self.path, index=1)
+        self.assertEqual(other.processes(), {})
+        other.allocate("b", 20)
+        self.assertEqual(FileLedger(self.path).processes(), {os.getpid(): 10})
+        self.assertEqual(other.processes(), {os.getpid(): 20})
 
     def test_fake_nvidia_smi_reads_the_file(self) -> None:
         """The state file is what fake_nvidia_smi reads, owners kept aside."""
@@ -170,6 +249,16 @@ class _Broken:
     def owners(self) -> dict[str, int]:
         raise NotImplementedError
 
+    def processes(self) -> dict[int, int]:
+        raise OSError("state file gone")
+
+
+class _NoProcesses(MemoryLedger):
+    """A ledger whose memory reads but whose processes do not."""
+
+    def processes(self) -> dict[int, int]:
+        raise ValueError("pids unreadable")
+
 
 class SimGpuReaderTests(SynchronousTestCase):
     def test_free_is_total_minus_used(self) -> None:
@@ -185,6 +274,42 @@ class SimGpuReaderTests(SynchronousTestCase):
         self.assertEqual((snap.total_mib, snap.used_mib, snap.free_mib), (16384, 2800, 13584))
         assert snap.read_at is not None
         self.assertEqual(snap.read_at.timestamp(), 60)
+
+    def test_processes_sorted_by_pid(self) -> None:
+        """The ledger's processes, sorted by pid, with no error."""
+        ledger = MemoryLedger()
+        ledger.pid_of("later")
+        ledger.allocate("b", 30)
+        ledger.allocate("later", 20)
+        snap = self.successResultOf(SimGpuReader(ledger, Clock(), 16384).read())
+        self.assertEqual(
+            snap.processes,
+            (GpuProcess(VIRTUAL_PID_BASE, 20), GpuProcess(VIRTUAL_PID_BASE + 1, 30)),
+        )
+        self.assertIsNone(snap.processes_error)
+        self.assertEqual(
+            self.successResultOf(SimGpuReader(MemoryLedger(), Clock(), 16384).read()).processes,
+            (),
+        )
+
+    def test_processes_from_a_file_ledger(self) -> None:
+        """A FileLedger's reading lists this process, which made the allocations."""
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ledger = FileLedger(path)
+        ledger.allocate("mvoice", 2800)
+        snap = self.successResultOf(SimGpuReader(ledger, Clock(), 16384).read())
+        self.assertEqual(snap.processes, (GpuProcess(os.getpid(), 2800),))
+
+    def test_processes_that_fail_leave_the_memory_reading_ok(self) -> None:
+        """A ledger whose processes cannot be read: memory ok, processes None with why."""
+        ledger = _NoProcesses()
+        ledger.allocate("a", 100)
+        snap = self.successResultOf(SimGpuReader(ledger, Clock(), 16384).read())
+        self.assertEqual((snap.ok, snap.used_mib), (True, 100))
+        self.assertEqual(
+            (snap.processes, snap.processes_error), (None, "simulated GPU: pids unreadable")
+        )
 
     def test_overcommit_reads_as_a_full_card(self) -> None:
         """Used beyond the card reads as used = total, free = 0."""
@@ -659,7 +784,9 @@ class DemoSettingsTests(SynchronousTestCase):
         self.assertGreater(size["comfyui"] + cushion, rest)  # image evicts
         self.assertLessEqual(size["comfyui"] + cushion, total - size["whisper"])
         self.assertGreater(size["ollama"] + size["whisper"] + size["comfyui"] + cushion, total)
-        self.assertEqual({s.name: s.keep_alive_s for s in settings}["ollama"], 0)
+        # Ollama keeps its model a while, as the real one does: the image reclaims it.
+        self.assertGreater(size["comfyui"] + cushion, total - size["whisper"] - size["ollama"])
+        self.assertGreater({s.name: s.keep_alive_s for s in settings}["ollama"] or 0, 0)
 
 
 class StartDemoTests(TestCase):
@@ -743,6 +870,7 @@ class ProcessTests(TestCase):
             response = await HTTPClient(Agent(reactor, pool=pool)).get(url)
             self.assertEqual(await response.json(), {"status": "ok", "loaded": True})
             self.assertEqual(FileLedger(state).owners(), {"mvoice": 2800})
+            self.assertEqual(FileLedger(state).processes(), {process.pid: 2800})
         finally:
             with contextlib.suppress(ProcessExitedAlready):
                 process.signalProcess("TERM")
@@ -750,3 +878,103 @@ class ProcessTests(TestCase):
         assert proto.reason is not None
         self.assertIsInstance(proto.reason.value, ProcessDone, proto.err)
         self.assertEqual(FileLedger(state).owners(), {})  # a stopped process frees its memory
+        self.assertEqual(FileLedger(state).processes(), {})
+
+
+class OllamaPsTests(SynchronousTestCase):
+    """The simulated Ollama's /api/ps and unload answer have the real one's shape."""
+
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "ollama", load_s=0.6, work_s=0.4, tokens=4, keep_alive_s=5)
+        self.sim.advance(100.0)  # a clock away from the epoch
+
+    def ps(self) -> list[dict[str, Any]]:
+        code, body = self.sim.call("GET", "/api/ps")
+        self.assertEqual((code, set(body)), (200, {"models"}))
+        return cast(list[dict[str, Any]], body["models"])
+
+    def load(self, **body: Any) -> None:
+        """Ollama's idiom to load a model: a generate request without a prompt."""
+        d = self.sim.send("POST", "/api/generate", json={"model": "qwen2.5:7b"} | body)
+        self.sim.advance(0.6)
+        self.assertEqual(self.sim.json(d)[1]["done_reason"], "load")
+
+    def test_shape(self) -> None:
+        """A loaded model is listed with Ollama's fields, sizes in bytes, and reads as
+        itself through the broker's parser."""
+        self.load()
+        [entry] = self.ps()
+        self.assertEqual(
+            set(entry),
+            {"name", "model", "size", "digest", "details", "expires_at", "size_vram"},
+        )
+        size = 6000 * 2**20
+        self.assertEqual(
+            (entry["name"], entry["model"], entry["size"], entry["size_vram"]),
+            ("qwen2.5:7b", "qwen2.5:7b", size, size),
+        )
+        self.assertRegex(entry["digest"], r"\A[0-9a-f]{64}\Z")
+        self.assertEqual(
+            set(entry["details"]),
+            {"parent_model", "format", "family", "families", "parameter_size",
+             "quantization_level"},
+        )  # fmt: skip
+        [model] = parse_ps({"models": [entry]})
+        self.assertEqual((model.name, model.size_vram_mib), ("qwen2.5:7b", 6000))
+
+    def test_expires_keep_alive_after_last_request(self) -> None:
+        """expires_at is when keep-alive frees the model, RFC 3339 with a UTC offset; the
+        model is listed until then and gone at it."""
+        self.load()  # ends at 100.6 s, keep_alive 5 s
+        [entry] = self.ps()
+        self.assertEqual(entry["expires_at"], "1970-01-01T00:01:45.600000+00:00")
+        self.sim.advance(4.9)
+        [model] = parse_ps({"models": self.ps()})
+        self.assertAlmostEqual(cast(float, model.expires_in_s(self.sim.clock.seconds())), 0.1)
+        self.sim.advance(0.1)
+        self.assertEqual((self.ps(), self.sim.ledger.used_mib()), ([], 0))
+
+    def test_far_future_while_running(self) -> None:
+        """While a request runs the model shows as expiring centuries ahead (never); the
+        keep-alive countdown starts when it ends."""
+        d = self.sim.send("POST", "/api/generate", json={"prompt": "x", "stream": False})
+        for step in (0.6, 0.1):  # the load, then one token
+            self.sim.advance(step)
+        [entry] = self.ps()
+        self.assertGreater(int(entry["expires_at"][:4]), 2200)
+        self.assertIsNone(parse_ps({"models": [entry]})[0].expires_in_s(self.sim.clock.seconds()))
+        for _ in range(3):
+            self.sim.advance(0.1)
+        self.assertEqual(self.sim.answer(d)[0], 200)
+        [model] = parse_ps({"models": self.ps()})
+        self.assertAlmostEqual(cast(float, model.expires_in_s(self.sim.clock.seconds())), 5.0)
+
+    def test_negative_keep_alive_never_expires(self) -> None:
+        """After a request with keep_alive -1 the model stays, shown expiring centuries ahead."""
+        self.load(keep_alive=-1)
+        self.sim.advance(10_000)
+        [entry] = self.ps()
+        self.assertGreater(int(entry["expires_at"][:4]), 2200)
+        self.assertEqual(self.sim.ledger.used_mib(), 6000)
+
+    def test_unload_answers_like_ollama(self) -> None:
+        """{"model": M, "keep_alive": 0} without a prompt frees M and answers as Ollama does:
+        model, created_at, an empty response, done, done_reason "unload"."""
+        self.load()
+        code, body = self.sim.call(
+            "POST", "/api/generate", json={"model": "qwen2.5:7b", "keep_alive": 0}
+        )
+        self.assertEqual(
+            (code, body),
+            (
+                200,
+                {
+                    "model": "qwen2.5:7b",
+                    "created_at": "1970-01-01T00:01:40.600000+00:00",
+                    "response": "",
+                    "done": True,
+                    "done_reason": "unload",
+                },
+            ),
+        )
+        self.assertEqual((self.ps(), self.sim.ledger.used_mib()), ([], 0))

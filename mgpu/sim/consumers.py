@@ -14,6 +14,7 @@ served by ``mgpu.sim.http``) and holds simulated VRAM in a ``GpuLedger``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
@@ -55,6 +56,8 @@ DEFAULT_WORK_S: Final[Mapping[str, float]] = MappingProxyType(
 LOAD_S_PER_MIB: Final = 0.0001
 """Load time grows with size: 0.1 s per 1000 MiB (a tenth of a real disk-to-GPU load)."""
 OLLAMA_MODEL: Final = "llama3.2"
+OLLAMA_FOREVER_S: Final = (2**63 - 1) / 1e9
+"""Ollama's "never" (``keep_alive`` < 0): the longest Go duration, about 292 years."""
 _SIZED: Final = re.compile(r"sized-(\d{1,12})(\.[A-Za-z0-9]+)?")
 _log = Logger()
 
@@ -392,12 +395,20 @@ class Whisper(SimConsumer):
 
 
 class Ollama(SimConsumer):
-    """Ollama: NDJSON token streams; manages its own VRAM (keep-alive, ``keep_alive: 0``)."""
+    """Ollama: NDJSON token streams; manages its own VRAM (keep-alive, ``keep_alive: 0``).
+
+    ``/api/ps`` answers as the real one's (``models`` with ``name``, ``model``,
+    ``size``, ``digest``, ``details``, ``expires_at``, ``size_vram``) while a model
+    is loading or loaded; ``expires_at`` is when keep-alive frees it, or, while a
+    request runs and with a negative ``keep_alive``, the far future Ollama shows
+    then (now plus the longest Go duration).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._model = OLLAMA_MODEL
         self._expiry: Deferred[None] | None = None
+        self._expires_at: float | None = None  # when the keep-alive timer frees it; None: no timer
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         return {
@@ -410,9 +421,37 @@ class Ollama(SimConsumer):
         send_json(request, {"version": "0.0.0-sim"})
 
     async def ps(self, request: Request) -> None:
+        held = self.loaded or self.loading
+        send_json(request, {"models": [self._running_model()] if held else []})
+
+    def _running_model(self) -> dict[str, object]:
+        """The model's entry in ``/api/ps``, shaped as Ollama's API documents it."""
         size = self.settings.vram_mib * 2**20
-        models = [{"name": self._model, "model": self._model, "size": size, "size_vram": size}]
-        send_json(request, {"models": models if self.loaded else []})
+        details = {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "3.2B",
+            "quantization_level": "Q4_K_M",
+        }
+        return {
+            "name": self._model,
+            "model": self._model,
+            "size": size,
+            "digest": hashlib.sha256(self._model.encode()).hexdigest(),
+            "details": details,
+            "expires_at": self._expires_at_text(),
+            "size_vram": size,
+        }
+
+    def _expires_at_text(self) -> str:
+        """When keep-alive frees the model, RFC 3339 with a UTC offset; far ahead when no
+        timer runs (a request is running, or ``keep_alive`` was negative)."""
+        at = self._expires_at
+        if at is None:
+            at = self.clock.seconds() + OLLAMA_FOREVER_S
+        return datetime.fromtimestamp(at, UTC).isoformat()
 
     async def generate(self, request: Request) -> None:
         body = json_body(request)
@@ -461,15 +500,18 @@ class Ollama(SimConsumer):
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        self._expires_at = None
         if self.busy or seconds is None:
             return
         if seconds == 0:
             self._forget()
             return
+        self._expires_at = self.clock.seconds() + seconds
         self._expiry = self.sleep(seconds)
         self._expiry.addCallbacks(lambda _: self._forget(), _ignore_cancel)
 
     def _forget(self) -> None:
+        self._expires_at = None
         if not self.busy and (self.loaded or self.loading):
             self.unload()
 
