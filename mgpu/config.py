@@ -22,6 +22,7 @@ from attrs import field, frozen
 KINDS: Final = ("tts", "stt", "llm", "image")
 GPU_SOURCES: Final = ("auto", "nvml", "nvidia-smi", "none")
 POLICIES: Final = ("affinity", "fifo")
+FOOTPRINTS: Final = ("max", "configured")
 HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
 
@@ -84,6 +85,23 @@ class KindPath:
 
 
 @frozen
+class ProcessConfig:
+    """How the consumer's processes are found (SPEC 9.3): at most one of the two;
+    neither: the process listening on the URL's port, when the host is local."""
+
+    systemd_unit: str | None = None
+    pid_file: str | None = None
+
+
+@frozen
+class OllamaConfig:
+    """An Ollama consumer: its ``/api/ps`` read at each probe, its models freed as a
+    last resort with ``reclaim`` (SPEC 9.4)."""
+
+    reclaim: bool = False
+
+
+@frozen
 class ConsumerConfig:
     """One local inference service behind the broker."""
 
@@ -102,6 +120,8 @@ class ConsumerConfig:
     #: Reuse connections to this consumer (SPEC 9.7): off by default, since a
     #: stray late answer on a reused connection would reach the next client.
     keepalive: bool = False
+    process: ProcessConfig = ProcessConfig()
+    ollama: OllamaConfig | None = None
 
     def coexists_with(self, other: ConsumerConfig) -> bool:
         """Whether the two may be resident together; declared on either side is enough."""
@@ -139,6 +159,8 @@ class SchedulerConfig:
     #: ``affinity``: how long a drained lease waits for its holder's next request
     #: before passing to a request that needs a swap (0: not at all).
     linger_s: float = 0.0
+    #: Room is made for ``max``(configured, learned) size, or the ``configured`` one.
+    footprint: str = "max"
 
 
 @frozen
@@ -167,6 +189,8 @@ class Config:
     scheduler: SchedulerConfig = SchedulerConfig()
     health: HealthConfig = HealthConfig()
     limits: LimitsConfig = LimitsConfig()
+    #: Where learned sizes are kept across restarts; None: not kept.
+    state_dir: str | None = None
 
     def consumer_for(self, kind: str) -> ConsumerConfig | None:
         """The consumer that serves a facade kind, if routing names one."""
@@ -398,6 +422,12 @@ class _Parser:
             raise self.fail(where, f"must be {what}, not {value}")
         return float(value)
 
+    def one_of(self, value: object, where: str, allowed: tuple[str, ...]) -> str:
+        text = self.string(value, where)
+        if text not in allowed:
+            raise self.fail(where, f"must be one of {', '.join(allowed)}, not {text!r}")
+        return text
+
     def boolean(self, value: object, where: str) -> bool:
         if not isinstance(value, bool):
             raise self.fail(where, f"must be true or false, not {_kind_of(value)}")
@@ -473,7 +503,7 @@ class _Parser:
             "",
             (
                 "listen", "auth", "gpu", "scheduler", "health",
-                "limits", "routing", "audio_proxy", "consumers",
+                "limits", "routing", "audio_proxy", "consumers", "state_dir",
             ),
         )  # fmt: skip
         if "consumers" not in top:
@@ -493,6 +523,11 @@ class _Parser:
             scheduler=self.scheduler(top.get("scheduler")),
             health=self.health(top.get("health")),
             limits=self.limits(top.get("limits")),
+            state_dir=(
+                None
+                if top.get("state_dir") is None
+                else self.file_name(top["state_dir"], "state_dir")
+            ),
         )
 
     def auth(self, value: object) -> AuthConfig:
@@ -509,11 +544,7 @@ class _Parser:
             "gpu",
             ("source", "index", "nvidia_smi", "cushion_mib", "poll_interval_s", "total_mib"),
         )
-        source = self.string(data.get("source", d.source), "gpu.source")
-        if source not in GPU_SOURCES:
-            raise self.fail(
-                "gpu.source", f"must be one of {', '.join(GPU_SOURCES)}, not {source!r}"
-            )
+        source = self.one_of(data.get("source", d.source), "gpu.source", GPU_SOURCES)
         total = data.get("total_mib")
         if total is not None:
             total = self.integer(total, "gpu.total_mib", 1)
@@ -536,13 +567,11 @@ class _Parser:
             value,
             "scheduler",
             ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s",
-             "policy", "max_skip_s", "min_residency_s", "linger_s"),
+             "policy", "max_skip_s", "min_residency_s", "linger_s", "footprint"),
         )  # fmt: skip
-        policy = self.string(data.get("policy", d.policy), "scheduler.policy")
-        if policy not in POLICIES:
-            raise self.fail(
-                "scheduler.policy", f"must be one of {', '.join(POLICIES)}, not {policy!r}"
-            )
+        policy = self.one_of(data.get("policy", d.policy), "scheduler.policy", POLICIES)
+        footprint = self.one_of(data.get("footprint", d.footprint), "scheduler.footprint",
+                                FOOTPRINTS)  # fmt: skip
         return SchedulerConfig(
             max_queue=self.integer(data.get("max_queue", d.max_queue), "scheduler.max_queue", 1),
             aging_s=self.seconds(data.get("aging_s", d.aging_s), "scheduler.aging_s"),
@@ -565,6 +594,7 @@ class _Parser:
             linger_s=self.seconds(
                 data.get("linger_s", d.linger_s), "scheduler.linger_s", zero=True
             ),
+            footprint=footprint,
         )
 
     def health(self, value: object) -> HealthConfig:
@@ -630,7 +660,7 @@ class _Parser:
             (
                 "url", "health", "paths", "vram_resident_mib", "unload", "load",
                 "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
-                "keepalive",
+                "keepalive", "process", "ollama",
             ),
         )  # fmt: skip
         for required in ("url", "paths", "vram_resident_mib"):
@@ -666,7 +696,40 @@ class _Parser:
             ),
             timeout_s=self.seconds(data.get("timeout_s", d.timeout_s), f"{where}.timeout_s"),
             keepalive=self.boolean(data.get("keepalive", d.keepalive), f"{where}.keepalive"),
+            process=self.process(data.get("process"), f"{where}.process"),
+            ollama=self.ollama(data, where),
         )
+
+    def process(self, value: object, where: str) -> ProcessConfig:
+        data = self.mapping(value, where, ("systemd_unit", "pid_file"))
+        if len(data) > 1:
+            raise self.fail(where, "give one of systemd_unit and pid_file, not both")
+        unit, pid_file = data.get("systemd_unit"), data.get("pid_file")
+        return ProcessConfig(
+            systemd_unit=None if unit is None else self.unit_name(unit, f"{where}.systemd_unit"),
+            pid_file=None if pid_file is None else self.file_name(pid_file, f"{where}.pid_file"),
+        )
+
+    def unit_name(self, value: object, where: str) -> str:
+        """A systemd unit name: it names a directory under the cgroup tree, so no '/'."""
+        text = self.file_name(value, where)
+        if "/" in text or text in (".", ".."):
+            raise self.fail(where, f"must be a unit name such as whisper.service: {text!r}")
+        return text
+
+    def ollama(self, data: dict[str, Any], where: str) -> OllamaConfig | None:
+        if "ollama" not in data:
+            return None
+        at = f"{where}.ollama"
+        spec = self.mapping(data["ollama"], at, ("reclaim",))
+        reclaim = self.boolean(spec.get("reclaim", False), f"{at}.reclaim")
+        if reclaim and data.get("vram_managed") is not True:
+            raise self.fail(
+                f"{at}.reclaim",
+                "frees the models of a consumer that manages its own memory: "
+                "it needs vram_managed: true",
+            )
+        return OllamaConfig(reclaim=reclaim)
 
     def optional_route(self, value: object, where: str) -> Route | None:
         return None if value is None else self.route(value, where, "POST")

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from mgpu.events import Event, EventBus
 from mgpu.gpu import MIB, GpuPoller
+from mgpu.memory import MemoryWatch
 from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler
 from mgpu.site import TimedRequest, route_of
@@ -88,6 +89,7 @@ class BrokerMetrics:
         streams: EventStreams,
         *,
         clock: IReactorTime,
+        watch: MemoryWatch | None = None,
     ) -> None:
         self._clock = clock
         reg = self._prometheus = CollectorRegistry(auto_describe=False)
@@ -177,7 +179,7 @@ class BrokerMetrics:
             ["consumer", "reason"],
             registry=reg,
         )
-        reg.register(_LiveState(gpu, registry, scheduler, streams))
+        reg.register(_LiveState(gpu, registry, scheduler, streams, watch))
         self._handlers: Mapping[str, Callable[[Mapping[str, object]], None]] = {
             "evict": self._evicted,
             "load": self._loaded,
@@ -274,6 +276,7 @@ class _LiveState:
     registry: Registry
     scheduler: GpuScheduler
     streams: EventStreams
+    watch: MemoryWatch | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from self._scheduler()
@@ -321,7 +324,25 @@ class _LiveState:
             "mgpu_consumer_loaded",
             "1 if the broker believes its model is resident (absent while unknown).",
         )
+        memory = _per_consumer(
+            "mgpu_consumer_gpu_memory_bytes",
+            "GPU memory its processes hold at the latest reading (absent while unknown).",
+        )
+        learned = _per_consumer(
+            "mgpu_consumer_learned_bytes",
+            "The most GPU memory its processes were seen to hold while loaded.",
+        )
         for name, state in states.items():
+            now = (
+                state.memory
+                if self.watch is None or state.attribution is None
+                else self.watch.now(state.attribution)
+            )
+            if now.used_mib is not None:
+                memory.add_metric([name], now.used_mib * MIB)
+            learned_mib = None if self.watch is None else self.watch.learned.get(name)
+            if learned_mib is not None:
+                learned.add_metric([name], learned_mib * MIB)
             queued.add_metric([name], state.queued)
             running.add_metric([name], state.in_flight)
             lease.add_metric([name], 1 if name == holder else 0)
@@ -329,7 +350,7 @@ class _LiveState:
                 up.add_metric([name], 1 if state.healthy else 0)
             if state.loaded is not None:
                 loaded.add_metric([name], 1 if state.loaded else 0)
-        yield from (queued, running, lease, up, loaded)
+        yield from (queued, running, lease, up, loaded, memory, learned)
 
     def _gpu(self) -> Iterator[Metric]:
         """The poller's latest reading; sizes are absent while it has none (never NaN)."""
@@ -366,6 +387,15 @@ class _LiveState:
                     f"{word} GPU memory at the latest reading.",
                     value=mib * MIB,
                 )
+        other_mib = (
+            None if self.watch is None else self.watch.others(self.registry.attributed_pids())[0]
+        )
+        if other_mib is not None:
+            yield GaugeMetricFamily(
+                "mgpu_gpu_other_memory_bytes",
+                "GPU memory held by processes of no consumer (unmovable).",
+                value=other_mib * MIB,
+            )
 
 
 def _per_consumer(name: str, documentation: str) -> GaugeMetricFamily:

@@ -1,10 +1,14 @@
 # -*- test-case-name: tests.test_registry -*-
 """What the broker knows about each consumer, and the prober that keeps it fresh.
 
-``loaded`` has two sources: the consumer's own probe answers (where it reports
-``loaded``) and the broker's own load, unload and served requests. The latter
-bump a generation counter, and a probe sent under an older generation cannot
-overwrite ``loaded``: a probe that left before an unload must not undo it.
+``loaded`` comes from, in this order of trust (SPEC 9.3): the memory the
+consumer's processes hold on the card (a quarter of its resident size or
+more), an Ollama's own list of models, the ``loaded`` its health route
+reports, and last the broker's own record (its loads and unloads, and a 2xx
+answer to a scheduled request). The broker's own events bump a generation
+counter, and a probe sent under an older generation, or a GPU reading taken
+before the event, cannot overwrite ``loaded``: a probe that left before an
+unload must not undo it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from mgpu.config import ConsumerConfig, HealthConfig
 from mgpu.control import ConsumerControl, ProbeResult, describe
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
+from mgpu.memory import NOT_LOOKED_AT, ConsumerMemory, MemoryWatch, Observation
+from mgpu.ollama import OllamaModel
+from mgpu.procs import Attribution
 
 log = Logger()
 
@@ -62,9 +69,27 @@ class ConsumerState:
     #: its URL) is recognised and dropped.
     generation: int = 0
     born: int = 0
+    #: When the broker's own last event about it happened (clock seconds): a GPU
+    #: reading older than that cannot say whether it is loaded.
+    marked_at: float | None = None
+    #: What the last probe saw of its processes and memory (SPEC 9.3).
+    memory: ConsumerMemory = NOT_LOOKED_AT
+    #: Which processes the last probe found to be it (None: not looked yet).
+    attribution: Attribution | None = None
+    #: An Ollama's models at the last probe; None: not an Ollama, or unread.
+    models: tuple[OllamaModel, ...] | None = None
+    models_error: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The consumer object of SPEC section 6."""
+        """The consumer object of SPEC sections 6 and 9.3."""
+        entry = self._basics()
+        entry["memory"] = self.memory.to_json()
+        if self.config.ollama is not None:
+            entry["models"] = None if self.models is None else [m.to_json() for m in self.models]
+            entry["models_error"] = self.models_error
+        return entry
+
+    def _basics(self) -> dict[str, object]:
         return {
             "healthy": self.healthy,
             "loaded": self.loaded,
@@ -138,22 +163,44 @@ class Registry:
         self._states.update(states)
         return fresh
 
-    def record_probe(self, name: str, generation: int, result: ProbeResult) -> None:
-        """Record a probe sent under ``generation``; a stale one cannot change ``loaded``."""
+    def record_probe(
+        self, name: str, generation: int, result: ProbeResult, seen: Observation | None = None
+    ) -> None:
+        """Record a probe sent under ``generation``, and what it ``seen`` of the consumer's
+        memory and models; a stale one cannot change ``loaded``."""
         state = self._states.get(name)
         if state is None or generation < state.born:
             return  # removed, or given a new URL, by a reload while the probe was out
         self._set_health(state, result.healthy, result.error)
         state.last_probe = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        if not result.healthy:
-            return
-        if result.loaded is not None:
+        if seen is not None:
+            state.memory, state.attribution = seen.memory, seen.attribution
+            state.models, state.models_error = seen.models, seen.models_error
+        verdict = self._loaded_verdict(state, result, seen)
+        if verdict is not None:
             if generation == state.generation:
-                self._set_loaded(state, result.loaded)
-        elif state.loaded is None:
+                self._set_loaded(state, verdict)
+        elif result.healthy and state.loaded is None:
             # SPEC 3: a consumer that does not report ``loaded`` counts as
             # loaded at start if it is healthy; afterwards only events move it.
             self._set_loaded(state, True)
+
+    @staticmethod
+    def _loaded_verdict(
+        state: ConsumerState, result: ProbeResult, seen: Observation | None
+    ) -> bool | None:
+        """Loaded or not by the most trusted source that can tell; None: none can."""
+        if seen is not None:
+            fresh = seen.read_at is not None and (
+                state.marked_at is None or seen.read_at >= state.marked_at
+            )
+            if seen.loaded is not None and fresh:
+                return seen.loaded
+            if not result.healthy and not seen.memory.pids and seen.memory.source != "none":
+                return False  # down, and no process of it found: it holds nothing
+            if seen.models is not None:
+                return bool(seen.models)
+        return result.loaded if result.healthy else None
 
     def _set_health(self, state: ConsumerState, healthy: bool, error: str | None) -> None:
         """Record health; a change (not the first verdict of a healthy one) is an event."""
@@ -187,13 +234,17 @@ class Registry:
         """The broker loaded it, or it served a request."""
         if (state := self.get(name)) is not None:
             self._set_loaded(state, True)
-            state.generation = next(self._generations)
+            self._marked(state)
 
     def mark_unloaded(self, name: str) -> None:
         """The broker unloaded it."""
         if (state := self.get(name)) is not None:
             self._set_loaded(state, False)
-            state.generation = next(self._generations)
+            self._marked(state)
+
+    def _marked(self, state: ConsumerState) -> None:
+        state.generation = next(self._generations)
+        state.marked_at = self._clock.seconds()
 
     def mark_used(self, name: str) -> None:
         """A scheduled request of it ended: the LRU clock and the status timestamp."""
@@ -205,6 +256,10 @@ class Registry:
         """A request found it gone; the next probe may say otherwise."""
         if (state := self.get(name)) is not None:
             self._set_health(state, False, error)
+
+    def attributed_pids(self) -> set[int]:
+        """Every pid found to be a consumer's at the last probes."""
+        return {pid for state in self._states.values() for pid in state.memory.pids}
 
     def to_json(self) -> dict[str, dict[str, object]]:
         """The ``consumers`` object of ``/v1/status``."""
@@ -225,11 +280,13 @@ class HealthProber(Service):
         control: ConsumerControl,
         clock: IReactorTime,
         config: HealthConfig,
+        watch: MemoryWatch | None = None,
     ) -> None:
         self._registry = registry
         self._control = control
         self._clock = clock
         self._config = config
+        self._watch = watch
         #: Probes in flight, by consumer and incarnation (``born``).
         self._waiting: dict[tuple[str, int], list[Deferred[None]]] = {}
         self._loop: LoopingCall | None = None
@@ -267,10 +324,23 @@ class HealthProber(Service):
         self._waiting[key] = [waiter]
         generation = state.generation
         d = maybeDeferred(self._control.probe, state.config, self._config.timeout_s)
-        d.addCallback(lambda result: self._registry.record_probe(name, generation, result))
+        d.addCallback(self._look_and_record, name, generation, state.config)
         d.addErrback(self._failed, name, generation)
         d.addBoth(self._release, key)
         return waiter
+
+    def _look_and_record(
+        self, result: ProbeResult, name: str, generation: int, config: ConsumerConfig
+    ) -> Deferred[None] | None:
+        """Record what the probe found, with a look at the consumer's memory and models."""
+        if self._watch is None:
+            self._registry.record_probe(name, generation, result)
+            return None
+
+        def record(seen: Observation) -> None:
+            self._registry.record_probe(name, generation, result, seen)
+
+        return self._watch.look(config, self._config.timeout_s).addCallback(record)
 
     def _round(self) -> None:
         try:

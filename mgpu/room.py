@@ -7,13 +7,21 @@ and after each one polls fresh GPU readings until the target fits, the
 victim's memory shows free, or ``free_wait_s`` passes. A target that could
 never fit fails at once without unloading anything. ``ensure_loaded`` calls
 the target's load route when the broker knows it is unloaded.
+
+Room is made for the target's footprint: the larger of its configured and
+learned sizes (``scheduler.footprint: max``). When unloading cannot make
+room, an Ollama with ``reclaim: true`` that nothing is using is asked to
+free its models, as the last resort (SPEC 9.4). When nothing can, the error
+names what holds the memory, and says when to retry if a holder frees it by
+itself (an Ollama's keep-alive).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -23,7 +31,10 @@ from mgpu.config import ConsumerConfig, GpuConfig, SchedulerConfig
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
+from mgpu.footprints import LearnedSizes
 from mgpu.gpu import GpuSnapshot
+from mgpu.memory import ConsumerMemory, MemoryWatch, others
+from mgpu.ollama import free_models
 from mgpu.policy import (
     NO_SWAP,
     SWAP,
@@ -34,7 +45,7 @@ from mgpu.policy import (
     fits_after_evictions,
     split_young,
 )
-from mgpu.registry import Registry
+from mgpu.registry import ConsumerState, Registry
 from mgpu.scheduler import SchedulerStats
 
 log = Logger()
@@ -64,6 +75,20 @@ class RoomMaker:
     config: SchedulerConfig
     stats: SchedulerStats
     events: EventBus
+    #: What holds the card; None: sizes as configured, no reclaim, holders unnamed.
+    watch: MemoryWatch | None = None
+    learned: LearnedSizes = field(init=False)
+
+    @learned.default
+    def _learned(self) -> LearnedSizes:
+        return self.watch.learned if self.watch is not None else LearnedSizes(None)
+
+    def footprint(self, config: ConsumerConfig) -> int:
+        """The MiB room is made for: configured, or learned if larger (``footprint: max``)."""
+        return self.learned.footprint(config.name, config.vram_resident_mib, self.config.footprint)
+
+    def _need(self, config: ConsumerConfig) -> int:
+        return self.footprint(config) + self.gpu_config.cushion_mib
 
     def prepare(self, name: str) -> Deferred[None]:
         if self.registry[name].loaded:
@@ -79,27 +104,33 @@ class RoomMaker:
         target = self.registry[name].config
         if self.registry[name].loaded:
             return
-        need = target.vram_resident_mib + self.gpu_config.cushion_mib
+        need = self._need(target)
         free = await self._free_mib(target)
         if free >= need:
             return
+        candidates = self._candidates(target)
+        if not fits_after_evictions(need, free, candidates):
+            reclaimable = sum(m.size_vram_mib for s in self._reclaimable(target)
+                              for m in s.models or ())  # fmt: skip
+            if fits_after_evictions(need, free + reclaimable, candidates):
+                free = await self._reclaim(target, need, free)
+                if free >= need:
+                    return
         if not fits_after_evictions(need, free, self._candidates(target)):
-            raise BrokerError(
-                "scheduler_error",
+            raise self._no_room(
+                target,
                 f"{name} needs {need} MiB; {free} MiB are free and unloading every "
                 "consumer that may be unloaded would not free enough",
-                name,
             )
         tried: set[str] = set()
         while free < need:
             candidates = [c for c in self._candidates(target) if c.config.name not in tried]
             if not candidates or len(tried) >= self.config.max_evictions:
+                free = await self._reclaim(target, need, free)
+                if free >= need:
+                    return
                 why = "no consumer left to unload" if not candidates else "max_evictions reached"
-                raise BrokerError(
-                    "scheduler_error",
-                    f"{name} needs {need} MiB, {free} MiB free: {why}",
-                    name,
-                )
+                raise self._no_room(target, f"{name} needs {need} MiB, {free} MiB free: {why}")
             victim = eviction_plan(need, free, candidates)[0].config
             tried.add(victim.name)
             free = await self._evict(victim, target, need, free, candidates)
@@ -134,7 +165,7 @@ class RoomMaker:
         deadline = answered + self.config.free_wait_s
         # Once the victim's whole resident size shows free, waiting on only delays
         # the next victim: the target cannot fit without one.
-        freed = free_before + victim.vram_resident_mib
+        freed = free_before + self._held_by(victim)
         free = await self._wait_for_free(target, min(need, freed), deadline)
         now = self.clock.seconds()
         self.events.publish(
@@ -154,6 +185,115 @@ class RoomMaker:
             before=free_before, after=free, took=self.clock.seconds() - started,
         )  # fmt: skip
         return free
+
+    def _held_by(self, config: ConsumerConfig) -> int:
+        """What unloading ``config`` should free: its processes' memory when known."""
+        state = self.registry.get(config.name)
+        used = None if state is None else self._memory_now(state).used_mib
+        return used if used is not None and used > 0 else self.footprint(config)
+
+    def _memory_now(self, state: ConsumerState) -> ConsumerMemory:
+        if self.watch is None or state.attribution is None:
+            return state.memory
+        return self.watch.now(state.attribution)
+
+    async def _reclaim(self, target: ConsumerConfig, need: int, free: int) -> int:
+        """The last resort: Ollamas with ``reclaim`` that nothing is using free their
+        models, one after the other, until the target fits; returns free MiB."""
+        for state in self._reclaimable(target):
+            if free >= need:
+                break
+            free = await self._reclaim_one(state, target, need, free)
+        return free
+
+    def _reclaimable(self, target: ConsumerConfig) -> list[ConsumerState]:
+        """Ollamas with ``reclaim``, holding models, with no request in flight or queued."""
+        return [
+            state
+            for state in self.registry.states.values()
+            if state.config.ollama is not None
+            and state.config.ollama.reclaim
+            and state.models
+            and not (state.in_flight or state.queued)
+            and state.config.name != target.name
+            and not state.config.coexists_with(target)
+        ]
+
+    async def _reclaim_one(
+        self, state: ConsumerState, target: ConsumerConfig, need: int, free_before: int
+    ) -> int:
+        config, models = state.config, state.models or ()
+        try:
+            await free_models(self.control, config, [m.name for m in models], config.timeout_s)
+        except BrokerError as e:
+            log.warn("reclaim for {target}: {victim} did not free its models ({error})",
+                     target=target.name, victim=config.name, error=e.message)  # fmt: skip
+            return free_before
+        loaded_at = state.loaded_at
+        held = sum(m.size_vram_mib for m in models)
+        state.models = ()
+        self.registry.mark_unloaded(config.name)
+        self.stats.evictions += 1
+        answered = self.clock.seconds()
+        free = await self._wait_for_free(
+            target, min(need, free_before + held), answered + self.config.free_wait_s
+        )
+        self.events.publish(
+            "evict",
+            consumer=config.name,
+            target=target.name,
+            reason="reclaim",
+            models=[m.name for m in models],
+            freed_mib=free - free_before,
+            free_s=round(self.clock.seconds() - answered, 3),
+            age_s=None if loaded_at is None else round(answered - loaded_at, 3),
+        )
+        log.info("reclaim for {target} (needs {need} MiB): {victim} freed {models}, "
+                 "free {before} -> {after} MiB", target=target.name, need=need,
+                 victim=config.name, models=[m.name for m in models], before=free_before,
+                 after=free)  # fmt: skip
+        return free
+
+    def _no_room(self, target: ConsumerConfig, message: str) -> BrokerError:
+        """``scheduler_error`` naming what holds the memory, with ``Retry-After`` when a
+        holder frees it by itself (an Ollama's models expire)."""
+        holders: list[str] = []
+        retry_s: list[float] = []
+        now = self.clock.seconds()
+        for state in self.registry.states.values():
+            if state.config.name == target.name or not state.loaded:
+                continue
+            mib = self._memory_now(state).used_mib
+            held = f"{state.config.name} ({mib if mib is not None else '?'} MiB"
+            expiring = [m.expires_in_s(now) for m in state.models or ()]
+            known = [s for s in expiring if s is not None]
+            if state.models and known and len(known) == len(expiring):
+                retry_s.append(max(known))
+                held += f", frees itself in {max(known):.0f} s"
+            holders.append(held + f"{self._why_kept(state, target)})")
+        pids = self.registry.attributed_pids()
+        _, other = (
+            self.watch.others(pids) if self.watch is not None else others(self.gpu.latest, pids)
+        )
+        holders += [f"pid {p.pid}{f' {p.name}' if p.name else ''} ({p.used_mib} MiB, "
+                    "not a consumer)" for p in other[:5]]  # fmt: skip
+        if holders:
+            message += "; the memory is held by " + ", ".join(holders)
+        headers = {"Retry-After": str(max(1, math.ceil(min(retry_s))))} if retry_s else None
+        return BrokerError("scheduler_error", message, target.name, headers=headers)
+
+    @staticmethod
+    def _why_kept(state: ConsumerState, target: ConsumerConfig) -> str:
+        config = state.config
+        if config.vram_managed:
+            return ": manages its own memory"
+        if state.in_flight:
+            return ": busy"
+        if config.unload is None:
+            return ": no unload route"
+        if config.coexists_with(target):
+            return ": may stay with it"
+        return ""
 
     async def _wait_for_free(self, target: ConsumerConfig, need: int, deadline: float) -> int:
         """Poll fresh readings until ``need`` MiB are free or ``deadline`` passes.
@@ -205,7 +345,7 @@ class RoomMaker:
         if state.loaded:
             return NO_SWAP
         target = state.config
-        need = target.vram_resident_mib + self.gpu_config.cushion_mib
+        need = self._need(target)
         try:
             free = self._free_from(self.gpu.latest, target)
         except BrokerError:
@@ -244,7 +384,5 @@ class RoomMaker:
                 f"for {target.name}'s {target.vram_resident_mib} MiB",
                 target.name,
             )
-        resident = sum(
-            s.config.vram_resident_mib for s in self.registry.states.values() if s.loaded
-        )
+        resident = sum(self.footprint(s.config) for s in self.registry.states.values() if s.loaded)
         return total - resident

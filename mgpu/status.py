@@ -6,6 +6,7 @@ from __future__ import annotations
 from attrs import frozen
 
 from mgpu.gpu import GpuPoller
+from mgpu.memory import MemoryWatch
 from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler
 from mgpu.upstream import UpstreamClient
@@ -20,13 +21,24 @@ class StatusView:
     scheduler: GpuScheduler
     #: The relay's client, which knows the consumers caught sending stray bytes.
     upstream: UpstreamClient | None = None
+    #: What holds the card (SPEC 9.3); None: not looked at (older tests).
+    watch: MemoryWatch | None = None
 
     def document(self) -> dict[str, object]:
         consumers = self.registry.to_json()
         for name, entry in consumers.items():
             entry["keepalive"] = self._keepalive(name)
+            if self.watch is not None:
+                entry["learned_mib"] = self.watch.learned.get(name)
+                state = self.registry[name]
+                if state.attribution is not None:
+                    entry["memory"] = self.watch.now(state.attribution).to_json()
+        gpu = self.gpu.latest.to_json()
+        if self.watch is not None:
+            other_mib, other = self.watch.others(self.registry.attributed_pids())
+            gpu["other_mib"], gpu["other"] = other_mib, [p.to_json() for p in other]
         return {
-            "gpu": self.gpu.latest.to_json(),
+            "gpu": gpu,
             "consumers": consumers,
             "scheduler": self.scheduler.to_json(),
         }

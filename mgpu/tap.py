@@ -25,8 +25,11 @@ from mgpu.control import ConsumerControl
 from mgpu.events import EventBus
 from mgpu.facade import Facade
 from mgpu.fdlimit import FdLimit, describe, fds_needed, raise_fd_limit
+from mgpu.footprints import LearnedSizes, StateDirError
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
+from mgpu.memory import MemoryWatch
 from mgpu.metrics import BrokerMetrics
+from mgpu.procs import ProcessTable, ProcTable
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay
 from mgpu.reload import LiveParts, Reloader, SighupReload
@@ -61,8 +64,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor
     try:
+        table: ProcessTable | None = None
         if options["demo"]:
-            config, gpu_reader, demo = _demo(reactor)
+            config, gpu_reader, demo, table = _demo(reactor)
         else:
             config, gpu_reader, demo = load_config(options["config"]), None, None
         listen = with_backlog(options["listen"] or config.listen)
@@ -76,6 +80,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
                 why = f"not a usable endpoint {listen!r}: {e}"
             raise ConfigError(source, field, why) from None
         token = read_token(config.auth.token_file, options["config"])
+        try:
+            learned = LearnedSizes.open(config.state_dir)
+        except StateDirError as e:
+            raise ConfigError(options["config"], "state_dir", str(e)) from None
     except ConfigError as e:
         sys.stderr.write(f"mgpumanager: {e}\n")
         raise SystemExit(2) from None
@@ -85,7 +93,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     (log.warn if short else log.info)("{line}", line=line)
     return build_service(
         config, reactor, endpoint, gpu_reader, demo, token, config_path,
-        listen_override=bool(options["listen"]), fd_limit=fd_limit,
+        listen_override=bool(options["listen"]), fd_limit=fd_limit, learned=learned,
+        process_table=table,
     )  # fmt: skip
 
 
@@ -113,13 +122,17 @@ def build_service(
     environ: Mapping[str, str] = os.environ,
     listen_override: bool = False,
     fd_limit: FdLimit | None = None,
+    learned: LearnedSizes | None = None,
+    process_table: ProcessTable | None = None,
 ) -> MultiService:
     """The daemon: web server, health prober and GPU poller, sharing one set of collaborators.
 
     ``config_path`` is the file a reload reads again (None: the demo, no reload);
     ``environ`` is where systemd's notify socket and watchdog are named;
     ``listen_override``: ``--listen`` was given, so the file's ``listen`` never applies;
-    ``fd_limit``: the descriptor limit, whose budget caps client connections (None: no cap).
+    ``fd_limit``: the descriptor limit, whose budget caps client connections (None: no cap);
+    ``learned``: the learned footprints (None: kept in memory only);
+    ``process_table``: where consumers' processes are looked up (None: this host's /proc).
     """
     upstream = UpstreamClient(reactor, max_idle=32, idle_timeout_s=CACHED_CONNECTION_TIMEOUT_S)
     control_pool = _pool(reactor, max_per_host=4)
@@ -127,13 +140,16 @@ def build_service(
     events = EventBus(reactor)
     registry = Registry(config.consumers, reactor, events)
     control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
-    prober = HealthProber(registry, control, reactor, config.health)
     poller = GpuPoller(
         gpu_reader or reader_for(config.gpu, reactor), reactor, config.gpu.poll_interval_s
     )
+    watch = MemoryWatch(
+        process_table or ProcTable(), poller, learned or LearnedSizes(None), control
+    )
+    prober = HealthProber(registry, control, reactor, config.health, watch)
     stats = SchedulerStats()
     room = RoomMaker(
-        registry, poller, control, reactor, config.gpu, config.scheduler, stats, events
+        registry, poller, control, reactor, config.gpu, config.scheduler, stats, events, watch
     )
     scheduler = GpuScheduler(
         registry, reactor, config.scheduler, room.prepare, stats, events, room.swap_cost
@@ -149,8 +165,12 @@ def build_service(
         events=events,
     )
     streams = EventStreams(events, reactor)
-    metrics = BrokerMetrics(events, poller, registry, scheduler, streams, clock=reactor)
-    resource = BrokerResource(facade, StatusView(poller, registry, scheduler, upstream), token)
+    metrics = BrokerMetrics(
+        events, poller, registry, scheduler, streams, clock=reactor, watch=watch
+    )
+    resource = BrokerResource(
+        facade, StatusView(poller, registry, scheduler, upstream, watch), token
+    )
     site = BrokerSite(
         resource,
         reactor,
@@ -264,7 +284,7 @@ class _Cleanup(Service):
         return gatherResults(closing)  # type: ignore[return-value]
 
 
-def _demo(reactor: Any) -> tuple[Config, GpuReader, IService]:
+def _demo(reactor: Any) -> tuple[Config, GpuReader, IService, ProcessTable]:
     """Start the simulated consumers now, so the configuration can name their ports."""
     from mgpu.sim import start_demo
 
@@ -274,4 +294,4 @@ def _demo(reactor: Any) -> tuple[Config, GpuReader, IService]:
     if not result or isinstance(result[0], BaseException) or hasattr(result[0], "raiseException"):
         raise ConfigError("--demo", "", f"the simulated consumers could not start: {result}")
     demo = result[0]
-    return demo.config, demo.gpu_reader, demo.service()
+    return demo.config, demo.gpu_reader, demo.service(), demo.process_table

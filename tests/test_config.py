@@ -20,6 +20,8 @@ from mgpu.config import (
     HoldUntil,
     KindPath,
     LimitsConfig,
+    OllamaConfig,
+    ProcessConfig,
     Route,
     SchedulerConfig,
     load_config,
@@ -173,7 +175,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
         )
 
     def test_ollama(self) -> None:
-        """ollama manages its own VRAM and has no unload route."""
+        """ollama manages its own VRAM and has no unload route; its idle models are reclaimed."""
         self.assertEqual(
             self.config.consumers["ollama"],
             ConsumerConfig(
@@ -189,6 +191,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 priority=2,
                 max_concurrency=1,
                 timeout_s=300.0,
+                ollama=OllamaConfig(reclaim=True),
             ),
         )
 
@@ -902,3 +905,51 @@ class FileTests(_ConfigTestCase):
             """
         )
         self.assertEqual(load_config(Path(path)), load_config(path))
+
+
+class MemoryKeysTests(_ConfigTestCase):
+    """SPEC 9.3 and 9.4: process, ollama, state_dir and scheduler.footprint."""
+
+    def test_defaults(self) -> None:
+        """No process key: found by port; no ollama block; not kept; footprint max."""
+        config = parse(document())
+        self.assertEqual(config.consumers["a"].process, ProcessConfig())
+        self.assertIsNone(config.consumers["a"].ollama)
+        self.assertIsNone(config.state_dir)
+        self.assertEqual(config.scheduler.footprint, "max")
+
+    def test_each_process_source(self) -> None:
+        """A unit or a pid file, as written."""
+        unit = parse(document(consumers={"a": consumer(process={"systemd_unit": "w.service"})}))
+        self.assertEqual(unit.consumers["a"].process, ProcessConfig(systemd_unit="w.service"))
+        pid = parse(document(consumers={"a": consumer(process={"pid_file": "/run/w.pid"})}))
+        self.assertEqual(pid.consumers["a"].process, ProcessConfig(pid_file="/run/w.pid"))
+
+    def test_process_refusals(self) -> None:
+        """Both sources, an unknown key, a unit that is a path: each names its field."""
+        both = {"systemd_unit": "w", "pid_file": "/p"}
+        self.assertRefused(document(consumers={"a": consumer(process=both)}),
+                           "consumers.a.process", "not both")  # fmt: skip
+        self.assertRefused(document(consumers={"a": consumer(process={"pid": 3})}),
+                           "consumers.a.process.pid", "unknown key")  # fmt: skip
+        self.assertRefused(document(consumers={"a": consumer(process={"systemd_unit": "../x"})}),
+                           "consumers.a.process.systemd_unit", "unit name")  # fmt: skip
+
+    def test_ollama_reclaim_needs_vram_managed(self) -> None:
+        """reclaim frees memory the consumer manages itself: vram_managed must say so."""
+        self.assertRefused(document(consumers={"a": consumer(ollama={"reclaim": True})}),
+                           "consumers.a.ollama.reclaim", "vram_managed: true")  # fmt: skip
+        ok = parse(document(consumers={"a": consumer(vram_managed=True, ollama={"reclaim": True})}))
+        self.assertEqual(ok.consumers["a"].ollama, OllamaConfig(reclaim=True))
+        plain = parse(document(consumers={"a": consumer(ollama=None)}))
+        self.assertEqual(plain.consumers["a"].ollama, OllamaConfig(reclaim=False))
+
+    def test_footprint_and_state_dir(self) -> None:
+        """footprint is max or configured; state_dir a path."""
+        config = parse(document(scheduler={"footprint": "configured"}, state_dir="/var/lib/m"))
+        self.assertEqual(
+            (config.scheduler.footprint, config.state_dir), ("configured", "/var/lib/m")
+        )
+        self.assertRefused(document(scheduler={"footprint": "min"}), "scheduler.footprint",
+                           "must be one of max, configured")  # fmt: skip
+        self.assertRefused(document(state_dir=""), "state_dir", "non-empty string")

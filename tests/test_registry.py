@@ -50,6 +50,15 @@ def clock_at(seconds: float = NOW) -> Clock:
     return clock
 
 
+#: A consumer's memory before its first probe has looked (SPEC 9.3).
+NOT_LOOKED_AT_JSON: dict[str, object] = {
+    "used_mib": None,
+    "pids": [],
+    "source": "none",
+    "error": "not looked at yet",
+}
+
+
 class RegistryTests(SynchronousTestCase):
     """Registry and ConsumerState."""
 
@@ -168,6 +177,7 @@ class RegistryTests(SynchronousTestCase):
                     "last_used": "2026-11-26T22:00:05Z",
                     "in_flight": 1,
                     "queued": 2,
+                    "memory": NOT_LOOKED_AT_JSON,
                 },
                 "ollama": {
                     "healthy": None,
@@ -179,6 +189,7 @@ class RegistryTests(SynchronousTestCase):
                     "last_used": None,
                     "in_flight": 0,
                     "queued": 0,
+                    "memory": NOT_LOOKED_AT_JSON,
                 },
             },
         )
@@ -267,7 +278,7 @@ class ProberTests(SynchronousTestCase):
         """Even an error while recording a result leaves the loop running."""
         self.control.answer = HEALTHY
 
-        def broken(name: str, generation: int, result: ProbeResult) -> None:
+        def broken(name: str, generation: int, result: ProbeResult, seen: object = None) -> None:
             raise KeyError(name)
 
         self.registry.record_probe = broken  # type: ignore[method-assign]

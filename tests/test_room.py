@@ -28,11 +28,13 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from mgpu.config import ConsumerConfig, GpuConfig, KindPath, Route, SchedulerConfig
+from mgpu.config import ConsumerConfig, GpuConfig, KindPath, OllamaConfig, Route, SchedulerConfig
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.events import Event, EventBus
-from mgpu.gpu import GpuSnapshot, failed_snapshot
+from mgpu.footprints import LearnedSizes
+from mgpu.gpu import GpuProcess, GpuSnapshot, failed_snapshot
+from mgpu.ollama import OllamaModel
 from mgpu.registry import Registry
 from mgpu.room import FREE_POLL_S, RoomMaker
 from mgpu.scheduler import SchedulerStats
@@ -120,6 +122,7 @@ class FakeGpu:
         self.free_delay: dict[str, float | None] = {}
         self.ok = True
         self.reads: list[float] = []
+        self.processes: tuple[GpuProcess, ...] | None = None
 
     @property
     def free_mib(self) -> int:
@@ -140,7 +143,7 @@ class FakeGpu:
             GpuSnapshot(
                 source="nvml", ok=True, error=None, index=0, name="Fake GPU",
                 total_mib=self.total_mib, used_mib=self.total_mib - free, free_mib=free,
-                read_at=read_at,
+                read_at=read_at, processes=self.processes,
             )
         )  # fmt: skip
 
@@ -941,3 +944,126 @@ class RoomEventTests(RoomTestCase):
         self.h.resident("mvoice")
         self.successResultOf(self.h.prepare("mvoice"))
         self.assertEqual(self.h.published, [])
+
+
+RECLAIMING_OLLAMA = evolve(OLLAMA, ollama=OllamaConfig(reclaim=True))
+LLAMA = OllamaModel("llama3:8b", 6000, "2026-11-26T22:05:00Z")
+
+
+#: The clock at the reclaim tests' start: LLAMA expires 300 s later.
+T_NOW = datetime(2026, 11, 26, 22, 0, 0, tzinfo=UTC).timestamp()
+
+
+class FootprintTests(RoomTestCase):
+    """Room is made for the larger of the configured and learned sizes (SPEC 9.3)."""
+
+    def learned(self, rule: str) -> Harness:
+        h = Harness(scheduler=SchedulerConfig(footprint=rule))
+        h.room.learned = LearnedSizes(None, {"mvoice": 4000})
+        h.resident("comfyui")  # 13000 of 16384: 3384 free
+        h.absent("mvoice")
+        return h
+
+    def test_learned_size_makes_more_room(self) -> None:
+        """mvoice configured at 2800 but seen holding 4000: ComfyUI must go first."""
+        h = self.learned("max")
+        d = h.prepare("mvoice")
+        h.run(d, 30.0)
+        self.successResultOf(d)
+        self.assertEqual(h.actions("unload"), ["comfyui"])
+
+    def test_configured_rule_keeps_the_typed_size(self) -> None:
+        """footprint: configured: 2800 + 256 fits in 3384, nothing is unloaded."""
+        h = self.learned("configured")
+        d = h.prepare("mvoice")
+        h.run(d, 30.0)
+        self.successResultOf(d)
+        self.assertEqual(h.actions("unload"), [])
+
+
+class ReclaimTests(RoomTestCase):
+    """The last resort: an idle Ollama with reclaim frees its models (SPEC 9.4)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.h = Harness((MVOICE, WHISPER, RECLAIMING_OLLAMA, COMFYUI))
+        self.h.clock.advance(T_NOW)
+        for name in ("whisper", "ollama"):
+            self.h.resident(name)  # 7500 of 16384 held by nothing that unloads
+        self.h.registry["ollama"].models = (LLAMA,)
+        self.h.absent("comfyui")
+
+    def test_reclaimed_when_nothing_else_can_make_room(self) -> None:
+        """ComfyUI needs 13256, 8884 free and no candidate: Ollama is asked to free
+        llama3 (keep_alive 0), its memory frees, an evict event says reclaim."""
+        d = self.h.prepare("comfyui")
+        self.h.run(d, 30.0)
+        self.successResultOf(d)
+        [call] = [c for c in self.h.calls if c.consumer == "ollama"]
+        self.assertEqual(
+            (call.path, call.body), ("/api/generate", {"model": "llama3:8b", "keep_alive": 0})
+        )
+        [evict] = [e for e in self.h.published if e.kind == "evict"]
+        self.assertEqual((evict.data["consumer"], evict.data["reason"]), ("ollama", "reclaim"))
+        self.assertEqual(self.h.registry["ollama"].loaded, False)
+        self.assertEqual(self.h.stats.evictions, 1)
+
+    def test_not_while_ollama_has_work(self) -> None:
+        """A request of Ollama in flight or queued: no reclaim; the error names Ollama, says
+        it frees itself, and carries Retry-After until its model expires."""
+        self.h.registry["ollama"].queued = 1
+        d = self.h.prepare("comfyui")
+        self.h.run(d, 30.0)
+        error = self.scheduler_error(d, "comfyui")
+        self.assertIn("held by", error.message)
+        self.assertIn("ollama", error.message)
+        self.assertIn("frees itself in 300 s", error.message)
+        self.assertEqual(error.headers, {"Retry-After": "300"})
+        self.assertEqual([c for c in self.h.calls if c.consumer == "ollama"], [])
+
+    def test_no_reclaim_without_the_key(self) -> None:
+        """Without ollama.reclaim the broker never frees Ollama's models."""
+        h = Harness((MVOICE, WHISPER, OLLAMA, COMFYUI))
+        for name in ("whisper", "ollama"):
+            h.resident(name)
+        h.absent("comfyui")
+        d = h.prepare("comfyui")
+        h.run(d, 30.0)
+        self.scheduler_error(d, "comfyui")
+        self.assertEqual(h.actions("unload"), [])
+
+    def test_other_processes_named(self) -> None:
+        """Memory of processes of no consumer is named in the error (pid and MiB)."""
+        self.h.registry["ollama"].in_flight = 1
+        self.h.gpu.processes = (GpuProcess(4242, 2000),)
+        d = self.h.prepare("comfyui")
+        self.h.run(d, 30.0)
+        self.assertIn(
+            "pid 4242 (2000 MiB, not a consumer)", self.scheduler_error(d, "comfyui").message
+        )
+
+    def test_reclaim_then_unload(self) -> None:
+        """Reclaiming alone is not enough: after it, the usual eviction makes the rest."""
+        self.h.resident("mvoice")  # 10300 held: 6084 free
+        d = self.h.prepare("comfyui")
+        self.h.run(d, 30.0)
+        self.successResultOf(d)
+        evicted = [
+            (e.data["consumer"], e.data["reason"]) for e in self.h.published if e.kind == "evict"
+        ]
+        self.assertEqual([name for name, _ in evicted], ["ollama", "mvoice"])
+        self.assertEqual(evicted[0][1], "reclaim")
+
+    def test_no_reclaim_when_it_could_not_make_room(self) -> None:
+        """A target that would not fit even with Ollama's models freed: nothing is freed,
+        the error comes at once."""
+        huge = consumer("huge", 9000, 15500)
+        h = Harness((MVOICE, WHISPER, RECLAIMING_OLLAMA, COMFYUI, huge))
+        for name in ("whisper", "ollama"):
+            h.resident(name)
+        h.registry["ollama"].models = (LLAMA,)
+        h.absent("huge")
+        d = h.prepare("huge")
+        h.run(d, 30.0)
+        self.scheduler_error(d, "huge")
+        self.assertEqual(h.calls, [])

@@ -253,7 +253,6 @@ class OffThePublisherTests(StreamCase):
         self.assertEqual(len(writes), 3)
         self.assertEqual([len(self.ids(client)) for client in clients], [2, 2, 2])
 
-
     def test_more_clients_gather_longer(self) -> None:
         """Past ``spread`` clients, events gather one more delay per ``spread`` clients, so
         the writes a second stay the same however many clients follow."""
@@ -267,6 +266,7 @@ class OffThePublisherTests(StreamCase):
         self.assertEqual([self.ids(client) for client in clients], [[1]] * 5)
         clients[0].disconnect()
         self.assertEqual(streams.gathering_s, 2 * DELIVERY_DELAY_S)
+
     def test_no_clients_no_timer(self) -> None:
         """With no client connected, publishing schedules nothing."""
         self.publish(2)

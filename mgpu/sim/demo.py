@@ -22,6 +22,7 @@ from mgpu.gpu import ReactorTime
 from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
 from mgpu.sim.gpu import MemoryLedger, SimGpuReader
 from mgpu.sim.http import sim_site
+from mgpu.sim.procs import SimProcessTable
 
 DEMO_TOTAL_MIB: Final = 16384
 
@@ -31,7 +32,7 @@ def demo_settings() -> list[ConsumerSettings]:
 
     The card has 16384 MiB, the cushion is 256 MiB; everything resident would
     be 2800 + 1500 + 6000 + 13000 = 23300 MiB, so the sequence tts, stt, llm,
-    image, tts cannot keep it all and evicts three times:
+    image, tts cannot keep it all and evicts four times (three by the image):
 
     - at start whisper.cpp (which loads its model at start) and ComfyUI are
       resident, as the broker assumes of healthy consumers that do not report
@@ -40,19 +41,19 @@ def demo_settings() -> list[ConsumerSettings]:
       so it frees on its next turn), 14884 free, mvoice loads: 4300 used;
     - stt: mvoice again, warm;
     - llm: Ollama (``vram_managed``, coexists with both) loads 6000 itself,
-      10300 used, and frees after the answer: ``keep_alive`` is 0 here, what a
-      shared card runs with (OLLAMA_KEEP_ALIVE=0).  Kept resident, no image
-      could ever run: 6000 + 1500 + 13256 > 16384 and the broker never evicts
-      Ollama;
-    - image: ComfyUI needs 13256, 12084 free: mvoice is evicted, 14884 free,
-      ComfyUI cold-starts on the prompt: 14500 used;
+      10300 used, and keeps it 30 s after the answer, like the real one's
+      5-minute keep-alive at the demo's tenth of real time;
+    - image: ComfyUI needs 13256, 6084 free, and unloading mvoice alone
+      would leave it short: Ollama is asked to free its model
+      (``ollama.reclaim``, 12084 free), then mvoice is evicted (14884 free),
+      ComfyUI cold-starts on the prompt, 14500 used. Three evictions so far;
     - tts: mvoice needs 3056, 1884 free: ComfyUI is evicted (its memory frees
-      once its job has ended), mvoice loads: 4300 used.
+      once its job has ended), mvoice loads: 4300 used. Four evictions.
     """
     return [
         ConsumerSettings.make("mvoice", load_s=0.3),
         ConsumerSettings.make("whisper", load_s=0.15, preload=True),
-        ConsumerSettings.make("ollama", load_s=0.6, keep_alive_s=0),
+        ConsumerSettings.make("ollama", load_s=0.6, keep_alive_s=30),
         ConsumerSettings.make("comfyui", load_s=1.3, preload=True),
     ]
 
@@ -86,6 +87,7 @@ PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
         "paths": {"llm": {"method": "POST", "path": "/api/generate"}},
         "vram_resident_mib": 6000,
         "vram_managed": True,
+        "ollama": {"reclaim": True},
     },
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
@@ -142,6 +144,15 @@ class Demo:
     ledger: MemoryLedger
     consumers: Mapping[str, SimConsumer]
     ports: Sequence[IListeningPort]
+
+    @property
+    def process_table(self) -> SimProcessTable:
+        """Where the daemon finds each simulated consumer's (virtual) process."""
+        numbers = {
+            name: port.getHost().port  # type: ignore[attr-defined]
+            for name, port in zip(self.consumers, self.ports, strict=True)
+        }
+        return SimProcessTable(numbers, self.ledger)
 
     def stop(self) -> Deferred[None]:
         """Cancel the consumers' timers and close their ports."""

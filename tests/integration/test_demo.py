@@ -9,7 +9,7 @@ from pathlib import Path
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from tests.integration.harness import HttpClient, shared_stacks, start_daemon
+from tests.integration.harness import HttpClient, shared_stacks, start_daemon, wait_for
 
 
 class DemoTests(TestCase):
@@ -53,6 +53,19 @@ class DemoTests(TestCase):
         self.assertEqual(doc["scheduler"]["failed"], 0, doc["scheduler"])
         # comfyui (13000 MiB) cannot stay resident beside mvoice (2800) and whisper
         # (1500): the last tts must have unloaded it, and it shows unloaded.
-        self.assertGreaterEqual(doc["scheduler"]["evictions"], 1, doc["scheduler"])
+        # tts evicts comfyui; image reclaims Ollama's model (kept 30 s after llm) and
+        # evicts mvoice; the last tts evicts comfyui again.
+        self.assertEqual(doc["scheduler"]["evictions"], 4, doc["scheduler"])
         self.assertIs(doc["consumers"]["comfyui"]["loaded"], False, doc["consumers"])
         self.assertIn("victim comfyui", daemon.process.output())
+        self.assertIn("reclaim for comfyui", daemon.process.output())
+        self.assertEqual(doc["consumers"]["ollama"]["models"], [], doc["consumers"]["ollama"])
+
+        async def mvoice_memory_shown() -> bool:  # the next GPU reading, at most 1 s away
+            memory = (await http.status())["consumers"]["mvoice"]["memory"]
+            return (memory["used_mib"], memory["source"]) == (2800, "port")
+
+        await wait_for(mvoice_memory_shown, 5, "mvoice's 2800 MiB attributed by port")
+        doc = await http.status()
+        self.assertEqual(doc["consumers"]["mvoice"]["learned_mib"], 2800)
+        self.assertEqual((doc["gpu"]["other_mib"], doc["gpu"]["other"]), (0, []), doc["gpu"])

@@ -325,6 +325,10 @@ async def build_stack(
         }
         for name, d in taps.items():
             by_name[name].proxy = stack.consumers[f"tap-{name}"] = await d
+            # The daemon's URL is the tap's port: its memory is found through a pid file.
+            pid_file = stack.workdir / f"{name}.pid"
+            pid_file.write_text(f"{by_name[name].consumer.process.pid}\n", "utf-8")
+            by_name[name].block.setdefault("process", {"pid_file": str(pid_file)})
         config = {
             "gpu": {
                 "source": "nvidia-smi",
@@ -539,6 +543,39 @@ class EvictionTests(_SchedCase):
         self.assertIs(doc["consumers"]["comfyui"]["loaded"], False)
         self.assertIs(doc["consumers"]["mvoice"]["loaded"], True)
         self.assertEqual(ledger_owners(self.stack.gpu_state), {"external": 1024, "mvoice": 2800})
+
+    async def test_refused_image_never_overcommits(self) -> None:
+        """An image request ComfyUI refuses (a 400: no prompt graph; it loads nothing) does not
+        mark ComfyUI loaded: a later image request still makes room, and the card never
+        holds more than it has. Before SPEC 9.3 the 400 marked ComfyUI loaded, the next
+        image skipped making room, and the card reached 16384 of 16384 MiB plus mvoice."""
+        await self.fresh(
+            [
+                Sim("comfyui", "comfyui", 13000, work_s=0.1),
+                Sim("mvoice", "mvoice", 2800, preload=True, work_s=0.1, load_s=0.05),
+            ],
+            {"tts": "mvoice", "image": "comfyui"},
+            external_mib=500,
+        )
+        await wait_for(lambda: self.loaded_as({"comfyui": False, "mvoice": True}), 5, "probes")
+        response, content = await self.http.request(
+            "POST",
+            "/v1/image",
+            body=b'{"prompt": "garbage"}',
+            headers={"Content-Type": "application/json"},
+        )
+        self.assertEqual(response.code, 400, content)
+        self.assertIn(b"no_prompt", content)
+        self.assertIs((await self.status())["consumers"]["comfyui"]["loaded"], False)
+        for kind in ("tts", "image"):
+            code, body = await post(self.http, kind)
+            self.assertEqual(code, 200, (kind, body))
+        owners = ledger_owners(self.stack.gpu_state)
+        self.assertLessEqual(sum(owners.values()), CARD_MIB, owners)
+        self.assertEqual(owners, {"external": 500, "comfyui": 13000}, owners)
+        doc = await self.status()
+        self.assertIs(doc["consumers"]["mvoice"]["loaded"], False)
+        self.assertGreaterEqual(doc["scheduler"]["evictions"], 2, doc["scheduler"])
 
     async def test_coexistent_lru_never_picked(self) -> None:
         """Consumers that may coexist with the target (declared on either side) are never
