@@ -70,7 +70,8 @@ return {
     inFlight: text(c, ".in-flight"), queued: text(c, ".queued"),
     lastUsed: text(c, ".last-used"), holder: c.classList.contains("holder"),
   })),
-  segments: [...document.querySelectorAll("#mem-bar .seg")].map((s) => ({
+  loading: getComputedStyle(document.getElementById("loading")).display !== "none",
+  segments: [...document.querySelectorAll("#mem-bar .seg:not(.free)")].map((s) => ({
     consumer: s.dataset.consumer || null, other: s.classList.contains("other"),
     width: s.getBoundingClientRect().width,
   })),
@@ -79,6 +80,129 @@ return {
   events: [...document.querySelectorAll("#events li")].map((li) => ({
     id: li.dataset.id, kind: li.dataset.kind, time: text(li, "time"), summary: text(li, ".summary"),
   })),
+};
+"""
+
+#: A status document with every field of SPEC 9.3 and 9.4, for 20 consumers, answered by a
+#: stand-in ``fetch`` in place of the daemon's (which may not have the fields yet), then
+#: drawn at once. ``window.__doc`` is what the stand-in answers; the test may change it.
+STATUS_STUB_JS = """
+const t = (s) => new Date(Date.now() + s * 1000).toISOString();
+const base = {healthy: true, loaded: true, last_probe: t(-1), last_error: null, vram_managed: false,
+  last_used: null, in_flight: 0, queued: 0};
+const consumers = {
+  comfyui: {...base, vram_resident_mib: 13000, learned_mib: 13400,
+    memory: {used_mib: 13010, pids: [1234], source: "port"}},
+  ollama: {...base, vram_resident_mib: 6000, vram_managed: true, learned_mib: 6000,
+    memory: {used_mib: 5200, pids: [2222, 2223], source: "unit"},
+    models: [{name: "llama3.1:8b", size_vram_mib: 4900, expires_at: t(252)},
+             {name: "nomic-embed-text", size_vram_mib: 300, expires_at: "2318-01-01T00:00:00Z"}]},
+  whisper: {...base, vram_resident_mib: 1500, learned_mib: null,
+    memory: {used_mib: null, pids: [], source: "none"}},
+  mvoice: {...base, loaded: false, vram_resident_mib: 2800, learned_mib: 3010,
+    memory: {used_mib: 0, pids: [], source: "pid_file"}},
+  tiny: {...base, vram_resident_mib: 300,
+    memory: {used_mib: 310, pids: [5, 6, 7, 8], source: "unit"}},
+};
+for (let i = 0; i < 15; i++) {
+  consumers["svc-" + i] = {...base, loaded: false, vram_resident_mib: 500,
+    memory: {used_mib: 0, pids: [], source: "port"}};
+}
+const other = [[4005, "b", 40], [4003, null, 2500], [4001, "Xorg", 420], [4007, "d", 20],
+  [4002, "firefox", 180], [4004, "a", 50], [4006, "c", 30],
+].map(([pid, name, used_mib]) => ({pid, name, used_mib}));
+window.__doc = {
+  gpu: {source: "nvidia-smi", ok: true, error: null, index: 0, name: "Stub GPU", total_mib: 24564,
+    used_mib: 23260, free_mib: 1304, read_at: t(0), other_mib: 3240, other},
+  consumers, scheduler: {queued: 0, running: 0, holder: null, completed: 0, failed: 0, rejected: 0,
+    evictions: 0, loads: 0}};
+window.fetch = async () => new Response(JSON.stringify(window.__doc),
+  {status: 200, headers: {"content-type": "application/json"}});
+poll();
+"""
+
+#: The status document of a daemon from before SPEC 9.3 and 9.4: none of the new fields.
+OLD_DOC_JS = """
+const doc = JSON.parse(JSON.stringify(window.__doc));
+delete doc.gpu.other_mib;
+delete doc.gpu.other;
+for (const c of Object.values(doc.consumers)) {
+  delete c.memory;
+  delete c.learned_mib;
+  delete c.models;
+}
+window.__doc = doc;
+poll();
+"""
+
+#: What the page shows of memory: the bar's segments, the cards' memory, the other processes.
+MEMORY_JS = """
+const norm = (t) => (t === null || t === undefined ? null : t.replace(/\\u00a0/g, " "));
+const text = (root, sel) => {
+  const e = root.querySelector(sel);
+  return e && !e.closest("[hidden]") ? norm(e.textContent) : null;
+};
+const cells = (row) => [...row.children].map((x) => norm(x.textContent));
+const bar = document.getElementById("mem-bar").getBoundingClientRect().width;
+return {
+  segments: [...document.querySelectorAll("#mem-bar .seg")].map((s) => ({
+    consumer: s.dataset.consumer || null, classes: s.className.split(" "),
+    label: norm(s.textContent),
+    title: norm(s.title), aria: norm(s.getAttribute("aria-label")), role: s.getAttribute("role"),
+    share: s.getBoundingClientRect().width / bar,
+  })),
+  cards: Object.fromEntries([...document.querySelectorAll("#consumers [data-consumer]")].map(
+    (c) => [c.dataset.consumer, {
+      memory: text(c, "dd.memory"), learned: text(c, "dd.learned"),
+      models: c.querySelector(".models").hidden ? null : [...c.querySelectorAll(".models li")].map(
+        (li) => (li.children.length ? cells(li) : [norm(li.textContent)])),
+    }])),
+  other: document.getElementById("other-procs").hidden ? null
+    : [...document.querySelectorAll("#other-rows tr")].map(cells),
+};
+"""
+
+#: Every "<number> MiB" (or GiB) shown, and those the layout broke across two lines.
+NOWRAP_JS = """
+const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+let checked = 0;
+const broken = [];
+for (let n = walk.nextNode(); n; n = walk.nextNode()) {
+  for (const m of n.data.matchAll(/[0-9][0-9,.]*\\s+[GM]iB/g)) {
+    const r = document.createRange();
+    r.setStart(n, m.index);
+    r.setEnd(n, m.index + m[0].length);
+    const rects = [...r.getClientRects()].filter((b) => b.width > 0);
+    if (!rects.length) continue;
+    checked += 1;
+    if (new Set(rects.map((b) => Math.round(b.top))).size > 1) broken.push(m[0]);
+  }
+}
+return {checked, broken};
+"""
+
+#: The time one redraw of the memory bar and the cards takes, in milliseconds.
+RENDER_MS_JS = """
+const t0 = performance.now();
+for (let i = 0; i < 20; i++) {
+  renderGpu(window.__doc);
+  renderConsumers(window.__doc);
+  void document.body.offsetHeight;
+}
+return (performance.now() - t0) / 20;
+"""
+
+#: Every status fetch fails while ``window.__failStatus`` holds; counted in ``__statusCalls``.
+FAILING_STATUS_JS = """
+window.__failStatus = true;
+window.__statusCalls = 0;
+const realFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).endsWith("/v1/status")) {
+    window.__statusCalls += 1;
+    if (window.__failStatus) return Promise.reject(new TypeError("Failed to fetch"));
+  }
+  return realFetch(url, options);
 };
 """
 
@@ -136,6 +260,18 @@ class Browser:
 
     def run(self, script: str) -> Any:
         return self.driver.execute_script(script)
+
+    def preload(self, script: str) -> None:
+        """Run ``script`` in every page this session opens, before the page's own."""
+        self.driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+
+    def viewport(self, width: int | None) -> None:
+        """Lay the page out ``width`` CSS pixels wide (phone widths included); None: as opened."""
+        if width is None:
+            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        else:
+            metrics = {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
 
     def wait(
         self, what: str, check: Callable[[Snapshot], bool], timeout: float = WAIT_S
@@ -204,6 +340,26 @@ async def token_stack() -> Stack:
     return stack
 
 
+async def single_stack() -> Stack:
+    """mvoice alone, no token: a daemon to serve the page."""
+    stack = Stack.new("mgpu-dash-one-")
+    async with stack.starting():
+        await stack.add_consumers("mvoice")
+        config = make_config(
+            stack.consumers,
+            {"tts": "mvoice"},
+            gpu=smi_gpu(0.3),
+            health={"interval_s": 0.5, "timeout_s": 1},
+        )
+        await stack.start(config)
+    return stack
+
+
+def segment(memory: Snapshot, consumer: str) -> dict[str, Any] | None:
+    """The memory bar's segment of ``consumer``, if it has one."""
+    return next((s for s in memory["segments"] if s["consumer"] == consumer), None)
+
+
 def by_name(snap: Snapshot) -> dict[str, dict[str, Any]]:
     return {card["name"]: card for card in snap["cards"]}
 
@@ -269,7 +425,23 @@ class DashboardTests(TestCase):
         self.assertIn('id="consumers"', html)
         self.assertEqual(re.findall(r"https?://", html), [])
         self.assertEqual(re.findall(r"""(?:src|href)\s*=\s*["']?\s*//""", html), [])
-        self.assertLess(len(html.splitlines()), 450, "the dashboard is meant to stay small")
+        self.assertLess(len(html.splitlines()), 700, "the dashboard is meant to stay small")
+        # A loading state before the first status, and the status fields of SPEC 9.3 and 9.4.
+        self.assertIn('id="loading"', html)
+        self.assertIn("connecting…", html)
+        for field in (
+            "memory",
+            "used_mib",
+            "pids",
+            "learned_mib",
+            "models",
+            "size_vram_mib",
+            "expires_at",
+            "other_mib",
+            "gpu.other",
+        ):
+            self.assertIn(field, html)
+        self.assertIn('setAttribute("aria-label"', html)
 
     async def test_live_page_follows_an_eviction(self) -> None:
         """A browser shows a card per consumer with its state, a memory segment per loaded
@@ -342,7 +514,7 @@ class DashboardTests(TestCase):
         index = evict_index(snap, "comfyui", "mvoice")
         assert index is not None
         row = snap["events"][index]
-        self.assertRegex(row["summary"], r"freed 13,000 MiB in [0-9.]+ s")
+        self.assertRegex(row["summary"], r"freed 13,000\u00a0MiB in [0-9.]+ s")
         self.assertRegex(row["time"], r"^\d\d:\d\d:\d\d$")
         loads = [
             i
@@ -412,3 +584,168 @@ class DashboardTests(TestCase):
         await deferToThread(
             browser.wait, "unauthorized", lambda snap: snap["conn"] == "unauthorized"
         )
+
+    async def test_memory_fields_drawn(self) -> None:
+        """With a status of SPEC 9.3 and 9.4 for 20 consumers: a bar segment per consumer
+        holding memory (measured, or hatched as an estimate when only loaded), one for the
+        other processes and one for free; narrow segments carry their figures in a tooltip
+        and aria-label only; no "<n> MiB" ever breaks across lines, wide or narrow window;
+        each card shows its memory and source, a learned size that differs, and Ollama's
+        models with a countdown that moves every second; the other processes are listed,
+        largest first; a redraw stays fast. A status without these fields still draws."""
+        stack = await self.start(single_stack)
+        browser = await self.browser()
+        await deferToThread(browser.open, f"http://127.0.0.1:{stack.port}/")
+        await deferToThread(browser.wait, "the page ready", lambda snap: snap["ready"])
+        await deferToThread(browser.run, STATUS_STUB_JS)
+        await deferToThread(
+            browser.wait, "20 consumers", lambda snap: len(snap["cards"]) == 20, WAIT_S
+        )
+        memory = await deferToThread(browser.run, MEMORY_JS)
+
+        # The bar: comfyui, ollama and tiny measured, whisper an estimate, mvoice and the
+        # svc-* consumers hold nothing; then the other processes and free.
+        self.assertEqual(
+            [s["consumer"] for s in memory["segments"] if s["consumer"]],
+            ["comfyui", "ollama", "whisper", "tiny"],
+            memory["segments"],
+        )
+        for seg in memory["segments"]:
+            self.assertEqual(seg["role"], "img", seg)
+            self.assertTrue(seg["aria"], seg)
+            self.assertEqual(seg["aria"], seg["title"], seg)
+        comfyui, whisper, tiny = (segment(memory, n) for n in ("comfyui", "whisper", "tiny"))
+        assert comfyui is not None and whisper is not None and tiny is not None
+        self.assertEqual(comfyui["label"], "comfyui 13,010 MiB")
+        self.assertNotIn("est", comfyui["classes"])
+        self.assertIn("port, pid 1234", comfyui["title"])
+        self.assertLess(abs(comfyui["share"] - 13010 / 24564), 0.01, comfyui)
+        self.assertIn("est", whisper["classes"])
+        self.assertIn("estimate", whisper["title"])
+        self.assertEqual(tiny["label"], "", "under 6% of the bar: no inline label")
+        self.assertIn("tiny: 310 MiB", tiny["title"])
+        self.assertIn("unit, 4 pids", tiny["title"])
+        other = [s for s in memory["segments"] if "other" in s["classes"]]
+        self.assertEqual(len(other), 1, memory["segments"])
+        self.assertTrue(other[0]["title"].startswith("other processes: 3,240 MiB"), other)
+        free = [s for s in memory["segments"] if "free" in s["classes"]]
+        self.assertEqual(len(free), 1, memory["segments"])
+        self.assertIn("1,304 MiB", free[0]["title"])
+
+        # The cards.
+        cards = memory["cards"]
+        self.assertEqual(cards["comfyui"]["memory"], "13,010 MiB (port, pid 1234)")
+        self.assertEqual(cards["comfyui"]["learned"], "13,400 MiB")
+        self.assertEqual(cards["ollama"]["memory"], "5,200 MiB (unit, pids 2222, 2223)")
+        self.assertIsNone(cards["ollama"]["learned"], "learned equals the configured size")
+        self.assertEqual(cards["mvoice"]["learned"], "3,010 MiB")
+        self.assertEqual(cards["mvoice"]["memory"], "0 MiB (pid_file)")
+        self.assertEqual(cards["whisper"]["memory"], "not attributed")
+        self.assertIsNone(cards["comfyui"]["models"])
+        models = cards["ollama"]["models"]
+        self.assertEqual(
+            [m[:2] for m in models], [["llama3.1:8b", "4,900 MiB"], ["nomic-embed-text", "300 MiB"]]
+        )
+        self.assertRegex(models[0][2], r"^expires in 4m \d+s$")
+        self.assertEqual(models[1][2], "kept")
+        await deferToThread(time.sleep, 1.5)
+        later = (await deferToThread(browser.run, MEMORY_JS))["cards"]["ollama"]["models"]
+        self.assertRegex(later[0][2], r"^expires in 4m \d+s$")
+        self.assertNotEqual(later[0][2], models[0][2], "the countdown did not move")
+
+        # The other processes: the largest five, then the rest in one line.
+        self.assertEqual(
+            memory["other"],
+            [
+                ["4003", "unknown", "2,500 MiB"],
+                ["4001", "Xorg", "420 MiB"],
+                ["4002", "firefox", "180 MiB"],
+                ["4004", "a", "50 MiB"],
+                ["4005", "b", "40 MiB"],
+                ["and 2 more", "50 MiB"],
+            ],
+        )
+
+        # No figure breaks across lines ("13,000 / MiB"), from a phone's width to a desktop's.
+        # (The page before this check split "24,564 MiB" at 320 to 340 px.)
+        for width in range(320, 1321, 40):
+            await deferToThread(browser.viewport, width)
+            await deferToThread(
+                browser.run, "renderGpu(window.__doc); renderConsumers(window.__doc);"
+            )
+            wraps = await deferToThread(browser.run, NOWRAP_JS)
+            self.assertGreater(wraps["checked"], 30, wraps)
+            self.assertEqual(wraps["broken"], [], f"figures broken across lines at {width} px")
+        await deferToThread(browser.viewport, None)
+
+        # Fast with 20 consumers (a redraw is a few milliseconds; the bound is generous).
+        ms = await deferToThread(browser.run, RENDER_MS_JS)
+        self.assertLess(ms, 100, f"one redraw took {ms:.1f} ms")
+
+        # A daemon without the new fields: consumers loaded are estimates, the rest of the
+        # reading is "other"; no memory rows, no model lists, no list of other processes.
+        await deferToThread(browser.run, OLD_DOC_JS)
+
+        def old_doc(snap: Snapshot) -> bool:
+            return all(
+                "est" in s["classes"] for s in browser.run(MEMORY_JS)["segments"] if s["consumer"]
+            )
+
+        await deferToThread(browser.wait, "estimates only", old_doc)
+        memory = await deferToThread(browser.run, MEMORY_JS)
+        # ollama manages its own memory: it is given what the reading leaves unexplained.
+        self.assertEqual(
+            [s["consumer"] for s in memory["segments"] if s["consumer"]],
+            ["comfyui", "whisper", "tiny", "ollama"],
+        )
+        other = [s for s in memory["segments"] if "other" in s["classes"]]
+        self.assertEqual(len(other), 1, memory["segments"])
+        self.assertTrue(other[0]["title"].startswith("other: 2,460 MiB"), other)
+        self.assertIsNone(memory["other"])
+        for name, card in memory["cards"].items():
+            self.assertIsNone(card["memory"], name)
+            self.assertIsNone(card["learned"], name)
+            self.assertIsNone(card["models"], name)
+        errors = [
+            e for e in await deferToThread(browser.console) if e.get("level") in ("SEVERE", "ERROR")
+        ]
+        self.assertEqual(errors, [], "the page logged errors")
+
+    async def test_loading_state_then_retry(self) -> None:
+        """Before the first status the page shows "connecting…" with a spinner, not empty
+        cards; a failing fetch is said on the page and retried; once the status answers,
+        the page shows it."""
+        stack = await self.start(single_stack)
+        browser = await self.browser()
+        await deferToThread(browser.preload, FAILING_STATUS_JS)
+        await deferToThread(browser.open, f"http://127.0.0.1:{stack.port}/")
+        snap = await deferToThread(browser.snapshot)
+        self.assertTrue(snap["loading"], snap)
+        self.assertFalse(snap["ready"], snap)
+        self.assertEqual(snap["cards"], [])
+        shown = await deferToThread(
+            browser.run,
+            """const loading = document.getElementById("loading");
+            return {text: document.body.innerText, spinner: !!loading.querySelector(".spinner"),
+              live: loading.getAttribute("aria-live")};""",
+        )
+        self.assertIn("connecting…", shown["text"])
+        self.assertNotIn("—", shown["text"], "an empty skeleton shows before the first status")
+        self.assertTrue(shown["spinner"])
+        self.assertEqual(shown["live"], "polite")
+
+        def retried(snap: Snapshot) -> bool:
+            error = browser.run("return document.getElementById('loading-error').textContent;")
+            return bool(
+                "Failed to fetch" in error and browser.run("return window.__statusCalls;") >= 3
+            )
+
+        snap = await deferToThread(browser.wait, "the error, retried", retried)
+        self.assertTrue(snap["loading"], snap)
+        await deferToThread(browser.run, "window.__failStatus = false;")
+        snap = await deferToThread(
+            browser.wait,
+            "the status once the fetch answers",
+            lambda snap: snap["ready"] and not snap["loading"] and len(snap["cards"]) == 1,
+        )
+        self.assertEqual(list(by_name(snap)), ["mvoice"])
