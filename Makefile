@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LISTEN ?= tcp:8770:interface=127.0.0.1
 
-.PHONY: run test check fuzz bench clean deploy
+.PHONY: run test check fuzz bench gpu-check clean deploy
 
 # The editable install uses the "compat" mode: setuptools' default editable
 # mode hides twisted/plugins from twistd's plugin discovery.
@@ -42,6 +42,12 @@ bench: $(BIN)/.bench-installed
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
 	$(BIN)/python -m bench $(BENCH)
+
+# make gpu-check [GPU_CHECK="--gpu 1 --keep"]: on a machine with an NVIDIA card, the
+# per-process memory that /v1/status reports against nvidia-smi (bench/README.md,
+# "gpu-check"); where there is no card it prints one "skipped" line and exits 0.
+gpu-check: $(BIN)/.installed
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info _trial_temp twisted/plugins/dropin.cache
