@@ -263,8 +263,7 @@ class RoomMaker:
         for state in self.registry.states.values():
             if state.config.name == target.name or not state.loaded:
                 continue
-            mib = self._memory_now(state).used_mib
-            held = f"{state.config.name} ({mib if mib is not None else '?'} MiB"
+            held = f"{state.config.name} ({self._holding(state)}"
             expiring = [m.expires_in_s(now) for m in state.models or ()]
             known = [s for s in expiring if s is not None]
             if state.models and known and len(known) == len(expiring):
@@ -281,6 +280,15 @@ class RoomMaker:
             message += "; the memory is held by " + ", ".join(holders)
         headers = {"Retry-After": str(max(1, math.ceil(min(retry_s))))} if retry_s else None
         return BrokerError("scheduler_error", message, target.name, headers=headers)
+
+    def _holding(self, state: ConsumerState) -> str:
+        """How much it holds: measured, else its models' sizes, else about its footprint."""
+        mib = self._memory_now(state).used_mib
+        if mib is None and state.models:
+            mib = sum(m.size_vram_mib for m in state.models)
+        if mib is None:
+            return f"about {self.footprint(state.config)} MiB"
+        return f"{mib} MiB"
 
     @staticmethod
     def _why_kept(state: ConsumerState, target: ConsumerConfig) -> str:

@@ -1022,15 +1022,22 @@ class ReclaimTests(RoomTestCase):
         self.assertEqual([c for c in self.h.calls if c.consumer == "ollama"], [])
 
     def test_no_reclaim_without_the_key(self) -> None:
-        """Without ollama.reclaim the broker never frees Ollama's models."""
+        """Without ollama.reclaim the broker never frees Ollama's models: the error names
+        Ollama and says to retry when its keep-alive frees them."""
         h = Harness((MVOICE, WHISPER, OLLAMA, COMFYUI))
+        h.clock.advance(T_NOW)
         for name in ("whisper", "ollama"):
             h.resident(name)
+        h.registry["ollama"].models = (LLAMA,)
         h.absent("comfyui")
         d = h.prepare("comfyui")
         h.run(d, 30.0)
-        self.scheduler_error(d, "comfyui")
+        error = self.scheduler_error(d, "comfyui")
         self.assertEqual(h.actions("unload"), [])
+        self.assertIn(
+            "ollama (6000 MiB, frees itself in 300 s: manages its own memory)", error.message
+        )
+        self.assertEqual(error.headers, {"Retry-After": "300"})
 
     def test_other_processes_named(self) -> None:
         """Memory of processes of no consumer is named in the error (pid and MiB)."""
