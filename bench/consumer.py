@@ -319,31 +319,32 @@ def serve_connection(conn: socket.socket, consumer: Consumer) -> None:
         conn.close()
 
 
-def _exit_on_stdin_eof() -> None:
-    """Wait for EOF on stdin (the benchmark closed it, or died), then stop like SIGTERM."""
+def exit_on_stdin_eof() -> None:
+    """Wait for EOF on stdin (the parent closed it, or died), then stop like SIGTERM."""
     with contextlib.suppress(OSError):
         while os.read(0, 4096):
             pass
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM or SIGINT handler: leave through SystemExit, so ``finally`` blocks run."""
     raise SystemExit(0)
 
 
 def serve(host: str, port: int, watch_stdin: bool, consumer: Consumer) -> None:
     """Listen, report the port on stdout, and serve until told to stop."""
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
     if watch_stdin:
-        threading.Thread(target=_exit_on_stdin_eof, name="stdin-watch", daemon=True).start()
+        threading.Thread(target=exit_on_stdin_eof, name="stdin-watch", daemon=True).start()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(128)
         sys.stdout.write(f"{listener.getsockname()[1]}\n")
         sys.stdout.flush()
-        while True:  # ends with SystemExit from _stop
+        while True:  # ends with SystemExit from stop_on_signal
             conn, _ = listener.accept()
             threading.Thread(target=serve_connection, args=(conn, consumer), daemon=True).start()
 

@@ -51,11 +51,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.broker import start_broker
 from bench.common import verdict, workdir
+from bench.consumer import exit_on_stdin_eof, stop_on_signal
 from bench.servers import (
     ManagedProcess,
     ProcessGroup,
@@ -206,22 +206,10 @@ class ConsumerServer(ThreadingHTTPServer):
     request_queue_size = 64
 
 
-def _exit_on_stdin_eof() -> None:
-    """Wait for EOF on stdin (the check closed it, or died), then stop like SIGTERM."""
-    with contextlib.suppress(OSError):
-        while os.read(0, 4096):
-            pass
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
-
-
 def run_consumer(mib: int, lib: str, fake: bool, watch_stdin: bool) -> int:
     """Allocate, listen on a free loopback port, print ``ready PORT``, serve until stopped."""
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
     if fake:
         used, held = "none (--fake-alloc)", None
     else:
@@ -231,7 +219,7 @@ def run_consumer(mib: int, lib: str, fake: bool, watch_stdin: bool) -> int:
             print(f"consumer: {e}", file=sys.stderr, flush=True)
             return 3
     if watch_stdin:  # after the allocation, whose errors it would otherwise cut short
-        threading.Thread(target=_exit_on_stdin_eof, name="stdin-watch", daemon=True).start()
+        threading.Thread(target=exit_on_stdin_eof, name="stdin-watch", daemon=True).start()
     ConsumerHandler.info = {"pid": os.getpid(), "lib": used, "mib": 0 if fake else mib}
     server = ConsumerServer(("127.0.0.1", 0), ConsumerHandler)
     port = server.server_address[1]

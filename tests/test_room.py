@@ -986,12 +986,19 @@ class ReclaimTests(RoomTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.h = Harness((MVOICE, WHISPER, RECLAIMING_OLLAMA, COMFYUI))
-        self.h.clock.advance(T_NOW)
+        self.h = self.llama_held(RECLAIMING_OLLAMA, COMFYUI)
+
+    @staticmethod
+    def llama_held(ollama: ConsumerConfig, target: ConsumerConfig) -> Harness:
+        """whisper and ``ollama`` (holding LLAMA) resident: 7500 of 16384 held by nothing
+        that unloads; ``target`` not loaded."""
+        h = Harness((MVOICE, WHISPER, ollama, COMFYUI, *([target] if target != COMFYUI else [])))
+        h.clock.advance(T_NOW)
         for name in ("whisper", "ollama"):
-            self.h.resident(name)  # 7500 of 16384 held by nothing that unloads
-        self.h.registry["ollama"].models = (LLAMA,)
-        self.h.absent("comfyui")
+            h.resident(name)
+        h.registry["ollama"].models = (LLAMA,)
+        h.absent(target.name)
+        return h
 
     def test_reclaimed_when_nothing_else_can_make_room(self) -> None:
         """ComfyUI needs 13256, 8884 free and no candidate: Ollama is asked to free
@@ -1024,12 +1031,7 @@ class ReclaimTests(RoomTestCase):
     def test_no_reclaim_without_the_key(self) -> None:
         """Without ollama.reclaim the broker never frees Ollama's models: the error names
         Ollama and says to retry when its keep-alive frees them."""
-        h = Harness((MVOICE, WHISPER, OLLAMA, COMFYUI))
-        h.clock.advance(T_NOW)
-        for name in ("whisper", "ollama"):
-            h.resident(name)
-        h.registry["ollama"].models = (LLAMA,)
-        h.absent("comfyui")
+        h = self.llama_held(OLLAMA, COMFYUI)
         d = h.prepare("comfyui")
         h.run(d, 30.0)
         error = self.scheduler_error(d, "comfyui")
@@ -1064,12 +1066,7 @@ class ReclaimTests(RoomTestCase):
     def test_no_reclaim_when_it_could_not_make_room(self) -> None:
         """A target that would not fit even with Ollama's models freed: nothing is freed,
         the error comes at once."""
-        huge = consumer("huge", 9000, 15500)
-        h = Harness((MVOICE, WHISPER, RECLAIMING_OLLAMA, COMFYUI, huge))
-        for name in ("whisper", "ollama"):
-            h.resident(name)
-        h.registry["ollama"].models = (LLAMA,)
-        h.absent("huge")
+        h = self.llama_held(RECLAIMING_OLLAMA, consumer("huge", 9000, 15500))
         d = h.prepare("huge")
         h.run(d, 30.0)
         self.scheduler_error(d, "huge")

@@ -324,9 +324,9 @@ async def dashboard_stack() -> Stack:
     return stack
 
 
-async def token_stack() -> Stack:
-    """mvoice alone behind a daemon that requires ``TOKEN``."""
-    stack = Stack.new("mgpu-dash-auth-")
+async def mvoice_stack(token: str | None = None) -> Stack:
+    """mvoice alone: a daemon to serve the page, requiring ``token`` when one is given."""
+    stack = Stack.new("mgpu-dash-auth-" if token else "mgpu-dash-one-")
     async with stack.starting():
         await stack.add_consumers("mvoice")
         config = make_config(
@@ -334,25 +334,21 @@ async def token_stack() -> Stack:
             {"tts": "mvoice"},
             gpu=smi_gpu(0.3),
             health={"interval_s": 0.5, "timeout_s": 1},
-            auth=token_auth(stack.workdir, TOKEN),
         )
+        if token is not None:
+            config["auth"] = token_auth(stack.workdir, token)
         await stack.start(config)
     return stack
+
+
+async def token_stack() -> Stack:
+    """mvoice alone behind a daemon that requires ``TOKEN``."""
+    return await mvoice_stack(TOKEN)
 
 
 async def single_stack() -> Stack:
     """mvoice alone, no token: a daemon to serve the page."""
-    stack = Stack.new("mgpu-dash-one-")
-    async with stack.starting():
-        await stack.add_consumers("mvoice")
-        config = make_config(
-            stack.consumers,
-            {"tts": "mvoice"},
-            gpu=smi_gpu(0.3),
-            health={"interval_s": 0.5, "timeout_s": 1},
-        )
-        await stack.start(config)
-    return stack
+    return await mvoice_stack()
 
 
 def segment(memory: Snapshot, consumer: str) -> dict[str, Any] | None:
