@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_api -*-
-"""The HTTP interface: the hot facade routes, ``/audio``, and the Klein app for the rest.
+"""The HTTP interface: the hot facade routes, ``/audio``, native prefixes, and Klein for the rest.
 
-``POST /v1/<kind>`` and ``/audio/*`` are dispatched on the raw request before
-Klein: the facade is the hot path, and ``/audio`` paths must be checked as the
-client sent them (werkzeug decodes ``%2F`` and merges ``//`` before routing).
+``POST /v1/<kind>``, ``/audio/*`` and each consumer's native prefix are
+dispatched on the raw request before Klein: the facade is the hot path, and
+proxied paths must be checked as the client sent them (werkzeug decodes
+``%2F`` and merges ``//`` before routing).
 Everything else goes to a small Klein app whose 404 and 405 are rendered in
 the broker's error schema. A request target with a byte outside VCHAR is
 refused with ``400 bad_request`` before any of them.
@@ -16,7 +17,7 @@ import functools
 import hmac
 import json
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib import resources
 from typing import Any, cast
 
@@ -31,11 +32,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from mgpu.admin import Admin
-from mgpu.config import KINDS, ConfigError
+from mgpu.config import KINDS, Config, ConfigError, ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.facade import Facade
 from mgpu.metrics import BrokerMetrics
-from mgpu.relay import RelayBroken, abort_connection
+from mgpu.openai_api import OpenAIRoutes, is_openai_path
+from mgpu.openai_api import render_error as openai_error
+from mgpu.relay import RelayBroken, abort_connection, client_host
 from mgpu.reload import Reloader
 from mgpu.sse import EventStreams
 from mgpu.status import StatusView
@@ -46,7 +49,7 @@ _FACADE_PATHS = {f"/v1/{kind}".encode(): kind for kind in KINDS}
 _AUDIO_PREFIX = b"/audio/"
 #: ``.`` and ``..`` segments, ``//`` (absolute URLs too), backslashes, and
 #: percent-encoded dots, slashes, backslashes and NULs.
-_UNSAFE_AUDIO = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00", re.I)
+_UNSAFE_PATH = re.compile(rb"(^|/)\.\.?(/|$)|//|\\|%2e|%2f|%5c|%00", re.I)
 #: The visible ASCII characters (VCHAR, 0x21-0x7E): all a request target may hold.
 _VCHAR = bytes(range(0x21, 0x7F))
 
@@ -60,10 +63,58 @@ def audio_target(uri: bytes) -> bytes:
         not path.startswith(_AUDIO_PREFIX)
         or not rest
         or rest.startswith(b"/")
-        or _UNSAFE_AUDIO.search(rest)
+        or _UNSAFE_PATH.search(rest)
     ):
         raise BrokerError("bad_request", "the /audio path must stay under /audio/")
     return path + sep + query
+
+
+def native_target(prefix: bytes, uri: bytes) -> bytes:
+    """The consumer target for a raw request URI under a native ``prefix``, or ``bad_request``.
+
+    The rest of the path after the prefix ("/" if none) with the query as
+    sent; the same path tricks as for ``/audio`` are refused, so the target
+    never leaves the consumer's root.
+    """
+    path, sep, query = uri.partition(b"?")
+    rest = path[len(prefix) :]
+    if not _under(path, prefix) or _UNSAFE_PATH.search(rest):
+        where = prefix.decode("ascii", "replace")
+        raise BrokerError("bad_request", f"the path must stay under {where}/")
+    return (rest or b"/") + sep + query
+
+
+def _under(path: bytes, prefix: bytes) -> bool:
+    """Whether ``path`` is ``prefix`` or lies under it, segment-wise (/ollamax is not /ollama)."""
+    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == 0x2F)
+
+
+def native_prefixes(config: Config) -> tuple[tuple[bytes, ConsumerConfig], ...]:
+    """Each native prefix and its consumer (the config forbids one under another)."""
+    return tuple(
+        (c.native.prefix.encode("ascii"), c) for c in config.consumers.values() if c.native
+    )
+
+
+def _origin_path(uri: bytes) -> bytes:
+    """The path of a request target: an absolute-form one's (``http://host/a?q`` -> /a) too."""
+    path = uri.partition(b"?")[0]
+    if path.startswith(b"/"):
+        return path
+    _, scheme, rest = path.partition(b"://")
+    return b"/" + (rest if scheme else path).partition(b"/")[2]
+
+
+def is_websocket(request: Request) -> bool:
+    """Whether the request asks to upgrade its connection to a WebSocket."""
+    upgrade = request.getHeader(b"upgrade") or b""
+    return any(token.strip().lower() == b"websocket" for token in upgrade.split(b","))
+
+
+def _note(request: Request, **facts: object) -> None:
+    """Tell the access log and the metrics about the request (see ``TimedRequest``)."""
+    for name, value in facts.items():
+        setattr(request, name, value)
 
 
 def _absolute_audio(uri: bytes) -> bool:
@@ -100,11 +151,16 @@ class BrokerResource(Resource):
         facade: Facade,
         status: StatusView,
         token: bytes | None = None,
+        openai: OpenAIRoutes | None = None,
     ) -> None:
         super().__init__()
         self._facade = facade
         self._status = status
+        #: OpenAI's routes by model (SPEC 9.2); by default with declared models only.
+        self._openai = openai or OpenAIRoutes(facade)
         self._token: bytes | None = None
+        self._natives_of: Config | None = None
+        self._natives: tuple[tuple[bytes, ConsumerConfig], ...] = ()
         self.serve_operations(None)
         self.set_token(token)
 
@@ -147,15 +203,16 @@ class BrokerResource(Resource):
             )
         path = request.path
         if not self._authorized(request):
-            scheme = b"Basic" if path == b"/" else b"Bearer"
-            request.setHeader(b"www-authenticate", scheme + b' realm="mgpumanager"')
-            return render_error(
-                request, BrokerError("unauthorized", "a valid bearer token is required")
-            )
+            if is_openai_path(path):
+                return self._openai.unauthorized(request)
+            return self._unauthorized(request, path)
         if path == b"/v1/events" and self._streams is not None:
             if request.method != b"GET":
                 return _not_allowed(request, "GET")
             return self._streams.render(request)
+        if is_openai_path(path):
+            respond = functools.partial(self._respond, errors=openai_error)
+            return self._openai.render(request, respond)
         kind = _FACADE_PATHS.get(path)
         if kind is not None:
             if request.method != b"POST":
@@ -169,14 +226,82 @@ class BrokerResource(Resource):
             except BrokerError as e:
                 return render_error(request, e)
             return self._respond(request, self._facade.serve_audio(request, target))
+        native = self._native(path)
+        if native is not None:
+            return self._serve_native(request, *native)
+        if not path.startswith(b"/") and self._native(_origin_path(path)) is not None:
+            _note(request, route="native")
+            return render_error(
+                request, BrokerError("bad_request", "absolute-form request targets are refused")
+            )
         if b"//" in path or b"%2f" in path.lower():
             # werkzeug would merge or decode these and route them anyway (or
             # answer with an HTML redirect): the contract says unknown route.
             return render_error(request, BrokerError("not_found", "no such route"))
         return cast(bytes | int, self._rest.render(request))
 
-    def _respond(self, request: Request, work: Coroutine[Any, Any, None]) -> int:
-        """Run a proxied request; cancel it if the client leaves; render broker errors."""
+    def _unauthorized(self, request: Request, path: bytes) -> bytes:
+        """401; the dashboard and native routes ask for Basic credentials (a browser's prompt)."""
+        browser = path == b"/" or self._native(path) is not None
+        if browser and path != b"/":
+            _note(request, route="native")
+        scheme = b"Basic" if browser else b"Bearer"
+        request.setHeader(b"www-authenticate", scheme + b' realm="mgpumanager"')
+        return render_error(
+            request, BrokerError("unauthorized", "a valid bearer token is required")
+        )
+
+    def _native(self, path: bytes) -> tuple[bytes, ConsumerConfig] | None:
+        """The native prefix ``path`` lies under, and its consumer, in the current config."""
+        config = self._facade.config
+        if config is not self._natives_of:  # a reload replaced it
+            self._natives_of = config
+            self._natives = native_prefixes(config)
+        for prefix, consumer in self._natives:
+            if _under(path, prefix):
+                return prefix, consumer
+        return None
+
+    def _serve_native(
+        self, request: Request, prefix: bytes, consumer: ConsumerConfig
+    ) -> bytes | int:
+        """Hand a request under a native prefix to the facade, its WebSocket upgrade to the hook."""
+        _note(request, route="native", consumer=consumer.name)
+        try:
+            target = native_target(prefix, request.uri)
+            client_host(request)  # a malformed Host is refused before any wait
+        except BrokerError as e:
+            return render_error(request, e)
+        if is_websocket(request):
+            return self._serve_websocket(request, consumer, target)
+        return self._respond(request, self._facade.serve_native(request, consumer, target))
+
+    def _serve_websocket(
+        self, request: Request, consumer: ConsumerConfig, target: bytes
+    ) -> bytes | int:
+        """Tunnel an ``Upgrade: websocket`` request through the facade's hook, if it has one.
+
+        The hook is ``serve_websocket(request, consumer, target)``, a coroutine
+        run as ``serve_native`` is: a ``BrokerError`` before the consumer's 101
+        is answered as JSON, a client that leaves cancels it, and once it
+        returns the request is finished, unless it is already, or the hook
+        took the connection away from the channel (``channel.transport`` None).
+        """
+        hook = getattr(self._facade, "serve_websocket", None)
+        if hook is None:
+            return render_error(
+                request, BrokerError("bad_request", "WebSocket upgrades are not supported yet")
+            )
+        return self._respond(request, hook(request, consumer, target))
+
+    def _respond(
+        self,
+        request: Request,
+        work: Coroutine[Any, Any, None],
+        errors: Callable[[Request, BrokerError], bytes] = render_error,
+    ) -> int:
+        """Run a proxied request; cancel it if the client leaves; render broker errors
+        with ``errors`` (OpenAI's routes have their own envelope)."""
         client_gone = False
         done: Deferred[None] | None = None
 
@@ -214,14 +339,20 @@ class BrokerResource(Resource):
                 cut = True
                 abort_connection(request)
                 return
-            request.write(render_error(request, error))
+            request.write(errors(request, error))
 
         def finish(_: object) -> None:
-            if not client_gone and not cut and not request.finished:
+            if not client_gone and not cut and not request.finished and _still_http(request):
                 request.finish()
 
         done.addCallbacks(lambda _: None, failed).addCallback(finish)
         return NOT_DONE_YET
+
+
+def _still_http(request: Request) -> bool:
+    """False once a WebSocket tunnel took the connection from the request's channel."""
+    channel = getattr(request, "channel", None)
+    return channel is None or getattr(channel, "transport", True) is not None
 
 
 def _basic_password_is(encoded: bytes, token: bytes) -> bool:

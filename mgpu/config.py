@@ -7,6 +7,7 @@ A bad file must stop the daemon before it listens, so every problem is a
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 import string
@@ -25,6 +26,8 @@ POLICIES: Final = ("affinity", "fifo")
 FOOTPRINTS: Final = ("max", "configured")
 HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
+#: First path segments that are the broker's own routes: no native prefix may start so.
+RESERVED_SEGMENTS: Final = ("v1", "audio", "healthz", "metrics")
 
 #: What a file may hold (SPEC 9.7). Past these the loader refuses it before
 #: building anything: nodes are counted with each alias expanded where used.
@@ -102,6 +105,57 @@ class OllamaConfig:
 
 
 @frozen
+class OpenAIConfig:
+    """Where a consumer serves OpenAI's API, and the models routed to it (SPEC 9.2).
+
+    ``models`` are declared in the file; with ``discover``, ``GET <path>/models`` adds
+    the consumer's own list at each health probe.
+    """
+
+    path: str = "/v1"
+    models: tuple[str, ...] = ()
+    discover: bool = False
+
+    def target(self, suffix: str) -> str:
+        """The consumer path for a route suffix: ``/v1`` + ``/chat/completions``."""
+        return self.path.rstrip("/") + suffix
+
+
+@frozen
+class GpuRoute:
+    """Native requests that take the GPU lease (SPEC 9.1): a method and a glob of the path
+    after the prefix (fnmatch-style, without the query), with an optional ``hold_until``."""
+
+    method: str
+    path: str
+    hold_until: HoldUntil | None = None
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether a request with this (upper-case) method and decoded path is such work."""
+        return method == self.method and fnmatch.fnmatchcase(path, self.path)
+
+
+#: ``native.gpu`` omitted: every POST takes the lease, whatever its path.
+ANY_POST: Final = GpuRoute("POST", "*")
+
+
+@frozen
+class NativeConfig:
+    """A consumer's own API published under ``prefix`` (SPEC 9.1).
+
+    ``gpu`` lists the requests that are scheduled; None (omitted) means every POST.
+    """
+
+    prefix: str
+    gpu: tuple[GpuRoute, ...] | None = None
+
+    def gpu_route(self, method: str, path: str) -> GpuRoute | None:
+        """The entry that schedules this request (method upper-case, path decoded), if any."""
+        routes = (ANY_POST,) if self.gpu is None else self.gpu
+        return next((route for route in routes if route.matches(method, path)), None)
+
+
+@frozen
 class ConsumerConfig:
     """One local inference service behind the broker."""
 
@@ -122,6 +176,8 @@ class ConsumerConfig:
     keepalive: bool = False
     process: ProcessConfig = ProcessConfig()
     ollama: OllamaConfig | None = None
+    native: NativeConfig | None = None
+    openai: OpenAIConfig | None = None
 
     def coexists_with(self, other: ConsumerConfig) -> bool:
         """Whether the two may be resident together; declared on either side is enough."""
@@ -649,7 +705,38 @@ class _Parser:
                     raise self.fail(
                         f"consumers.{consumer.name}.can_coexist_with", "names the consumer itself"
                     )
+        self.distinct_prefixes(consumers)
+        self.distinct_models(consumers)
         return consumers
+
+    def distinct_models(self, consumers: Mapping[str, ConsumerConfig]) -> None:
+        """No model is declared by two consumers (SPEC 9.2): a request could go to either."""
+        owners: dict[str, str] = {}
+        for name, consumer in consumers.items():
+            for i, model in enumerate(() if consumer.openai is None else consumer.openai.models):
+                other = owners.setdefault(model, name)
+                if other != name:
+                    raise self.fail(
+                        f"consumers.{name}.openai.models[{i}]",
+                        f"{model!r} is also declared by consumers.{other}.openai.models: "
+                        "a model is served by one consumer",
+                    )
+
+    def distinct_prefixes(self, consumers: Mapping[str, ConsumerConfig]) -> None:
+        """No native prefix equals another, or lies under another (``/a`` and ``/a/b``)."""
+        seen: dict[str, str] = {}
+        for name, consumer in consumers.items():
+            if consumer.native is None:
+                continue
+            prefix = consumer.native.prefix
+            for other, taken in seen.items():
+                if _under(prefix, taken) or _under(taken, prefix):
+                    raise self.fail(
+                        f"consumers.{name}.native.prefix",
+                        f"{prefix} clashes with consumers.{other}.native.prefix ({taken}): "
+                        "one would hide the other's routes",
+                    )
+            seen[name] = prefix
 
     def consumer(self, name: str, value: object) -> ConsumerConfig:
         where = f"consumers.{name}"
@@ -660,7 +747,7 @@ class _Parser:
             (
                 "url", "health", "paths", "vram_resident_mib", "unload", "load",
                 "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
-                "keepalive", "process", "ollama",
+                "keepalive", "process", "ollama", "native", "openai",
             ),
         )  # fmt: skip
         for required in ("url", "paths", "vram_resident_mib"):
@@ -698,6 +785,8 @@ class _Parser:
             keepalive=self.boolean(data.get("keepalive", d.keepalive), f"{where}.keepalive"),
             process=self.process(data.get("process"), f"{where}.process"),
             ollama=self.ollama(data, where),
+            native=self.native(data, where, name),
+            openai=self.openai(data, where),
         )
 
     def process(self, value: object, where: str) -> ProcessConfig:
@@ -730,6 +819,89 @@ class _Parser:
                 "it needs vram_managed: true",
             )
         return OllamaConfig(reclaim=reclaim)
+
+    def openai(self, data: dict[str, Any], where: str) -> OpenAIConfig | None:
+        """``openai``: where the consumer serves OpenAI's API, and which models it serves."""
+        if "openai" not in data:
+            return None
+        at = f"{where}.openai"
+        spec = self.mapping(data["openai"], at, ("path", "models", "discover"))
+        path = self.path(spec.get("path", "/v1"), f"{at}.path")
+        if "?" in path or "#" in path:
+            raise self.fail(f"{at}.path", f"must have no query or fragment: {path!r}")
+        models = spec.get("models", [])
+        if not isinstance(models, list):
+            raise self.fail(f"{at}.models", f"must be a list, not {_kind_of(models)}")
+        names: list[str] = []
+        for i, model in enumerate(models):
+            name = self.string(model, f"{at}.models[{i}]")
+            if not name.isprintable():
+                raise self.fail(
+                    f"{at}.models[{i}]", f"must not contain control characters: {name!r}"
+                )
+            if name in names:
+                raise self.fail(f"{at}.models[{i}]", f"{name!r} is listed twice")
+            names.append(name)
+        discover = self.boolean(spec.get("discover", False), f"{at}.discover")
+        if not names and not discover:
+            raise self.fail(at, "needs models (a list of model names), or discover: true")
+        return OpenAIConfig(path=path, models=tuple(names), discover=discover)
+
+    def native(self, data: dict[str, Any], where: str, name: str) -> NativeConfig | None:
+        """``native``: present (even empty) publishes the consumer's API under its prefix."""
+        if "native" not in data:
+            return None
+        at = f"{where}.native"
+        spec = self.mapping(data["native"], at, ("prefix", "gpu"))
+        if "prefix" in spec:
+            prefix = self.native_prefix(spec["prefix"], f"{at}.prefix")
+        else:
+            prefix = self.native_prefix(f"/native/{name}", at, default=True)
+        gpu = spec.get("gpu")
+        return NativeConfig(
+            prefix=prefix, gpu=None if gpu is None else self.gpu_routes(gpu, f"{at}.gpu")
+        )
+
+    def native_prefix(self, value: object, where: str, default: bool = False) -> str:
+        """A path to publish a consumer under: plain segments, none of them the broker's own."""
+        text = self.string(value, where)
+        what = f"the default prefix {text!r} (from the consumer's name)" if default else repr(text)
+        if not text.startswith("/") or not _visible_ascii(text):
+            raise self.fail(where, f"must be a path starting with '/', of visible ASCII: {what}")
+        if text == "/" or text.endswith("/"):
+            raise self.fail(where, f"must not end with '/' (nor be '/', the dashboard): {what}")
+        segments = text[1:].split("/")
+        if any(segment in ("", ".", "..") for segment in segments):
+            raise self.fail(where, f"must have no empty, '.' or '..' segments: {what}")
+        if any(c in text for c in "%?#\\"):
+            raise self.fail(where, f"must not contain '%', '?', '#' or a backslash: {what}")
+        if segments[0] in RESERVED_SEGMENTS:
+            raise self.fail(
+                where,
+                f"clashes with the broker's own routes (/{segments[0]}): {what}; "
+                "give a prefix outside /v1, /audio, /healthz and /metrics",
+            )
+        return text
+
+    def gpu_routes(self, value: object, where: str) -> tuple[GpuRoute, ...]:
+        """``native.gpu``: the requests that take the lease, each a method and a path glob."""
+        if not isinstance(value, list):
+            raise self.fail(where, f"must be a list, not {_kind_of(value)}")
+        routes = []
+        for i, item in enumerate(value):
+            at = f"{where}[{i}]"
+            entry = self.mapping(item, at, ("method", "path", "hold_until"))
+            if "path" not in entry:
+                raise self.fail(f"{at}.path", "is required")
+            hold = entry.get("hold_until")
+            routes.append(
+                GpuRoute(
+                    method=self.method(entry.get("method", "POST"), f"{at}.method"),
+                    path=self.path(entry["path"], f"{at}.path"),
+                    hold_until=None if hold is None else self.hold_until(hold, f"{at}.hold_until"),
+                )
+            )
+        return tuple(routes)
 
     def optional_route(self, value: object, where: str) -> Route | None:
         return None if value is None else self.route(value, where, "POST")
@@ -803,6 +975,11 @@ class _Parser:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether ``path`` is ``prefix`` or lies under it, segment-wise."""
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def _visible_ascii(text: str) -> bool:

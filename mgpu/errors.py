@@ -18,6 +18,7 @@ STATUS_OF: Final[dict[str, int]] = {
     "consumer_unreachable": 502,
     "bad_consumer_url": 502,
     "bad_answer": 502,
+    "model_not_found": 404,
     "daemon_overloaded": 503,
     "scheduler_error": 503,
     "queue_full": 503,

@@ -5,7 +5,9 @@
 to the routed consumer, and release the lease when the consumer has answered
 (or, for ``hold_until`` routes, when the consumer's job is really over).
 ``/audio/*`` requests go straight to the relay: they are file downloads, not
-GPU work.
+GPU work.  Requests under a consumer's native prefix (SPEC 9.1) are scheduled
+the same way when they match one of its ``native.gpu`` entries, and relayed
+straight otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Mapping
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
-from attrs import define
+from attrs import Factory, define, field
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -30,6 +32,7 @@ from mgpu.events import EventBus
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, RelayResult
 from mgpu.scheduler import GpuScheduler, Lease
+from mgpu.tunnel import Tunnels
 
 log = Logger()
 
@@ -52,6 +55,8 @@ class Facade:
     control: ConsumerControl
     clock: IReactorTime
     events: EventBus
+    #: The WebSocket tunnels of native routes (their own connections, never scheduled).
+    tunnels: Tunnels = field(default=Factory(lambda self: Tunnels(self.clock), takes_self=True))
 
     async def serve_kind(self, request: Request, kind: str) -> None:
         """Schedule ``POST /v1/<kind>`` and relay it to the routed consumer."""
@@ -60,20 +65,66 @@ class Facade:
             raise BrokerError("no_consumer", f"routing names no consumer for {kind!r}")
         _note(request, consumer=consumer.name)
         await self._admit(consumer)
-        asked_at = self.clock.seconds()
         route = consumer.paths[kind]
         target = _with_query(route.path.encode("ascii"), request.uri)
-        hold = route.hold_until
+        await self._scheduled(
+            request, consumer, route.method.encode("ascii"), target, route.hold_until
+        )
+
+    async def serve_native(self, request: Request, consumer: ConsumerConfig, target: bytes) -> None:
+        """Relay a request under ``consumer``'s native prefix to ``target`` on the consumer.
+
+        A request matching one of ``native.gpu`` (any POST when omitted) is
+        scheduled as ``/v1/<kind>`` requests are, with that entry's
+        ``hold_until``; any other passes without the lease, bounded by the
+        silence between two chunks as ``/audio`` is.
+        """
+        native = consumer.native
+        if native is None:  # the router only sends consumers that publish one
+            raise BrokerError("not_found", f"{consumer.name} has no native routes")
+        _note(request, consumer=consumer.name)
+        await self._admit(consumer)
+        method = request.method
+        prefix = native.prefix.encode("ascii")
+        gpu = native.gpu_route(method.decode("latin-1").upper(), _match_path(target))
+        if gpu is None:
+            await self._forward(
+                request, consumer, method, target, idle_timeout=True, native_prefix=prefix
+            )
+        else:
+            await self._scheduled(
+                request, consumer, method, target, gpu.hold_until, native_prefix=prefix
+            )
+
+    async def serve_model(self, request: Request, consumer: ConsumerConfig, target: bytes) -> None:
+        """Schedule an OpenAI-compatible ``POST`` (SPEC 9.2) and relay it to ``target``."""
+        _note(request, consumer=consumer.name)
+        await self._admit(consumer)
+        await self._scheduled(request, consumer, b"POST", target, None)
+
+    async def _scheduled(
+        self,
+        request: Request,
+        consumer: ConsumerConfig,
+        method: bytes,
+        target: bytes,
+        hold: HoldUntil | None,
+        *,
+        native_prefix: bytes | None = None,
+    ) -> None:
+        """Wait for the GPU lease, relay, and keep the lease for ``hold`` if the answer says so."""
+        asked_at = self.clock.seconds()
 
         def job(lease: Lease) -> Deferred[RelayResult]:
             _note(request, queue_wait_s=self.clock.seconds() - asked_at)
             forwarded = self._forward(
                 request,
                 consumer,
-                route.method.encode("ascii"),
+                method,
                 target,
                 capture=HOLD_CAPTURE_BYTES if hold else 0,
                 spool=True,
+                native_prefix=native_prefix,
             )
             forwarded.addCallback(self._served, consumer)
             if hold is not None:
@@ -100,6 +151,35 @@ class Facade:
         await self._admit(consumer)
         await self._forward(request, consumer, request.method, target, idle_timeout=True)
 
+    async def serve_websocket(
+        self, request: Request, consumer: ConsumerConfig, target: bytes
+    ) -> None:
+        """Tunnel an ``Upgrade: websocket`` request under a native prefix (``mgpu.tunnel``).
+
+        Health-gated as every route, but never scheduled: the tunnel holds no
+        lease however long it stays open (ComfyUI's ``/ws`` lasts for hours).
+        Returns once the tunnel is open (the connection is no longer the
+        request's) or the consumer's refusal is written.
+        """
+        _note(request, consumer=consumer.name)
+        await self._admit(consumer)
+        prefix = consumer.native.prefix.encode("ascii") if consumer.native else b""
+        drop = self.config.auth.token_file is not None
+        try:
+            await self.tunnels.open(
+                request, consumer, target, prefix=prefix, drop_authorization=drop
+            )
+        except BrokerError as e:
+            if e.code == "consumer_unreachable":
+                self.registry.mark_unreachable(consumer.name, e.message)
+            elif e.code == "upstream_timeout":
+                self.events.publish(
+                    "timeout", consumer=consumer.name, reason="upstream", after_s=consumer.timeout_s
+                )
+            elif e.code == "bad_answer":
+                log.warn("{consumer}: {message}", consumer=consumer.name, message=e.message)
+            raise
+
     async def _admit(self, consumer: ConsumerConfig) -> None:
         """Refuse at once a consumer whose last probe failed; probe it first if never probed."""
         state = self.registry[consumer.name]
@@ -123,6 +203,7 @@ class Facade:
         capture: int = 0,
         idle_timeout: bool = False,
         spool: bool = False,
+        native_prefix: bytes | None = None,
     ) -> Deferred[RelayResult]:
         d = self.relay.forward(
             request,
@@ -134,6 +215,7 @@ class Facade:
             capture=capture,
             drop_authorization=self.config.auth.token_file is not None,
             spool=spool,
+            native_prefix=native_prefix,
         )
 
         def failed(failure: Failure) -> Failure:
@@ -220,6 +302,15 @@ def _with_query(path: bytes, uri: bytes) -> bytes:
     """The consumer path with the client's query string, unchanged."""
     _, sep, query = uri.partition(b"?")
     return path + sep + query if sep else path
+
+
+def _match_path(target: bytes) -> str:
+    """The path ``native.gpu`` globs are matched against: decoded, without the query.
+
+    Decoded, so that ``/api/gen%65rate`` cannot pass as something else than
+    ``/api/generate`` and escape the lease (encoded slashes never get here).
+    """
+    return unquote_to_bytes(target.partition(b"?")[0]).decode("latin-1")
 
 
 def _hold_path(template: str, answer: bytes) -> str | None:

@@ -34,8 +34,9 @@ from mgpu.gpu import MIB, GpuPoller
 from mgpu.memory import MemoryWatch
 from mgpu.registry import Registry
 from mgpu.scheduler import GpuScheduler
-from mgpu.site import TimedRequest, route_of
+from mgpu.site import TimedRequest, route_label
 from mgpu.sse import EventStreams
+from mgpu.tunnel import Tunnels
 
 #: A request's wait and duration: from a millisecond to ``timeout_s``-sized jobs (10 min).
 REQUEST_BUCKETS: Final = (
@@ -90,6 +91,7 @@ class BrokerMetrics:
         *,
         clock: IReactorTime,
         watch: MemoryWatch | None = None,
+        tunnels: Tunnels | None = None,
     ) -> None:
         self._clock = clock
         reg = self._prometheus = CollectorRegistry(auto_describe=False)
@@ -179,7 +181,7 @@ class BrokerMetrics:
             ["consumer", "reason"],
             registry=reg,
         )
-        reg.register(_LiveState(gpu, registry, scheduler, streams, watch))
+        reg.register(_LiveState(gpu, registry, scheduler, streams, watch, tunnels))
         self._handlers: Mapping[str, Callable[[Mapping[str, object]], None]] = {
             "evict": self._evicted,
             "load": self._loaded,
@@ -192,7 +194,7 @@ class BrokerMetrics:
     def observe(self, request: TimedRequest) -> None:
         """Count a finished request; time it too if it was proxied to a consumer."""
         code = str(request.code)
-        self._requests.labels(route_of(request.path), code).inc()
+        self._requests.labels(route_label(request), code).inc()
         consumer = request.consumer
         if consumer is None:
             return
@@ -277,6 +279,7 @@ class _LiveState:
     scheduler: GpuScheduler
     streams: EventStreams
     watch: MemoryWatch | None = None
+    tunnels: Tunnels | None = None
 
     def collect(self) -> Iterator[Metric]:
         yield from self._scheduler()
@@ -295,6 +298,8 @@ class _LiveState:
             "/v1/events clients whose stream was ended because they read too slowly.",
             value=self.streams.dropped_clients,
         )
+        if self.tunnels is not None:
+            yield from _tunnels(self.tunnels)
 
     def _scheduler(self) -> Iterator[Metric]:
         scheduler = self.scheduler
@@ -400,3 +405,17 @@ class _LiveState:
 
 def _per_consumer(name: str, documentation: str) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, labels=["consumer"])
+
+
+def _tunnels(tunnels: Tunnels) -> Iterator[Metric]:
+    """The WebSocket tunnels of native routes (SPEC 9.1): open now, and opened in all."""
+    yield GaugeMetricFamily(
+        "mgpu_websocket_tunnels",
+        "WebSocket tunnels open now (native routes; they hold no GPU lease).",
+        value=tunnels.open_count,
+    )
+    yield CounterMetricFamily(
+        "mgpu_websocket_tunnels_opened",
+        "WebSocket tunnels opened since the daemon started (a consumer answered 101).",
+        value=tunnels.opened_total,
+    )

@@ -14,7 +14,7 @@ unload must not undo it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Protocol, cast
@@ -281,12 +281,16 @@ class HealthProber(Service):
         clock: IReactorTime,
         config: HealthConfig,
         watch: MemoryWatch | None = None,
+        discover: Callable[[ConsumerConfig, float], Deferred[None]] | None = None,
     ) -> None:
         self._registry = registry
         self._control = control
         self._clock = clock
         self._config = config
         self._watch = watch
+        #: Run after each probe that finds a consumer healthy (its OpenAI models, SPEC 9.2);
+        #: the probe's waiters wait for it too.
+        self._discover = discover
         #: Probes in flight, by consumer and incarnation (``born``).
         self._waiting: dict[tuple[str, int], list[Deferred[None]]] = {}
         self._loop: LoopingCall | None = None
@@ -326,6 +330,8 @@ class HealthProber(Service):
         d = maybeDeferred(self._control.probe, state.config, self._config.timeout_s)
         d.addCallback(self._look_and_record, name, generation, state.config)
         d.addErrback(self._failed, name, generation)
+        if self._discover is not None:
+            d.addCallback(self._discover_models, name)
         d.addBoth(self._release, key)
         return waiter
 
@@ -341,6 +347,19 @@ class HealthProber(Service):
             self._registry.record_probe(name, generation, result, seen)
 
         return self._watch.look(config, self._config.timeout_s).addCallback(record)
+
+    def _discover_models(self, _: object, name: str) -> Deferred[None] | None:
+        """The ``discover`` hook for a consumer the probe found healthy; it never fails."""
+        state = self._registry.get(name)
+        if self._discover is None or state is None or not state.healthy:
+            return None
+
+        def failed(f: Failure) -> None:
+            log.failure("discovering the models of {name} failed", f, name=name)
+
+        return maybeDeferred(self._discover, state.config, self._config.timeout_s).addErrback(
+            failed
+        )
 
     def _round(self) -> None:
         try:

@@ -10,6 +10,7 @@ exchange; a cancel, a timeout or a lost client closes the upstream connection.
 
 from __future__ import annotations
 
+import re
 from io import BytesIO
 from typing import Any, Final, cast
 
@@ -52,6 +53,12 @@ HOP_BY_HOP: Final = frozenset(
 # X-Forwarded-For is rebuilt, and twisted.web has already answered Expect.
 _NOT_FORWARDED: Final = HOP_BY_HOP | {b"host", b"content-length", b"x-forwarded-for", b"expect"}
 _NOT_RELAYED: Final = HOP_BY_HOP | {b"content-length"}
+#: Set by the broker on native routes (SPEC 9.1), whatever the client sent.
+_FORWARDED_NATIVE: Final = frozenset(
+    {b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix"}
+)
+#: A Host value kept on native routes: ``host[:port]`` (a name, IPv4 or [IPv6]), nothing else.
+_AUTHORITY: Final = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(:[0-9]{1,5})?")
 #: Answers of known length up to this size are relayed without backpressure.
 SMALL_BODY: Final = 64 * 1024
 _BAD_URL: Final = (SchemeNotSupported, DNSLookupError, ValueError)
@@ -105,6 +112,7 @@ class Relay:
         capture: int = 0,
         drop_authorization: bool = False,
         spool: bool = False,
+        native_prefix: bytes | None = None,
     ) -> Deferred[RelayResult]:
         """Relay ``request`` to ``consumer.url + path`` and stream the answer back.
 
@@ -121,8 +129,20 @@ class Relay:
         client's, and what the client has not read yet is kept (see
         ``ClientSpool``): the result fires when the consumer's answer is
         complete.  Without it, a slow client slows the consumer down.
+
+        With ``native_prefix`` (a native route, SPEC 9.1) the client's ``Host``
+        is kept and ``X-Forwarded-Host``, ``-Proto`` and ``-Prefix`` are set,
+        as a browser-facing reverse proxy does; a malformed Host is
+        ``bad_request``.
         """
         fields = _upstream_headers(request, drop_authorization)
+        host = None
+        if native_prefix is not None:
+            try:
+                host = client_host(request)
+            except BrokerError as e:
+                return fail(e)
+            fields = _native_headers(fields, request, host, native_prefix)
         content = request.content
         body: bytes | IBodyProducer | None = None
         if isinstance(content, BytesIO):
@@ -133,7 +153,12 @@ class Relay:
             body = FileBodyProducer(content, self._cooperator)
         try:
             upstream = self._client.request(
-                method, consumer.url.encode() + path, fields, body, keepalive=consumer.keepalive
+                method,
+                consumer.url.encode() + path,
+                fields,
+                body,
+                keepalive=consumer.keepalive,
+                host=host,
             )
         except _BAD_URL as e:  # refused before any I/O
             return fail(_bad_url(consumer, e))
@@ -165,6 +190,32 @@ def _upstream_headers(request: Request, drop_authorization: bool) -> list[tuple[
     if forwarded:
         fields.append((b"X-Forwarded-For", b", ".join(forwarded)))
     return fields
+
+
+def client_host(request: Request) -> bytes | None:
+    """The client's ``Host`` (None if it sent none), or ``bad_request`` if it is no authority.
+
+    It is sent on to a consumer as is, so nothing but ``host[:port]`` passes:
+    no CR, LF, NUL, space, ``/`` or ``@`` (RFC 9112: several Host headers are a 400 too).
+    """
+    values = request.requestHeaders.getRawHeaders(b"host")
+    if not values:
+        return None
+    if len(values) > 1 or not _AUTHORITY.fullmatch(values[0]):
+        raise BrokerError("bad_request", "the Host header must be one host[:port]")
+    return values[0]
+
+
+def _native_headers(
+    fields: list[tuple[bytes, bytes]], request: Request, host: bytes | None, prefix: bytes
+) -> list[tuple[bytes, bytes]]:
+    """``fields`` with the client's X-Forwarded-Host, -Proto and -Prefix replaced by ours."""
+    kept = [(name, value) for name, value in fields if name.lower() not in _FORWARDED_NATIVE]
+    if host is not None:
+        kept.append((b"X-Forwarded-Host", host))
+    kept.append((b"X-Forwarded-Proto", b"https" if request.isSecure() else b"http"))
+    kept.append((b"X-Forwarded-Prefix", prefix))
+    return kept
 
 
 def _bad_url(consumer: ConsumerConfig, reason: BaseException) -> BrokerError:

@@ -60,6 +60,9 @@ class TimedRequest(Request):
         #: waited for the GPU lease (room-making and loading included).
         self.consumer: str | None = None
         self.queue_wait_s: float | None = None
+        #: Set by the router for routes the configuration names (``native``):
+        #: the label logs and metrics use instead of one derived from the path.
+        self.route: str | None = None
         self._body_bytes = 0
         self._refused = False
 
@@ -161,6 +164,19 @@ class BrokerChannel(HTTPChannel):
             self._closing.cancel()
         super().connectionLost(reason)
 
+    def stop_timers(self) -> None:
+        """No head deadline, idle timeout or closing linger from now on.
+
+        Called when a WebSocket tunnel takes the connection (``mgpu.tunnel.take_over``):
+        a tunnel is never timed out.  The connection stays counted in the cap
+        until the tunnel ends and calls ``connectionLost`` (once).
+        """
+        self._stop_waiting()
+        if self._closing is not None and self._closing.active():
+            self._closing.cancel()
+        self._closing = None
+        self.setTimeout(None)
+
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Twisted's answer to a malformed request line or header (a private hook)."""
         self._refuse_head("the request line or a header is malformed")
@@ -208,6 +224,11 @@ _ROUTES = frozenset(
 )
 
 
+def route_label(request: TimedRequest) -> str:
+    """The request's route for logs and metrics: the router's note, else ``route_of`` its path."""
+    return getattr(request, "route", None) or route_of(request.path)
+
+
 def route_of(path: bytes) -> str:
     """The route a request path belongs to, with no client-chosen parts (bounded labels)."""
     if path in _ROUTES:
@@ -233,7 +254,7 @@ class AccessLog:
         took_ms = (self._clock.seconds() - request.received_at) * 1000
         wait = "-" if request.queue_wait_s is None else f"{request.queue_wait_s * 1000:.1f}ms"
         self._lines.append(
-            f"{request.method.decode('latin-1')} {route_of(request.path)} "
+            f"{request.method.decode('latin-1')} {route_label(request)} "
             f"consumer={request.consumer or '-'} status={request.code} "
             f"wait={wait} took={took_ms:.1f}ms bytes={request.sentLength} "
             f"client={getattr(request.getClientAddress(), 'host', '-')}"

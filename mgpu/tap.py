@@ -29,6 +29,7 @@ from mgpu.footprints import LearnedSizes, StateDirError
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.memory import MemoryWatch
 from mgpu.metrics import BrokerMetrics
+from mgpu.openai_api import ModelDiscovery, ModelIndex, OpenAIRoutes
 from mgpu.procs import ProcessTable, ProcTable
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay
@@ -40,6 +41,7 @@ from mgpu.site import AccessLog, BrokerSite
 from mgpu.sse import EventStreams
 from mgpu.status import StatusView
 from mgpu.systemd import SystemdNotifier
+from mgpu.tunnel import TunnelService
 from mgpu.upstream import UpstreamClient
 
 log = Logger()
@@ -146,7 +148,11 @@ def build_service(
     watch = MemoryWatch(
         process_table or ProcTable(), poller, learned or LearnedSizes(None), control
     )
-    prober = HealthProber(registry, control, reactor, config.health, watch)
+    # The index reads the facade's configuration, which a reload replaces.
+    models = ModelIndex(lambda: facade.config)
+    prober = HealthProber(
+        registry, control, reactor, config.health, watch, ModelDiscovery(models, control)
+    )
     stats = SchedulerStats()
     room = RoomMaker(
         registry, poller, control, reactor, config.gpu, config.scheduler, stats, events, watch
@@ -166,10 +172,14 @@ def build_service(
     )
     streams = EventStreams(events, reactor)
     metrics = BrokerMetrics(
-        events, poller, registry, scheduler, streams, clock=reactor, watch=watch
-    )
+        events, poller, registry, scheduler, streams, clock=reactor, watch=watch,
+        tunnels=facade.tunnels,
+    )  # fmt: skip
     resource = BrokerResource(
-        facade, StatusView(poller, registry, scheduler, upstream, watch), token
+        facade,
+        StatusView(poller, registry, scheduler, upstream, watch),
+        token,
+        OpenAIRoutes(facade, models),
     )
     site = BrokerSite(
         resource,
@@ -206,6 +216,7 @@ def build_service(
     _Cleanup(scheduler, upstream, control_pool).setServiceParent(top)
     poller.setServiceParent(top)
     prober.setServiceParent(top)
+    TunnelService(facade.tunnels).setServiceParent(top)  # stopped after the listener
     listener = _Listener(endpoint, site)
     listener.on_port = site.cap.watch
     listener.setServiceParent(top)

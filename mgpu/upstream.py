@@ -727,6 +727,7 @@ class UpstreamClient:
         body: bytes | IBodyProducer | None = None,
         *,
         keepalive: bool = False,
+        host: bytes | None = None,
     ) -> Deferred[Answer]:
         """Send ``method url`` with header ``fields`` and ``body``; fires with the answer's head.
 
@@ -737,16 +738,20 @@ class UpstreamClient:
         the request says ``Connection: close`` and its connection serves it
         alone.  The Deferred fails with the connection's error, ``NoAnswer``
         (closed before any byte of an answer) or ``AnswerError`` (an answer
-        that breaks HTTP); cancelling it closes the connection.
+        that breaks HTTP); cancelling it closes the connection.  ``host`` is
+        sent as the ``Host`` header instead of the URL's (a native route keeps
+        the client's); a ``ValueError`` if it holds a control or space byte.
         """
         uri = URI.fromBytes(url)
         target = uri.originForm
         if _UNSAFE_TARGET.search(target):
             raise ValueError("unsafe request target: control or space characters")
+        if host is not None and (not host or _UNSAFE_TARGET.search(host)):
+            raise ValueError("unsafe Host: empty, or control or space characters")
         endpoint = self._endpoints.endpointForURI(uri)
         key = (uri.scheme, uri.host, uri.port)
         reuse = keepalive and key not in self._suspended
-        head = _format_head(method, target, _host(uri), fields, body, reuse)
+        head = _format_head(method, target, host or _host(uri), fields, body, reuse)
         call = _Call()
         connection = self._take(key) if reuse else self._take_spare(key)
         if connection is None:

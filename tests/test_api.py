@@ -8,11 +8,16 @@ sets, except where a test needs the real one (``tests.test_facade.Broker``).
 from __future__ import annotations
 
 import base64
+import gc
 import json
+import posixpath
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
+from urllib.parse import unquote
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,8 +25,8 @@ from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyRequest
 
 from mgpu.admin import Admin
-from mgpu.api import BrokerResource, Operations, audio_target
-from mgpu.config import KINDS, ConfigError
+from mgpu.api import BrokerResource, Operations, audio_target, native_target
+from mgpu.config import KINDS, ConfigError, ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.facade import Facade
@@ -31,9 +36,11 @@ from mgpu.registry import Registry
 from mgpu.relay import RelayBroken
 from mgpu.reload import Reloader
 from mgpu.scheduler import GpuScheduler
+from mgpu.site import TimedRequest, route_label
 from mgpu.sse import EventStreams
 from mgpu.status import StatusView
-from tests.test_facade import Broker, Client, make_config
+from tests.fuzz import examples
+from tests.test_facade import Broker, Client, make_config, native_config
 
 ERROR_KEYS = {"error", "message", "consumer", "retryable"}
 
@@ -49,7 +56,10 @@ class FakeFacade:
     """Records what BrokerResource hands it; does what ``behaviour`` says."""
 
     def __init__(self) -> None:
+        self.config = make_config()
         self.calls: list[tuple[str, str | bytes, bytes]] = []
+        #: serve_native's calls: (consumer, target, method, body).
+        self.native: list[tuple[str, bytes, bytes, bytes]] = []
         self.requests: list[Request] = []
         self.behaviour: Behaviour = _serve_ok
 
@@ -64,12 +74,40 @@ class FakeFacade:
         self.requests.append(request)
         await self.behaviour(request)
 
+    async def serve_native(self, request: Request, consumer: ConsumerConfig, target: bytes) -> None:
+        assert request.content is not None
+        self.native.append((consumer.name, target, request.method, request.content.read()))
+        self.requests.append(request)
+        await self.behaviour(request)
+
+
+class WebSocketFacade(FakeFacade):
+    """A FakeFacade with the WebSocket hook; ``takeover`` makes it take the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.upgrades: list[tuple[str, bytes]] = []
+        self.takeover = False
+
+    async def serve_websocket(
+        self, request: Request, consumer: ConsumerConfig, target: bytes
+    ) -> None:
+        self.upgrades.append((consumer.name, target))
+        if self.takeover:  # as autobahn's WebSocketResource does
+            transport, request.channel.transport = request.channel.transport, None
+            assert transport is not None
+            transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\nframes")
+        else:
+            request.setResponseCode(502)
+            request.write(b"no tunnel")
+
 
 class Recording:
     """The real facade, with the requests it is handed recorded."""
 
     def __init__(self, facade: Facade) -> None:
         self.facade = facade
+        self.config = facade.config
         self.requests: list[Request] = []
 
     async def serve_kind(self, request: Request, kind: str) -> None:
@@ -884,3 +922,225 @@ class RequestTargetTests(OperationsTestCase):
             self.assertIsInstance(body, bytes)
             self.assertEqual(json.loads(cast(bytes, body))["error"], "bad_request")
         self.assertEqual(self.facade.calls, [])
+
+
+#: Pieces of hostile paths: dots, slashes and their percent-encodings, and the rest.
+_PATH_PIECES = st.one_of(
+    st.sampled_from(["/", ".", "..", "%2e", "%2E", "%2f", "%5c", "%00", "%25", "\\", "?", "a"]),
+    st.characters(min_codepoint=0x21, max_codepoint=0x7E),
+)
+
+
+class NativeRoutingTests(ApiTestCase):
+    """Requests under a consumer's native prefix: to serve_native, or refused."""
+
+    REFUSED = (
+        b"/ollama/../v1/status",
+        b"/ollama/api/../../etc/passwd",
+        b"/ollama/..",
+        b"/ollama/./api/tags",
+        b"/ollama/api/.",
+        b"/ollama//etc/passwd",
+        b"/ollama/api//tags",
+        b"/ollama/a\\..\\b",
+        b"/ollama/%2e%2e/v1/status",
+        b"/ollama/%2E%2E/x",
+        b"/ollama/.%2e/x",
+        b"/ollama/api%2ftags",
+        b"/ollama/api%2Ftags",
+        b"/ollama/a%5cb",
+        b"/ollama/a%00",
+        b"/ollama/http://evil.example/x",
+        b"/comfyui/view/..?filename=x",
+    )
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.facade.config = native_config()
+
+    def test_under_prefix_reaches_serve_native(self) -> None:
+        """GET and POST under a prefix reach serve_native with the consumer, the target after
+        the prefix with its query, the method and the body; the answer ends."""
+        client = self.send(b"GET", b"/comfyui/view?filename=x&type=output")
+        self.send(b"POST", b"/ollama/api/generate", b'{"model": "m"}')
+        self.assertEqual(
+            self.facade.native,
+            [
+                ("comfyui", b"/view?filename=x&type=output", b"GET", b""),
+                ("ollama", b"/api/generate", b"POST", b'{"model": "m"}'),
+            ],
+        )
+        self.assertEqual(client.response()[::2], (200, b"served"))
+        self.assertEqual(self.facade.calls, [])
+
+    def test_prefix_itself_is_the_root(self) -> None:
+        """The prefix alone, with a slash or a query, is the consumer's "/"; the query is kept."""
+        for uri in (b"/ollama", b"/ollama/", b"/ollama?x=/../y", b"/ollama/?"):
+            self.send(b"GET", uri)
+        self.assertEqual(
+            [target for _, target, _, _ in self.facade.native],
+            [b"/", b"/", b"/?x=/../y", b"/?"],
+        )
+
+    def test_every_method_passes(self) -> None:
+        """A native API is the consumer's: any method reaches it, none is 405."""
+        methods = (b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"HEAD", b"PROPFIND")
+        for method in methods:
+            self.send(method, b"/ollama/api/x")
+        self.assertEqual([m for _, _, m, _ in self.facade.native], list(methods))
+
+    def test_prefix_is_matched_by_whole_segments(self) -> None:
+        """/ollamax, another case, an encoded letter or the prefix further in is no native
+        route: 404 not_found, and nothing reaches the facade."""
+        for uri in (b"/ollamax", b"/ollamax/api", b"/Ollama/api", b"/x/ollama/api",
+                    b"/%6Fllama/api", b"/native/ollama"):  # fmt: skip
+            self.assertError(self.send(b"GET", uri), 404, "not_found")
+        self.assertEqual(self.facade.native, [])
+
+    def test_path_tricks_refused(self) -> None:
+        """Traversal, empty segments, backslashes, encoded dots, slashes or NULs under a prefix
+        are 400 bad_request, as for /audio; the facade never sees them."""
+        for uri in self.REFUSED:
+            for method in (b"GET", b"POST"):
+                self.assertError(self.send(method, uri), 400, "bad_request")
+        self.assertEqual(self.facade.native, [])
+
+    def test_absolute_form_refused(self) -> None:
+        """An absolute-form target whose path is under a native prefix is 400 bad_request."""
+        for uri in (b"http://host/ollama/api/tags", b"https://h:1/comfyui?x=1", b"http://h/ollama"):
+            self.assertError(self.send(b"GET", uri), 400, "bad_request")
+        self.assertEqual(self.facade.native, [])
+
+    def test_reload_changes_the_prefixes(self) -> None:
+        """A reloaded configuration's prefixes are the ones routed from then on."""
+        self.facade.config = make_config()
+        self.assertError(self.send(b"GET", b"/ollama/api/tags"), 404, "not_found")
+        self.facade.config = native_config()
+        self.send(b"GET", b"/ollama/api/tags")
+        self.assertEqual(self.facade.native, [("ollama", b"/api/tags", b"GET", b"")])
+
+    def test_several_hosts_refused_before_the_facade(self) -> None:
+        """Two Host headers on a native route (the Host is sent on) are 400 bad_request."""
+        client = self.send(b"GET", b"/ollama/api/tags", headers=(b"Host: other.example",))
+        self.assertError(client, 400, "bad_request")
+        self.assertEqual(self.facade.native, [])
+
+    def test_route_noted_for_logs_and_metrics(self) -> None:
+        """A native request, served or refused, is labelled "native": a bounded label."""
+        self.send(b"GET", b"/ollama/api/tags?x=1")
+        request = cast(TimedRequest, self.facade.requests[0])
+        self.assertEqual((route_label(request), request.consumer), ("native", "ollama"))
+        refused: Any = DummyRequest([])
+        refused.method = b"GET"
+        refused.uri = refused.path = b"/ollama/.."
+        self.resource.render(refused)
+        self.assertEqual(refused.responseCode, 400)
+        self.assertEqual(route_label(cast(TimedRequest, refused)), "native")
+
+    def test_websocket_without_hook_is_bad_request(self) -> None:
+        """Upgrade: websocket under a prefix is 400 bad_request while no tunnel is there;
+        other upgrades are ordinary requests (the relay drops Upgrade)."""
+        client = self.send(
+            b"GET",
+            b"/comfyui/ws?clientId=c",
+            headers=(b"Upgrade: websocket", b"Connection: Upgrade"),
+        )
+        _, document = self.assertError(client, 400, "bad_request")
+        self.assertIn("WebSocket", document["message"])
+        self.assertEqual(self.facade.native, [])
+        self.send(b"GET", b"/comfyui/x", headers=(b"Upgrade: h2c", b"Connection: Upgrade"))
+        self.assertEqual(self.facade.native, [("comfyui", b"/x", b"GET", b"")])
+
+    def test_websocket_goes_to_the_hook(self) -> None:
+        """With a serve_websocket hook, Upgrade: websocket (any case, in a list) goes to it with
+        the consumer and the target; serve_native is not called; its answer ends."""
+        self.facade = WebSocketFacade()
+        self.facade.config = native_config()
+        self.resource = BrokerResource(cast(Facade, self.facade), self.status)
+        for upgrade in (b"websocket", b"WebSocket", b"foo, websocket"):
+            client = self.send(b"GET", b"/comfyui/ws?clientId=c", headers=(b"Upgrade: " + upgrade,))
+            self.assertEqual(client.response()[::2], (502, b"no tunnel"))
+            self.assertTrue(client.transport.value().endswith(b"0\r\n\r\n"))
+        self.assertEqual(self.facade.upgrades, [("comfyui", b"/ws?clientId=c")] * 3)
+        self.assertEqual(self.facade.native, [])
+
+    def test_websocket_hook_may_take_the_connection(self) -> None:
+        """A hook that took the connection from the channel gets nothing more written on it."""
+        facade = WebSocketFacade()
+        facade.config = native_config()
+        facade.takeover = True
+        self.resource = BrokerResource(cast(Facade, facade), self.status)
+        client = self.send(b"GET", b"/comfyui/ws", headers=(b"Upgrade: websocket",))
+        self.assertEqual(
+            client.transport.value(), b"HTTP/1.1 101 Switching Protocols\r\n\r\nframes"
+        )
+        del client
+        gc.collect()  # an error left in the request's Deferred is logged when it is collected
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_native_target(self) -> None:
+        """native_target: the rest after the prefix, "/" if none, the query as sent."""
+        for uri, target in (
+            (b"/o", b"/"),
+            (b"/o?x", b"/?x"),
+            (b"/o/a.b/..c/...", b"/a.b/..c/..."),
+            (b"/o/a%20b?next=/../x", b"/a%20b?next=/../x"),
+        ):
+            self.assertEqual(native_target(b"/o", uri), target)
+        for uri in (b"/ox", b"/x/o", b"/o/..", b"/o//x", b"/o/%2e"):
+            self.assertRaises(BrokerError, native_target, b"/o", uri)
+
+    @settings(max_examples=examples(300), deadline=None)
+    @given(st.lists(_PATH_PIECES, max_size=24).map("".join))
+    def test_targets_never_leave_the_consumer_root(self, rest: str) -> None:
+        """Whatever printable path follows a prefix, the request is refused with 400 (or is no
+        native route at all), or its target, decoded, stays under "/" with no dot segments."""
+        self.facade.native.clear()
+        client = self.send(b"GET", b"/ollama" + rest.encode("ascii"))
+        status = client.response()[0]
+        if not self.facade.native:
+            self.assertIn(status, (400, 404), rest)
+            return
+        [(_, target, _, _)] = self.facade.native
+        path = unquote(target.partition(b"?")[0].decode("ascii"))
+        self.assertTrue(path.startswith("/"), target)
+        self.assertNotIn("\\", path)
+        self.assertNotIn("\x00", path)
+        segments = path.split("/")[1:]
+        self.assertFalse({".", ".."} & set(segments), target)
+        self.assertNotIn("", segments[:-1], target)
+        self.assertEqual(posixpath.normpath(path).lstrip("/"), path.strip("/"), target)
+
+
+class NativeAuthTests(ApiTestCase):
+    """With a token, native routes need it too, and ask a browser for Basic credentials."""
+
+    TOKEN = b"s3cret-token"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.facade.config = native_config()
+        self.resource = BrokerResource(cast(Facade, self.facade), self.status, self.TOKEN)
+
+    def test_refusal_asks_for_basic(self) -> None:
+        """Without the token a native route is 401 with WWW-Authenticate: Basic; the facade's
+        routes still say Bearer."""
+        for method, uri in ((b"GET", b"/comfyui/"), (b"POST", b"/ollama/api/generate"),
+                            (b"GET", b"/ollama")):  # fmt: skip
+            headers, _ = self.assertError(self.send(method, uri), 401, "unauthorized")
+            self.assertEqual(headers[b"www-authenticate"], [b'Basic realm="mgpumanager"'], uri)
+        for uri in (b"/ollamax", b"/v1/status"):
+            headers, _ = self.assertError(self.send(b"GET", uri), 401, "unauthorized")
+            self.assertEqual(headers[b"www-authenticate"], [b'Bearer realm="mgpumanager"'], uri)
+        self.assertEqual(self.facade.native, [])
+
+    def test_token_as_basic_password_or_bearer_passes(self) -> None:
+        """Any user name with the token as password, or the bearer token, reaches the consumer;
+        a wrong password does not."""
+        basic = b"Authorization: Basic " + base64.b64encode(b"me:" + self.TOKEN)
+        bearer = b"Authorization: Bearer " + self.TOKEN
+        for auth in (basic, bearer):
+            self.assertEqual(self.send(b"GET", b"/comfyui/", headers=(auth,)).response()[0], 200)
+        wrong = b"Authorization: Basic " + base64.b64encode(b"me:guess")
+        self.assertError(self.send(b"GET", b"/comfyui/", headers=(wrong,)), 401, "unauthorized")
+        self.assertEqual([c for c, _, _, _ in self.facade.native], ["comfyui", "comfyui"])

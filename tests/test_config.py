@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import (
@@ -16,17 +18,21 @@ from mgpu.config import (
     ConfigError,
     ConsumerConfig,
     GpuConfig,
+    GpuRoute,
     HealthConfig,
     HoldUntil,
     KindPath,
     LimitsConfig,
+    NativeConfig,
     OllamaConfig,
+    OpenAIConfig,
     ProcessConfig,
     Route,
     SchedulerConfig,
     load_config,
     parse_config,
 )
+from tests.fuzz import examples
 
 PRODUCTION = Path(__file__).resolve().parent.parent / "config" / "consumers.yaml"
 SOURCE = "test.yaml"
@@ -175,7 +181,8 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
         )
 
     def test_ollama(self) -> None:
-        """ollama manages its own VRAM and has no unload route; its idle models are reclaimed."""
+        """ollama manages its own VRAM and has no unload route; its idle models are reclaimed;
+        its own API is published under /ollama and its model under /v1."""
         self.assertEqual(
             self.config.consumers["ollama"],
             ConsumerConfig(
@@ -192,11 +199,14 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 max_concurrency=1,
                 timeout_s=300.0,
                 ollama=OllamaConfig(reclaim=True),
+                native=NativeConfig(prefix="/ollama"),
+                openai=OpenAIConfig(path="/v1", models=("llama3.1:8b",)),
             ),
         )
 
     def test_comfyui(self) -> None:
-        """comfyui holds the GPU until its history entry exists and unloads through /free."""
+        """comfyui holds the GPU until its history entry exists and unloads through /free;
+        its web UI is published under /comfyui, where only a queued prompt takes the GPU."""
         self.assertEqual(
             self.config.consumers["comfyui"],
             ConsumerConfig(
@@ -216,6 +226,10 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 priority=2,
                 max_concurrency=1,
                 timeout_s=300.0,
+                native=NativeConfig(
+                    prefix="/comfyui",
+                    gpu=(GpuRoute("POST", "/prompt", HoldUntil("/history/{prompt_id}", 0.5)),),
+                ),
             ),
         )
 
@@ -953,3 +967,290 @@ class MemoryKeysTests(_ConfigTestCase):
         self.assertRefused(document(scheduler={"footprint": "min"}), "scheduler.footprint",
                            "must be one of max, configured")  # fmt: skip
         self.assertRefused(document(state_dir=""), "state_dir", "non-empty string")
+
+
+def natives(**blocks: object) -> dict[str, Any]:
+    """A document whose consumers (named by ``blocks``) each have the ``native`` block given."""
+    return document(consumers={name: consumer(native=block) for name, block in blocks.items()})
+
+
+class NativeTests(_ConfigTestCase):
+    """``consumers.<name>.native`` (SPEC 9.1): its prefix, its gpu entries, and every refusal."""
+
+    def test_absent_is_none(self) -> None:
+        """A consumer without native publishes no native routes."""
+        self.assertIsNone(parse(document()).consumers["a"].native)
+
+    def test_empty_block_takes_the_default_prefix(self) -> None:
+        """native: {} (or a bare native:) publishes under /native/<name>; every POST scheduled."""
+        block: dict[str, Any] | None
+        for block in ({}, None):
+            config = parse(natives(ollama=block))
+            self.assertEqual(config.consumers["ollama"].native, NativeConfig("/native/ollama"))
+
+    def test_spec_example(self) -> None:
+        """SPEC 9.1's ComfyUI and Ollama blocks parse as written; methods are upper-cased."""
+        config = parse_yaml("""
+            consumers:
+              comfyui:
+                url: http://127.0.0.1:8188
+                paths: {image: {path: /prompt}}
+                vram_resident_mib: 13000
+                native:
+                  prefix: /comfyui
+                  gpu:
+                    - {method: post, path: /prompt,
+                       hold_until: {path: "/history/{prompt_id}", interval_s: 0.5}}
+                    - {path: "/api/*"}
+              ollama:
+                url: http://127.0.0.1:11434
+                paths: {llm: {path: /api/generate}}
+                vram_resident_mib: 6000
+                native: {prefix: /ollama}
+            """)
+        self.assertEqual(
+            config.consumers["comfyui"].native,
+            NativeConfig(
+                "/comfyui",
+                (
+                    GpuRoute("POST", "/prompt", HoldUntil("/history/{prompt_id}", 0.5)),
+                    GpuRoute("POST", "/api/*"),
+                ),
+            ),
+        )
+        self.assertEqual(config.consumers["ollama"].native, NativeConfig("/ollama", None))
+
+    def test_empty_gpu_list_schedules_nothing(self) -> None:
+        """gpu: [] says no request of this consumer takes the lease."""
+        native = parse(natives(a={"gpu": []})).consumers["a"].native
+        assert native is not None
+        self.assertEqual(native.gpu, ())
+        self.assertIsNone(native.gpu_route("POST", "/api/generate"))
+
+    def test_prefix_refusals(self) -> None:
+        """Prefixes that are no plain path are refused on native.prefix, saying why."""
+        for prefix, reason in (
+            ("ollama", "starting with '/'"),
+            ("/a b", "visible ASCII"),
+            ("/caf\u00e9", "visible ASCII"),
+            ("/a/", "must not end with '/'"),
+            ("/", "must not end with '/'"),
+            ("/a//b", "empty, '.' or '..' segments"),
+            ("/a/../b", "empty, '.' or '..' segments"),
+            ("/./a", "empty, '.' or '..' segments"),
+            ("/..", "empty, '.' or '..' segments"),
+            ("/a%2fb", "'%', '?', '#'"),
+            ("/a?x", "'%', '?', '#'"),
+            ("/a#x", "'%', '?', '#'"),
+            ("/a\\b", "backslash"),
+            ("", "non-empty string"),
+            (7, "non-empty string"),
+        ):
+            self.assertRefused(natives(a={"prefix": prefix}), "consumers.a.native.prefix", reason)
+
+    def test_prefix_clashing_with_broker_routes(self) -> None:
+        """/v1, /audio, /healthz, /metrics and anything under them are the broker's own."""
+        for prefix in ("/v1", "/v1/ollama", "/audio", "/audio/x", "/healthz", "/metrics/a"):
+            self.assertRefused(
+                natives(a={"prefix": prefix}), "consumers.a.native.prefix", "broker's own routes"
+            )
+        for prefix in ("/v1x", "/audiox", "/healthz2", "/V1", "/native/v1", "/ollama"):
+            native = parse(natives(a={"prefix": prefix})).consumers["a"].native
+            self.assertEqual(native, NativeConfig(prefix), prefix)
+
+    def test_default_prefix_from_unusable_name(self) -> None:
+        """A name that makes no path (a space, a slash at the end) needs an explicit prefix."""
+        self.assertRefused(natives(**{"my model": {}}), "consumers.my model.native",
+                           "the default prefix '/native/my model'")  # fmt: skip
+        self.assertRefused(natives(**{"a/": {}}), "consumers.a/.native", "must not end with")
+        ok = parse(natives(**{"my model": {"prefix": "/mine"}}))
+        self.assertEqual(ok.consumers["my model"].native, NativeConfig("/mine"))
+
+    def test_prefix_clashing_with_another_consumer(self) -> None:
+        """Two consumers may not share a prefix, nor have one under the other's."""
+        for first, second in (("/a", "/a"), ("/a", "/a/b"), ("/a/b", "/a"), ("/native", None)):
+            second_block = {} if second is None else {"prefix": second}
+            self.assertRefused(
+                natives(a={"prefix": first}, b=second_block),
+                "consumers.b.native.prefix",
+                f"clashes with consumers.a.native.prefix ({first})",
+            )
+        config = parse(natives(a={"prefix": "/a"}, b={"prefix": "/ab"}, c={}, d=None))
+        self.assertEqual(
+            [c.native.prefix for c in config.consumers.values() if c.native],
+            ["/a", "/ab", "/native/c", "/native/d"],
+        )
+
+    def test_gpu_refusals(self) -> None:
+        """Malformed gpu entries are refused on the exact field."""
+        hold = {"path": "/history/{id!r}"}
+        for block, field, reason in (
+            ({"gpu": {"path": "/x"}}, "consumers.a.native.gpu", "must be a list"),
+            ({"gpu": ["/x"]}, "consumers.a.native.gpu[0]", "must be a mapping"),
+            ({"gpu": [{"method": "GET"}]}, "consumers.a.native.gpu[0].path", "is required"),
+            ({"gpu": [{"path": "/x"}, {"path": "x"}]}, "consumers.a.native.gpu[1].path",
+             "starting with '/'"),
+            ({"gpu": [{"path": "/x y"}]}, "consumers.a.native.gpu[0].path", "visible ASCII"),
+            ({"gpu": [{"method": "FETCH", "path": "/x"}]}, "consumers.a.native.gpu[0].method",
+             "HTTP method"),
+            ({"gpu": [{"path": "/x", "when": 1}]}, "consumers.a.native.gpu[0].when",
+             "unknown key"),
+            ({"gpu": [{"path": "/x", "hold_until": hold}]},
+             "consumers.a.native.gpu[0].hold_until.path", "placeholders"),
+            ({"gpu": [{"path": "/x", "hold_until": {}}]},
+             "consumers.a.native.gpu[0].hold_until.path", "is required"),
+            ({"port": 1}, "consumers.a.native.port", "unknown key; expected one of: prefix, gpu"),
+            ([], "consumers.a.native", "must be a mapping"),
+        ):  # fmt: skip
+            self.assertRefused(natives(a=block), field, reason)
+
+    @settings(max_examples=examples(300), deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.sampled_from(["/", ".", "..", "v1", "audio", "metrics", "%2e", "\\", "?"]),
+                st.characters(min_codepoint=0x20, max_codepoint=0x7F),
+            ),
+            max_size=12,
+        ).map("".join)
+    )
+    def test_any_prefix_is_refused_or_plain(self, prefix: str) -> None:
+        """Whatever the prefix, it is refused on native.prefix, or it is plain segments of
+        visible ASCII with no dot segment, not under the broker's own routes."""
+        try:
+            config = parse(natives(a={"prefix": prefix}))
+        except ConfigError as e:
+            self.assertEqual(e.field, "consumers.a.native.prefix", str(e))
+            return
+        native = config.consumers["a"].native
+        assert native is not None
+        self.assertEqual(native.prefix, prefix)
+        segments = prefix.split("/")
+        self.assertEqual(segments[0], "")
+        for segment in segments[1:]:
+            self.assertNotIn(segment, ("", ".", ".."))
+            self.assertTrue(all("!" <= c <= "~" and c not in "%?#\\" for c in segment), segment)
+        self.assertNotIn(segments[1], ("v1", "audio", "healthz", "metrics"))
+
+    def test_gpu_route_matching(self) -> None:
+        """An entry matches its method and a glob of the whole path; gpu omitted: any POST."""
+        anything = NativeConfig("/o")
+        self.assertEqual(anything.gpu_route("POST", "/api/generate"), GpuRoute("POST", "*"))
+        self.assertEqual(anything.gpu_route("POST", "/"), GpuRoute("POST", "*"))
+        for method in ("GET", "HEAD", "PUT", "DELETE"):
+            self.assertIsNone(anything.gpu_route(method, "/api/generate"), method)
+        prompt = GpuRoute("POST", "/prompt", HoldUntil("/history/{prompt_id}"))
+        api = GpuRoute("PUT", "/api/*/run")
+        listed = NativeConfig("/c", (prompt, api))
+        self.assertIs(listed.gpu_route("POST", "/prompt"), prompt)
+        self.assertIs(listed.gpu_route("PUT", "/api/x/run"), api)
+        self.assertIs(listed.gpu_route("PUT", "/api/x/y/run"), api)  # fnmatch: * spans '/'
+        for method, path in (
+            ("GET", "/prompt"),
+            ("POST", "/prompt/"),
+            ("POST", "/prompts"),
+            ("POST", "/Prompt"),
+            ("POST", "/upload/image"),
+            ("POST", "/api/x/run"),
+        ):
+            self.assertIsNone(listed.gpu_route(method, path), (method, path))
+
+
+def openais(**blocks: object) -> dict[str, Any]:
+    """A document whose consumers (named by ``blocks``) each have the ``openai`` block given."""
+    return document(consumers={name: consumer(openai=block) for name, block in blocks.items()})
+
+
+class OpenAIConfigTests(_ConfigTestCase):
+    """``consumers.<name>.openai`` (SPEC 9.2): its path, models and discovery, and refusals."""
+
+    def test_absent_is_none(self) -> None:
+        """A consumer without openai serves no model."""
+        self.assertIsNone(parse(document()).consumers["a"].openai)
+
+    def test_spec_example(self) -> None:
+        """SPEC 9.2's block parses as written; path defaults to /v1, discover to false."""
+        config = parse_yaml("""
+            consumers:
+              ollama:
+                url: http://127.0.0.1:11434
+                paths: {llm: {path: /api/generate}}
+                vram_resident_mib: 6000
+                openai:
+                  path: /v1
+                  models: [llama3.1:8b, qwen2.5:7b]
+              vllm:
+                url: http://127.0.0.1:8000
+                paths: {llm: {path: /v1/completions}}
+                vram_resident_mib: 9000
+                openai: {discover: true, path: /openai/v1/}
+            """)
+        self.assertEqual(
+            config.consumers["ollama"].openai,
+            OpenAIConfig("/v1", ("llama3.1:8b", "qwen2.5:7b"), discover=False),
+        )
+        self.assertEqual(
+            config.consumers["vllm"].openai, OpenAIConfig("/openai/v1/", (), discover=True)
+        )
+        self.assertEqual(parse(openais(a={"models": ["m"]})).consumers["a"].openai,
+                         OpenAIConfig("/v1", ("m",), False))  # fmt: skip
+
+    def test_target_joins_path_and_suffix(self) -> None:
+        """The consumer path is openai.path + the route's suffix, one slash between."""
+        for path, expected in (
+            ("/v1", "/v1/chat/completions"),
+            ("/v1/", "/v1/chat/completions"),
+            ("/", "/chat/completions"),
+            ("/api/openai/v1", "/api/openai/v1/chat/completions"),
+        ):
+            self.assertEqual(OpenAIConfig(path, ("m",)).target("/chat/completions"), expected)
+
+    def test_needs_models_or_discovery(self) -> None:
+        """A block that names no model and discovers none serves nothing: refused."""
+        blocks: list[object] = [{}, None, {"path": "/v1"}, {"models": []}, {"discover": False}]
+        for block in blocks:
+            self.assertRefused(openais(a=block), "consumers.a.openai", "or discover: true")
+
+    def test_refusals(self) -> None:
+        """Malformed openai blocks are refused on the exact field, saying why."""
+        for block, field, reason in (
+            ({"models": "m"}, "consumers.a.openai.models", "must be a list, not a string"),
+            ({"models": ["m", 7]}, "consumers.a.openai.models[1]", "non-empty string"),
+            ({"models": [""]}, "consumers.a.openai.models[0]", "non-empty string"),
+            ({"models": ["a\nb"]}, "consumers.a.openai.models[0]", "control characters"),
+            ({"models": ["m", "n", "m"]}, "consumers.a.openai.models[2]", "'m' is listed twice"),
+            ({"models": ["m"], "path": "v1"}, "consumers.a.openai.path", "starting with '/'"),
+            ({"models": ["m"], "path": "/v 1"}, "consumers.a.openai.path", "visible ASCII"),
+            ({"models": ["m"], "path": "/v1?x=1"}, "consumers.a.openai.path", "no query"),
+            ({"models": ["m"], "discover": "yes"}, "consumers.a.openai.discover",
+             "true or false"),
+            ({"models": ["m"], "model": "m"}, "consumers.a.openai.model",
+             "unknown key; expected one of: path, models, discover"),
+            ([], "consumers.a.openai", "must be a mapping"),
+        ):  # fmt: skip
+            self.assertRefused(openais(a=block), field, reason)
+
+    def test_model_declared_by_two_consumers(self) -> None:
+        """One model name declared by two consumers: refused on the second, naming the first."""
+        error = self.assertRefused(
+            openais(a={"models": ["x", "shared"]}, b={"models": ["y", "z", "shared"]}),
+            "consumers.b.openai.models[2]",
+            "'shared' is also declared by consumers.a.openai.models",
+        )
+        self.assertIn("consumers.b.openai.models[2]", str(error))
+        config = parse(openais(a={"models": ["x"]}, b={"models": ["X"], "discover": True}))
+        self.assertEqual([c.openai.models for c in config.consumers.values() if c.openai],
+                         [("x",), ("X",)])  # fmt: skip
+
+    def test_from_a_file(self) -> None:
+        """A clash in a real file names the file and the field path."""
+        path = self.write("""
+            consumers:
+              a: {url: "http://127.0.0.1:1", paths: {llm: {path: /x}}, vram_resident_mib: 1,
+                  openai: {models: [m]}}
+              b: {url: "http://127.0.0.1:2", paths: {llm: {path: /x}}, vram_resident_mib: 1,
+                  openai: {models: [m]}}
+            """)
+        error = self.assertRaises(ConfigError, load_config, path)
+        self.assertEqual(error.field, "consumers.b.openai.models[0]")
+        self.assertIn(path, str(error))

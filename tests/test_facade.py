@@ -10,10 +10,11 @@ to the same consumer resources; the client is an ``HTTPChannel`` over a
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from attrs import evolve
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address
@@ -27,7 +28,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from mgpu.config import Config, ConsumerConfig, HealthConfig, HoldUntil, KindPath, Route
+from mgpu.config import (
+    Config,
+    ConsumerConfig,
+    GpuRoute,
+    HealthConfig,
+    HoldUntil,
+    KindPath,
+    NativeConfig,
+    Route,
+)
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
@@ -71,6 +81,26 @@ COMFYUI = ConsumerConfig(
     vram_resident_mib=13000,
     timeout_s=60.0,
 )
+
+
+#: Ollama under /ollama, every POST scheduled; ComfyUI under /comfyui, two kinds of POST.
+NATIVE_OLLAMA = evolve(OLLAMA, native=NativeConfig("/ollama"))
+NATIVE_COMFYUI = evolve(
+    COMFYUI,
+    native=NativeConfig(
+        "/comfyui",
+        (
+            GpuRoute("POST", "/prompt", HoldUntil("/job/{prompt_id}", interval_s=0.25)),
+            GpuRoute("POST", "/api/*/run"),
+        ),
+    ),
+)
+
+
+def native_config(**overrides: Any) -> Config:
+    """``make_config`` with Ollama and ComfyUI also published under their native prefixes."""
+    consumers = {c.name: c for c in (MVOICE, NATIVE_OLLAMA, NATIVE_COMFYUI)}
+    return make_config(consumers=consumers, **overrides)
 
 
 def make_config(**overrides: Any) -> Config:
@@ -215,6 +245,8 @@ class Broker:
             self.sites[url.port] = Site(self.consumers[name], reactor=Clock())
             by_host[url.netloc.encode("ascii")] = self.consumers[name]
         self.refusing: set[int] = set()
+        #: Every client request handed to the facade, in order.
+        self.requests: list[Request] = []
         #: Connections to these ports fail as a daemon out of file descriptors does.
         self.exhausted: set[int] = set()
         self.pumps: list[IOPump] = []
@@ -274,26 +306,47 @@ class Broker:
     # -- clients ---------------------------------------------------------
 
     def post(
-        self, kind: str, body: bytes = b"{}", query: bytes = b""
+        self, kind: str, body: bytes = b"{}", query: bytes = b"", headers: tuple[bytes, ...] = ()
     ) -> tuple[Client, Deferred[None]]:
         """Send ``POST /v1/<kind>`` to the facade; the request is finished when it succeeds."""
-        return self._send(b"POST", b"/v1/" + kind.encode() + query, body, kind)
+        return self._send(
+            b"POST", b"/v1/" + kind.encode() + query, body,
+            lambda request: self.facade.serve_kind(request, kind), headers,
+        )  # fmt: skip
 
     def get_audio(self, uri: bytes, method: bytes = b"GET") -> tuple[Client, Deferred[None]]:
         """Send ``GET /audio/...`` to the facade."""
-        return self._send(method, uri, b"", None)
+        return self._send(method, uri, b"", lambda r: self.facade.serve_audio(r, r.uri))
+
+    def native(
+        self,
+        name: str,
+        method: bytes,
+        target: bytes,
+        body: bytes = b"",
+        headers: tuple[bytes, ...] = (),
+    ) -> tuple[Client, Deferred[None]]:
+        """Send ``method <prefix><target>`` to ``serve_native`` as the router would."""
+        consumer = self.config.consumers[name]
+        assert consumer.native is not None
+        uri = consumer.native.prefix.encode("ascii") + target
+        return self._send(
+            method, uri, body, lambda r: self.facade.serve_native(r, consumer, target), headers
+        )
 
     def _send(
-        self, method: bytes, uri: bytes, body: bytes, kind: str | None
+        self,
+        method: bytes,
+        uri: bytes,
+        body: bytes,
+        serve: Callable[[Request], Coroutine[Any, Any, None]],
+        headers: tuple[bytes, ...] = (),
     ) -> tuple[Client, Deferred[None]]:
         results: list[Deferred[None]] = []
 
         def handle(request: Request) -> None:
-            if kind is None:
-                work = self.facade.serve_audio(request, request.uri)
-            else:
-                work = self.facade.serve_kind(request, kind)
-            d = Deferred.fromCoroutine(work)
+            self.requests.append(request)
+            d = Deferred.fromCoroutine(serve(request))
 
             def finish(_: None) -> None:
                 if not request.finished and getattr(request, "channel", None) is not None:
@@ -303,7 +356,7 @@ class Broker:
             results.append(d)
 
         client = Client(_Front(handle))
-        client.send(method, uri, body)
+        client.send(method, uri, body, headers)
         self.pump()
         [result] = results
         return client, result
@@ -317,13 +370,16 @@ class FacadeTestCase(SynchronousTestCase):
     """Shared set-up: a Broker with mvoice, ollama and comfyui, all healthy."""
 
     def setUp(self) -> None:
-        self.broker = Broker()
+        self.broker = self.make_broker()
         self.reactor = self.broker.reactor
         self.registry = self.broker.registry
         self.scheduler = self.broker.scheduler
         self.mvoice = self.broker.consumers["mvoice"]
         self.ollama = self.broker.consumers["ollama"]
         self.comfyui = self.broker.consumers["comfyui"]
+
+    def make_broker(self) -> Broker:
+        return Broker()
 
     def reply(
         self,
@@ -816,3 +872,185 @@ class ServeAudioTests(FacadeTestCase):
         error = self.failureResultOf(result, BrokerError).value
         assert isinstance(error, BrokerError)
         self.assertEqual(error.code, "no_consumer")
+
+
+class ServeNativeTests(FacadeTestCase):
+    """Facade.serve_native: GPU work scheduled as /v1/<kind> is, the rest relayed at once."""
+
+    def make_broker(self) -> Broker:
+        return Broker(native_config())
+
+    def hold_lease(self) -> Deferred[None]:
+        """mvoice takes the GPU lease with a request it has not answered yet."""
+        _, held = self.broker.post("tts")
+        self.assertEqual(self.scheduler.holder, "mvoice")
+        return held
+
+    def test_post_waits_for_the_lease(self) -> None:
+        """gpu omitted: a POST waits in the queue while another consumer holds the lease, then
+        reaches the consumer with its target, query and body, under the lease."""
+        held = self.hold_lease()
+        _, native = self.broker.native("ollama", b"POST", b"/api/chat?x=1", b'{"model": "m"}')
+        self.assertEqual(self.ollama.uris(b"POST"), [])
+        self.assertEqual(self.registry["ollama"].queued, 1)
+        self.reply(self.mvoice, 200, b"{}")
+        self.successResultOf(held)
+        self.assertEqual(self.ollama.received[-1], (b"POST", b"/api/chat?x=1", b'{"model": "m"}'))
+        self.assertEqual((self.scheduler.holder, self.scheduler.running), ("ollama", 1))
+        self.reply(self.ollama, 200, b'{"done": true}')
+        self.successResultOf(native)
+        self.assertEqual(self.scheduler.stats.completed, 2)
+        self.assertLeaseFree()
+        self.assertNoTimers()
+
+    def test_get_passes_while_the_lease_is_held(self) -> None:
+        """A GET is relayed at once while another consumer holds the lease, and is no job."""
+        self.hold_lease()
+        client, result = self.broker.native("ollama", b"GET", b"/api/tags")
+        self.assertEqual(self.ollama.uris(b"GET")[-1], b"/api/tags")
+        self.reply(self.ollama, 200, b'{"models": []}')
+        self.successResultOf(result)
+        self.assertEqual(client.response()[::2], (200, b'{"models": []}'))
+        self.assertEqual((self.scheduler.holder, self.scheduler.stats.completed), ("mvoice", 0))
+        self.assertIsNone(getattr(self.broker.requests[-1], "queue_wait_s", None))
+
+    def test_only_listed_requests_scheduled(self) -> None:
+        """With gpu entries, exactly the requests matching a method and path glob wait."""
+        self.hold_lease()
+        for method, target in (
+            (b"POST", b"/prompt"),
+            (b"POST", b"/api/x/run?y=1"),
+            (b"POST", b"/upload/image"),
+            (b"GET", b"/prompt"),
+            (b"POST", b"/prompt/extra"),
+            (b"DELETE", b"/api/x/run"),
+        ):
+            self.broker.native("comfyui", method, target)
+        sent = [(m, uri) for m, uri, _ in self.comfyui.received if uri != b"/system_stats"]
+        self.assertEqual(
+            sent,
+            [
+                (b"POST", b"/upload/image"),
+                (b"GET", b"/prompt"),
+                (b"POST", b"/prompt/extra"),
+                (b"DELETE", b"/api/x/run"),
+            ],
+        )
+        self.assertEqual(self.registry["comfyui"].queued, 2)
+
+    def test_encoded_path_or_lower_case_method_still_scheduled(self) -> None:
+        """/prom%70t is /prompt and 'post' is POST to the glob: neither escapes the lease."""
+        self.hold_lease()
+        self.broker.native("comfyui", b"POST", b"/prom%70t")
+        self.broker.native("comfyui", b"post", b"/api/x/run")
+        self.assertEqual(self.registry["comfyui"].queued, 2)
+        self.assertEqual(self.comfyui.uris(b"POST") + self.comfyui.uris(b"post"), [])
+
+    def test_hold_until_from_the_gpu_entry(self) -> None:
+        """A matched entry's hold_until keeps the lease until its own path shows the job done."""
+        self.comfyui.answer(b"GET", b"/job/p%201", 200, b"{}")
+        client, result = self.broker.native("comfyui", b"POST", b"/prompt", b'{"prompt": {}}')
+        self.reply(self.comfyui, 200, b'{"prompt_id": "p 1"}')
+        self.successResultOf(result)
+        self.assertEqual(client.response()[::2], (200, b'{"prompt_id": "p 1"}'))
+        self.assertEqual(self.scheduler.holder, "comfyui")
+        self.reactor.advance(0.25)
+        self.assertEqual(self.comfyui.uris(b"GET")[-2:], [b"/job/p%201"] * 2)
+        self.assertEqual(self.scheduler.holder, "comfyui")
+        self.comfyui.answer(b"GET", b"/job/p%201", 200, b'{"p 1": {}}')
+        self.reactor.advance(0.25)
+        self.assertLeaseFree()
+        self.assertNotIn(b"/history/p%201", self.comfyui.uris(b"GET"))
+
+    def test_entry_without_hold_until_releases_at_answer(self) -> None:
+        """An entry with no hold_until releases the lease as soon as the answer is complete."""
+        _, result = self.broker.native("comfyui", b"POST", b"/api/x/run", b"{}")
+        self.reply(self.comfyui, 200, b'{"prompt_id": "p 1"}')
+        self.successResultOf(result)
+        self.assertLeaseFree()
+
+    def test_only_a_scheduled_2xx_marks_loaded(self) -> None:
+        """A scheduled POST answered 2xx marks the consumer loaded; a GET or a 4xx does not."""
+        self.ollama.answer(b"GET", b"/api/version", 200, b'{"loaded": false}')
+        for method, code in ((b"GET", 200), (b"POST", 400)):
+            _, result = self.broker.native("ollama", method, b"/api/x")
+            self.reply(self.ollama, code, b"{}")
+            self.successResultOf(result)
+            self.assertIs(self.registry["ollama"].loaded, False, (method, code))
+        _, result = self.broker.native("ollama", b"POST", b"/api/x")
+        self.reply(self.ollama, 200, b"{}")
+        self.successResultOf(result)
+        self.assertIs(self.registry["ollama"].loaded, True)
+
+    def test_host_kept_and_forwarded_headers_set(self) -> None:
+        """Scheduled or not, the consumer sees the client's Host and the broker's own
+        X-Forwarded-Host, -Proto and -Prefix (the client's replaced); Origin passes."""
+        sent = (
+            b"X-Forwarded-Host: evil.example",
+            b"X-Forwarded-Proto: https",
+            b"X-Forwarded-Prefix: /elsewhere",
+            b"Origin: http://broker.local",
+        )
+        for method in (b"GET", b"POST"):
+            self.broker.native("comfyui", method, b"/prompt", headers=sent)
+            seen = self.comfyui.held.pop(0).requestHeaders
+            self.assertEqual(
+                [seen.getRawHeaders(name) for name in (
+                    b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix",
+                    b"origin", b"x-forwarded-for",
+                )],
+                [[b"broker.local"], [b"broker.local"], [b"http"], [b"/comfyui"],
+                 [b"http://broker.local"], [b"10.0.0.7"]],
+                method,
+            )  # fmt: skip
+
+    def test_facade_routes_keep_naming_the_consumer(self) -> None:
+        """/v1/<kind> is unchanged: Host names the consumer, no X-Forwarded-Prefix is added
+        and the client's X-Forwarded-Host passes as sent."""
+        self.broker.post("tts", headers=(b"X-Forwarded-Host: client.example",))
+        seen = self.mvoice.held[0].requestHeaders
+        self.assertEqual(seen.getRawHeaders(b"host"), [b"127.0.0.1:8765"])
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-host"), [b"client.example"])
+        self.assertFalse(seen.hasHeader(b"x-forwarded-prefix"))
+        self.assertFalse(seen.hasHeader(b"x-forwarded-proto"))
+
+    def test_notes_for_the_access_log(self) -> None:
+        """A native request names its consumer; a scheduled one also its wait for the lease."""
+        held = self.hold_lease()
+        self.broker.native("ollama", b"POST", b"/api/generate")
+        self.reactor.advance(3)
+        self.reply(self.mvoice, 200, b"{}")
+        self.successResultOf(held)
+        request: Any = self.broker.requests[-1]
+        self.assertEqual((request.consumer, request.queue_wait_s), ("ollama", 3.0))
+
+    def test_unhealthy_consumer_refused_at_once(self) -> None:
+        """A consumer whose probe fails: consumer_unreachable, for GETs and POSTs alike."""
+        self.ollama.answer(b"GET", b"/api/version", 500, b"")
+        for method in (b"GET", b"POST"):
+            _, result = self.broker.native("ollama", method, b"/api/tags")
+            self.assertBrokerError(result, "consumer_unreachable", "ollama")
+        self.assertEqual(self.ollama.uris(b"GET"), [b"/api/version"])
+        self.assertEqual(self.ollama.uris(b"POST"), [])
+
+    def test_unscheduled_bounded_by_silence(self) -> None:
+        """A relayed GET may stream past timeout_s as long as chunks keep coming; silence for
+        timeout_s ends it."""
+        _, result = self.broker.native("ollama", b"GET", b"/api/pull-progress")
+        upstream = self.reply(self.ollama, 200, b"a", finish=False)
+        for _ in range(3):
+            self.reactor.advance(250)
+            upstream.write(b"b")
+            self.broker.pump()
+        self.assertNoResult(result)
+        self.reactor.advance(300)
+        self.failureResultOf(result, RelayBroken)
+
+    def test_consumer_without_native_block(self) -> None:
+        """Handed a consumer that publishes no native API, the facade refuses: not_found."""
+        request: Any = object()
+        error = self.failureResultOf(
+            Deferred.fromCoroutine(self.broker.facade.serve_native(request, MVOICE, b"/")),
+            BrokerError,
+        ).value
+        self.assertEqual(getattr(error, "code", None), "not_found")

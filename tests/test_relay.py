@@ -8,11 +8,12 @@ upstream client's connection attempt on a ``MemoryReactorClock`` by an iosim pum
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -20,10 +21,12 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import alsoProvides
 
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
-from mgpu.relay import SMALL_BODY, Relay, RelayBroken, RelayResult
+from mgpu.relay import SMALL_BODY, Relay, RelayBroken, RelayResult, client_host
 from mgpu.upstream import UpstreamClient
 from tests.integration.harness import dechunk
 
@@ -81,6 +84,17 @@ class _ClientEnd(FakeTransport):
         super().abortConnection()
 
 
+class _TlsTransport(StringTransport):
+    """A client connection that twisted.web takes for TLS (``request.isSecure()``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        alsoProvides(self, ISSLTransport)
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+
 class _FailingClient(UpstreamClient):
     """An upstream client whose every request fails with one error."""
 
@@ -127,21 +141,28 @@ class RelayTests(SynchronousTestCase):
         headers: tuple[bytes, ...] = (),
         body: bytes = b"",
         consumer: ConsumerConfig = CONSUMER,
+        host: bytes | None = b"broker.local",
+        secure: bool = False,
         **options: Any,
     ) -> None:
-        """Send a client request to the broker, which forwards it to ``consumer``."""
+        """Send a client request to the broker, which forwards it to ``consumer``.
+
+        ``host`` is the client's Host header (None: none); ``secure`` makes its
+        connection TLS as far as twisted.web can tell.
+        """
         options.setdefault("timeout_s", 30.0)
 
         def handle(request: Request) -> None:
             self.request = request
             self.result = self.relay.forward(request, consumer, method, request.uri, **options)
 
-        self.client = StringTransport(peerAddress=CLIENT)
+        self.client = (_TlsTransport if secure else StringTransport)(peerAddress=CLIENT)
         channel = Site(_Front(handle), reactor=Clock()).buildProtocol(CLIENT)
         assert channel is not None
         self.channel = channel
         channel.makeConnection(self.client)
-        lines = [b"%s %s HTTP/1.1" % (method, path), b"Host: broker.local", *headers]
+        host_lines = [] if host is None else [b"Host: " + host]
+        lines = [b"%s %s HTTP/1.1" % (method, path), *host_lines, *headers]
         if body:
             lines.append(b"Content-Length: %d" % len(body))
         channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
@@ -370,6 +391,86 @@ class RelayTests(SynchronousTestCase):
         self.assertFalse(seen.hasHeader(b"authorization"))
         self.assertEqual(seen.getRawHeaders(b"x-forwarded-for"), [b"10.0.0.7"])
 
+    def test_native_keeps_host_and_sets_forwarded_headers(self) -> None:
+        """On a native route the client's Host reaches the consumer, and X-Forwarded-Host,
+        -Proto and -Prefix are the broker's, whatever the client sent; the rest is as ever."""
+        self.start(
+            headers=(
+                b"X-Forwarded-Host: evil.example",
+                b"x-forwarded-proto: https",
+                b"X-Forwarded-Prefix: /other",
+                b"X-Forwarded-Prefix: /more",
+                b"Origin: http://broker.local",
+                b"Upgrade: h2c",
+            ),
+            native_prefix=b"/ollama",
+        )
+        seen = self.connect().requestHeaders
+        self.assertEqual(
+            {name: seen.getRawHeaders(name) for name in (
+                b"host", b"x-forwarded-host", b"x-forwarded-proto", b"x-forwarded-prefix",
+                b"origin", b"x-forwarded-for", b"upgrade",
+            )},
+            {b"host": [b"broker.local"], b"x-forwarded-host": [b"broker.local"],
+             b"x-forwarded-proto": [b"http"], b"x-forwarded-prefix": [b"/ollama"],
+             b"origin": [b"http://broker.local"], b"x-forwarded-for": [b"10.0.0.7"],
+             b"upgrade": None},
+        )  # fmt: skip
+
+    def test_native_secure_client_is_https(self) -> None:
+        """A client that reached the daemon over TLS is X-Forwarded-Proto: https."""
+        self.start(native_prefix=b"/comfyui", secure=True, host=b"gpu.example:8443")
+        seen = self.connect().requestHeaders
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(seen.getRawHeaders(b"host"), [b"gpu.example:8443"])
+
+    def test_native_without_host_names_the_consumer(self) -> None:
+        """A client that sent no Host: the consumer's own is sent, and no X-Forwarded-Host."""
+        self.start(native_prefix=b"/ollama", host=None)
+        seen = self.connect().requestHeaders
+        self.assertEqual(seen.getRawHeaders(b"host"), [b"127.0.0.1:11434"])
+        self.assertFalse(seen.hasHeader(b"x-forwarded-host"))
+        self.assertEqual(seen.getRawHeaders(b"x-forwarded-prefix"), [b"/ollama"])
+
+    def test_native_malformed_host_refused(self) -> None:
+        """A Host that is not one host[:port] is bad_request on a native route, and nothing
+        is sent; on a facade route it is not sent on, so it is no concern there."""
+        for host in (b"a b", b"evil.example/x", b"u@evil", b"a:b:c", b"h:123456", b"a\tb",
+                     b"\x80", b"", b"h\\x"):  # fmt: skip
+            self.start(native_prefix=b"/ollama", host=host)
+            self.assertClientError(host)
+        self.start(native_prefix=b"/ollama", headers=(b"Host: second.example",))
+        self.assertClientError(b"two Host headers")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.start(host=b"a b")
+        self.assertEqual(self.connect().requestHeaders.getRawHeaders(b"host"), [b"127.0.0.1:11434"])
+
+    def test_client_host_refuses_line_breaks(self) -> None:
+        """CR, LF and NUL (which twisted.web already refuses in a head) are refused here too."""
+        for host in (b"a\r\nX-Injected: 1", b"a\nb", b"a\rb", b"a\x00b", b"[::1]\r\n:80"):
+            request: Any = DummyRequest([])
+            request.requestHeaders.setRawHeaders(b"host", [host])
+            with self.assertRaises(BrokerError, msg=repr(host)) as caught:
+                client_host(request)
+            self.assertEqual(caught.exception.code, "bad_request")
+
+    def test_client_host_accepts_authorities(self) -> None:
+        """Names, IPv4 and bracketed IPv6 addresses, with or without a port, are kept."""
+        for host in (b"broker.local", b"127.0.0.1:8770", b"[::1]:8770", b"[fe80::1]",
+                     b"xn--bcher-kva.example", b"GPU-Box_1.lan:80"):  # fmt: skip
+            request: Any = DummyRequest([])
+            request.requestHeaders.setRawHeaders(b"host", [host])
+            self.assertEqual(client_host(request), host)
+        self.assertIsNone(client_host(cast(Request, DummyRequest([]))))
+
+    def test_upstream_refuses_an_unsafe_host(self) -> None:
+        """The upstream client itself refuses a Host with a control or space byte, or none."""
+        client = UpstreamClient(self.reactor, max_idle=0)
+        for host in (b"a\r\nX-Injected: 1", b"a b", b"a\x00", b""):
+            with self.assertRaises(ValueError, msg=repr(host)):
+                client.request(b"GET", b"http://127.0.0.1:11434/", host=host)
+        self.assertEqual(self.reactor.tcpClients, [])
+
     def test_response_headers_filtered_and_copied(self) -> None:
         """The consumer's end-to-end headers reach the client; hop-by-hop ones do not."""
         self.start()
@@ -436,6 +537,14 @@ class RelayTests(SynchronousTestCase):
         self.assertIn(b'{"error": "short and stout"}', body)
 
     # -- failures before the answer --------------------------------------
+
+    def assertClientError(self, why: bytes) -> None:
+        """The relay refused the client's request itself: bad_request, nothing written."""
+        error = self.failureResultOf(self.result, BrokerError).value
+        assert isinstance(error, BrokerError)
+        self.assertEqual((error.code, error.consumer), ("bad_request", None), why)
+        self.assertEqual(self.client.value(), b"")
+        self.assertNoTimers()
 
     def assertBrokerError(self, code: str) -> BrokerError:
         error = self.failureResultOf(self.result, BrokerError).value
