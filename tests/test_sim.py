@@ -6,14 +6,19 @@ import contextlib
 import io
 import json
 import os
+import struct
 import sys
 import threading
+import zlib
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 from unittest import mock
 
+import ollama
 import treq
 from attrs import evolve
+from openai.types import Completion, CreateEmbeddingResponse, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import reactor as _reactor
@@ -33,7 +38,15 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from mgpu.config import Config, load_config
 from mgpu.gpu import GpuProcess
 from mgpu.ollama import parse_ps
-from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
+from mgpu.sim import __main__ as sim_main
+from mgpu.sim.consumers import (
+    OLLAMA_MODELS,
+    SPEECH_MODELS,
+    ConsumerSettings,
+    OpenAISpeech,
+    SimConsumer,
+    make_consumer,
+)
 from mgpu.sim.demo import DEMO_TOTAL_MIB, demo_settings, start_demo
 from mgpu.sim.gpu import VIRTUAL_PID_BASE, FileLedger, MemoryLedger, SimGpuReader
 from mgpu.sim.http import CHUNK, BodyProducer, SimResource, SyntheticBody, parse_range, sim_site
@@ -978,3 +991,467 @@ class OllamaPsTests(SynchronousTestCase):
             ),
         )
         self.assertEqual((self.ps(), self.sim.ledger.used_mib()), ([], 0))
+
+
+def _sse_events(body: bytes) -> list[bytes]:
+    """The ``data:`` payloads of a Server-Sent Events body, in order."""
+    events = [event for event in body.split(b"\n\n") if event]
+    for event in events:
+        assert event.startswith(b"data: "), event
+    return [event[len(b"data: ") :] for event in events]
+
+
+def _multipart(fields: dict[str, str], file: bytes | None) -> tuple[bytes, str]:
+    """A ``multipart/form-data`` body with ``fields`` and a ``file`` part; its Content-Type."""
+    boundary = "simboundary"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    if file is not None:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        )
+        parts.append(head.encode() + file + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+class OllamaApiTests(SynchronousTestCase):
+    """The simulated Ollama's chat, embedding and model routes, native and OpenAI's."""
+
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "ollama", load_s=0.6, work_s=0.4, tokens=4, keep_alive_s=5)
+
+    def finish(self, d: Deferred[Any]) -> tuple[int, bytes, Any]:
+        """Run a cold request to its end: the load, then one step per token."""
+        for step in (0.6, 0.1, 0.1, 0.1, 0.1):
+            self.sim.advance(step)
+        return self.sim.answer(d)
+
+    def stream(self, path: str, body: dict[str, Any]) -> tuple[Any, list[bytes]]:
+        """A streamed request: its response and its writes, checked to come one per token."""
+        d = self.sim.send("POST", path, json=body)
+        self.sim.advance(0.6)
+        self.assertNoResult(d)
+        self.sim.advance(0.1)
+        response = self.successResultOf(d)
+        chunks: list[bytes] = []
+        done = treq.collect(response, chunks.append)
+        self.sim.http.flush()
+        seen = [len(chunks)]
+        for _ in range(3):
+            self.sim.advance(0.1)
+            seen.append(len(chunks))
+        self.successResultOf(done)
+        self.assertEqual(seen, [1, 2, 3, 5])  # the last step writes its token, then the end
+        return response, chunks
+
+    def test_chat_streams_ndjson_messages(self) -> None:
+        """/api/chat streams one NDJSON line per token with message.content, then a done line
+        with done_reason and the counts; every line reads as the ollama client's ChatResponse."""
+        messages = [{"role": "user", "content": "say hi"}]
+        response, chunks = self.stream("/api/chat", {"model": "m", "messages": messages})
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/x-ndjson"])
+        self.assertEqual([c.count(b"\n") for c in chunks], [1] * 5)
+        lines = [json.loads(chunk) for chunk in chunks]
+        for line in lines:
+            ollama.ChatResponse.model_validate(line)
+        self.assertEqual(
+            [line["message"] for line in lines],
+            [{"role": "assistant", "content": c} for c in ("tok0 ", "tok1 ", "tok2 ", "tok3 ", "")],
+        )
+        self.assertEqual([line["done"] for line in lines], [False] * 4 + [True])
+        last = lines[-1]
+        self.assertEqual(
+            (last["done_reason"], last["eval_count"], last["prompt_eval_count"], last["model"]),
+            ("stop", 4, 2, "m"),
+        )
+        self.assertEqual(last["total_duration"], 1_000_000_000)  # the load and 4 tokens
+        self.assertEqual(last["load_duration"], 600_000_000)
+
+    def test_chat_without_streaming_answers_one_object(self) -> None:
+        """stream: false gives one JSON object holding the whole message."""
+        body = {"messages": [{"role": "user", "content": "x"}], "stream": False}
+        code, raw, response = self.finish(self.sim.send("POST", "/api/chat", json=body))
+        answer = json.loads(raw)
+        self.assertEqual((code, answer["message"]["content"]), (200, "tok0 tok1 tok2 tok3 "))
+        self.assertEqual((answer["done"], answer["done_reason"]), (True, "stop"))
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/json"])
+
+    def test_chat_without_messages_loads_or_unloads(self) -> None:
+        """As with /api/generate: no messages loads the model; with keep_alive 0 it unloads."""
+        d = self.sim.send("POST", "/api/chat", json={"model": "m", "messages": []})
+        self.sim.advance(0.6)
+        code, body = self.sim.json(d)
+        self.assertEqual((code, body["done_reason"], body["message"]["content"]), (200, "load", ""))
+        self.assertEqual(self.sim.ledger.used_mib(), 6000)
+        code, body = self.sim.call("POST", "/api/chat", json={"model": "m", "keep_alive": 0})
+        self.assertEqual(
+            (code, body["done_reason"], self.sim.ledger.used_mib()), (200, "unload", 0)
+        )
+
+    def test_embed_one_vector_per_input(self) -> None:
+        """/api/embed answers one unit vector per input, a string or a list; same text, same
+        vector; the ollama client's EmbedResponse reads it; anything else is a 400."""
+        d = self.sim.send("POST", "/api/embed", json={"model": "e", "input": ["a", "b", "a"]})
+        self.sim.advance(0.6)
+        self.sim.advance(0.4)
+        code, body = self.sim.json(d)
+        ollama.EmbedResponse.model_validate(body)
+        a, b, a_again = body["embeddings"]
+        self.assertEqual((code, body["model"], a), (200, "e", a_again))
+        self.assertNotEqual(a, b)
+        self.assertAlmostEqual(sum(x * x for x in a), 1.0, places=4)
+        d = self.sim.send("POST", "/api/embed", json={"input": "a"})
+        self.sim.advance(0.4)
+        self.assertEqual(self.sim.json(d)[1]["embeddings"], [a])
+        self.assertEqual(self.sim.call("POST", "/api/embed", json={"input": 3})[0], 400)
+
+    def test_tags_lists_its_models(self) -> None:
+        """/api/tags lists the models it has, in the shape the ollama client reads; a model
+        asked for is listed from then on."""
+        code, body = self.sim.call("GET", "/api/tags")
+        listed = ollama.ListResponse.model_validate(body)
+        self.assertEqual((code, [m.model for m in listed.models]), (200, list(OLLAMA_MODELS)))
+        self.assertEqual(listed.models[0].size, 6000 * 2**20)
+        d = self.sim.send("POST", "/api/generate", json={"model": "qwen2.5:7b", "prompt": ""})
+        self.sim.advance(0.6)
+        self.sim.answer(d)
+        names = [m["name"] for m in self.sim.call("GET", "/api/tags")[1]["models"]]
+        self.assertEqual(names, [*OLLAMA_MODELS, "qwen2.5:7b"])
+
+    def test_openai_models(self) -> None:
+        """/v1/models: OpenAI's list of model objects, the same models as /api/tags."""
+        code, body = self.sim.call("GET", "/v1/models")
+        self.assertEqual((code, body["object"]), (200, "list"))
+        models = [Model.model_validate(entry) for entry in body["data"]]
+        self.assertEqual([m.id for m in models], list(OLLAMA_MODELS))
+        self.assertEqual({m.object for m in models}, {"model"})
+
+    def test_chat_completions_stream_sse_chunks_then_done(self) -> None:
+        """stream: true gives one SSE event per token with choices[0].delta.content, a last
+        chunk with finish_reason stop, then data: [DONE]; each chunk reads as the openai
+        SDK's ChatCompletionChunk."""
+        body = {"model": "llama3.1:8b", "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        response, chunks = self.stream("/v1/chat/completions", body)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["text/event-stream"])
+        events = _sse_events(b"".join(chunks))
+        self.assertEqual(events[-1], b"[DONE]")
+        parsed = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+        self.assertEqual(
+            [c.choices[0].delta.content for c in parsed], ["tok0 ", "tok1 ", "tok2 ", "tok3 ", ""]
+        )
+        self.assertEqual([c.choices[0].finish_reason for c in parsed], [None] * 4 + ["stop"])
+        self.assertEqual({(c.model, c.id) for c in parsed}, {("llama3.1:8b", "chatcmpl-1")})
+
+    def test_chat_completions_without_streaming(self) -> None:
+        """Without stream, one chat.completion with the message and its usage."""
+        body = {"model": "m", "messages": [{"role": "user", "content": "two words"}]}
+        code, raw, _ = self.finish(self.sim.send("POST", "/v1/chat/completions", json=body))
+        answer = ChatCompletion.model_validate_json(raw)
+        self.assertEqual(code, 200)
+        self.assertEqual(answer.object, "chat.completion")
+        self.assertEqual(answer.choices[0].message.content, "tok0 tok1 tok2 tok3 ")
+        self.assertEqual(answer.choices[0].finish_reason, "stop")
+        assert answer.usage is not None
+        self.assertEqual((answer.usage.prompt_tokens, answer.usage.completion_tokens), (2, 4))
+
+    def test_completions_whole_and_streamed(self) -> None:
+        """/v1/completions: a text_completion with choices[0].text; streamed, the same in
+        SSE chunks ending data: [DONE]."""
+        code, raw, _ = self.finish(
+            self.sim.send("POST", "/v1/completions", json={"model": "m", "prompt": "once"})
+        )
+        answer = Completion.model_validate_json(raw)
+        self.assertEqual((code, answer.choices[0].text), (200, "tok0 tok1 tok2 tok3 "))
+        body = {"model": "m", "prompt": "once", "stream": True}
+        d = self.sim.send("POST", "/v1/completions", json=body)
+        for _ in range(4):
+            self.sim.advance(0.1)
+        code, raw, response = self.sim.answer(d)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["text/event-stream"])
+        events = _sse_events(raw)
+        self.assertEqual(events[-1], b"[DONE]")
+        chunks = [json.loads(event) for event in events[:-1]]
+        self.assertEqual({c["object"] for c in chunks}, {"text_completion"})
+        texts = [c["choices"][0]["text"] for c in chunks]
+        self.assertEqual(texts, ["tok0 ", "tok1 ", "tok2 ", "tok3 ", ""])
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_openai_embeddings(self) -> None:
+        """/v1/embeddings: a list of embedding objects with their index, the model and usage,
+        as the openai SDK reads them; the vectors are those of /api/embed."""
+        d = self.sim.send("POST", "/v1/embeddings", json={"model": "e", "input": ["a", "b c"]})
+        self.sim.advance(0.6)
+        self.sim.advance(0.4)
+        code, raw, _ = self.sim.answer(d)
+        answer = CreateEmbeddingResponse.model_validate_json(raw)
+        self.assertEqual((code, answer.object, answer.model), (200, "list", "e"))
+        self.assertEqual([e.index for e in answer.data], [0, 1])
+        self.assertEqual((answer.usage.prompt_tokens, answer.usage.total_tokens), (3, 3))
+        d = self.sim.send("POST", "/api/embed", json={"input": "a"})
+        self.sim.advance(0.4)
+        self.assertEqual(self.sim.json(d)[1]["embeddings"], [answer.data[0].embedding])
+
+    def test_openai_errors_use_openai_envelope(self) -> None:
+        """A request without its messages, prompt or input is a 400 in OpenAI's envelope."""
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            code, body = self.sim.call("POST", path, json={"model": "m"})
+            self.assertEqual(code, 400, path)
+            self.assertEqual(set(body["error"]), {"message", "type", "param", "code"}, path)
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+
+
+class OllamaRoutesHoldMemoryTests(SynchronousTestCase):
+    """Every generating or embedding route loads the model through ``work``, holds its
+    simulated memory while it runs and keeps it keep_alive seconds after."""
+
+    ROUTES: Final[dict[str, dict[str, Any]]] = {
+        "/api/chat": {"messages": [{"role": "user", "content": "x"}], "stream": False},
+        "/api/embed": {"input": "x"},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "x"}]},
+        "/v1/completions": {"prompt": "x"},
+        "/v1/embeddings": {"input": "x"},
+    }
+
+    def run_cold(self, path: str, body: dict[str, Any]) -> _Sim:
+        """One request on a fresh Ollama (times exact in binary): a 0.5 s load, 0.5 s of
+        work (four tokens, or one embedding); checks the memory is taken from its start."""
+        sim = _Sim(self, "ollama", load_s=0.5, work_s=0.5, tokens=4, keep_alive_s=5)
+        d = sim.send("POST", path, json={"model": "m"} | body)
+        self.assertEqual((sim.ledger.used_mib(), sim.consumer.loading), (6000, True), path)
+        sim.advance(0.5)
+        for _ in range(4):
+            self.assertNoResult(d)
+            sim.advance(0.125)
+        self.assertEqual(sim.answer(d)[0], 200, path)
+        return sim
+
+    def test_each_route_loads_holds_and_frees_after_keep_alive(self) -> None:
+        for path, body in self.ROUTES.items():
+            sim = self.run_cold(path, body)
+            [entry] = sim.consumer.log
+            self.assertEqual((entry.path, entry.kind, entry.cold), (path, "llm", True))
+            self.assertEqual(sim.call("GET", "/api/ps")[1]["models"][0]["name"], "m", path)
+            sim.advance(4.875)
+            self.assertEqual(sim.ledger.used_mib(), 6000, path)
+            sim.advance(0.125)
+            self.assertEqual((sim.ledger.used_mib(), sim.consumer.loaded), (0, False), path)
+
+    def test_native_keep_alive_field_applies(self) -> None:
+        """keep_alive in a native request's body replaces the default: 0 frees at its end."""
+        for path in ("/api/chat", "/api/embed"):
+            sim = self.run_cold(path, self.ROUTES[path] | {"keep_alive": 0})
+            self.assertEqual(sim.ledger.used_mib(), 0, path)
+
+
+class ComfyUIApiTests(SynchronousTestCase):
+    """The simulated ComfyUI's page, images, node classes, queue and origin check."""
+
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "comfyui", load_s=1.3, work_s=0.8)
+
+    def get(self, url: str, **headers: str) -> tuple[int, bytes, Any]:
+        d = self.sim.http.request("GET", url, headers=headers)
+        self.sim.http.flush()
+        return self.sim.answer(d)
+
+    def test_index_is_a_comfyui_page_whose_feed_follows_its_path(self) -> None:
+        """GET / is an HTML page titled ComfyUI that opens its feed at ws under the page's
+        own path (so it works under /comfyui/), never at an absolute /ws."""
+        code, body, response = self.sim.answer(self.sim.send("GET", "/"))
+        page = body.decode()
+        self.assertEqual(code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders("Content-Type"), ["text/html; charset=utf-8"]
+        )
+        self.assertIn("<title>ComfyUI</title>", page)
+        self.assertIn("new WebSocket(", page)
+        self.assertIn('location.pathname.replace(/\\/$/, "")', page)
+        self.assertIn('"wss" : "ws"', page)
+        self.assertIn('"/ws?clientId=" + id', page)
+        self.assertNotIn('location.host + "/ws', page)
+
+    def test_view_serves_a_png(self) -> None:
+        """/view?filename=F&type=output answers a valid PNG as image/png; no file name is a
+        404, a path outside the folder or an unknown type a 400."""
+        code, body, response = self.sim.answer(
+            self.sim.send("GET", "/view?filename=ComfyUI_00001_.png&type=output")
+        )
+        self.assertEqual((code, response.headers.getRawHeaders("Content-Type")),
+                         (200, ["image/png"]))  # fmt: skip
+        self.assertEqual(body[:8], b"\x89PNG\r\n\x1a\n")
+        chunks, offset = [], 8
+        while offset < len(body):
+            (length,) = struct.unpack(">I", body[offset : offset + 4])
+            kind, data = body[offset + 4 : offset + 8], body[offset + 8 : offset + 8 + length]
+            (crc,) = struct.unpack(">I", body[offset + 8 + length : offset + 12 + length])
+            self.assertEqual(crc, zlib.crc32(kind + data))
+            chunks.append((kind, data))
+            offset += 12 + length
+        self.assertEqual([kind for kind, _ in chunks], [b"IHDR", b"IDAT", b"IEND"])
+        width, height = struct.unpack(">II", chunks[0][1][:8])
+        self.assertEqual(len(zlib.decompress(chunks[1][1])), height * (1 + 3 * width))
+        self.assertEqual(self.sim.answer(self.sim.send("GET", "/view"))[0], 404)
+        self.assertEqual(self.sim.answer(self.sim.send("GET", "/view?filename=../x.png"))[0], 400)
+        bad_type = "/view?filename=x.png&type=secret"
+        self.assertEqual(self.sim.answer(self.sim.send("GET", bad_type))[0], 400)
+
+    def test_history_names_saved_images_that_view_serves(self) -> None:
+        """A job with a SaveImage node lists its image in /history/<id> and /history once
+        done; /view serves that file."""
+        graph = {"3": {"class_type": "KSampler", "inputs": {}},
+                 "9": {"class_type": "SaveImage", "inputs": {}}}  # fmt: skip
+        prompt_id = self.sim.call("POST", "/prompt", json={"prompt": graph})[1]["prompt_id"]
+        self.sim.advance(1.3)
+        self.sim.advance(0.8)
+        entry = self.sim.call("GET", f"/history/{prompt_id}")[1][prompt_id]
+        self.assertEqual(self.sim.call("GET", "/history")[1], {prompt_id: entry})
+        [image] = entry["outputs"]["9"]["images"]
+        self.assertEqual(
+            image, {"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}
+        )
+        self.assertEqual(set(entry["outputs"]), {"9"})
+        code, body, _ = self.sim.answer(
+            self.sim.send("GET", f"/view?filename={image['filename']}&type=output")
+        )
+        self.assertEqual((code, body[:4]), (200, b"\x89PNG"))
+
+    def test_object_info_describes_node_classes(self) -> None:
+        """/object_info lists node classes with their input specs and outputs;
+        /object_info/<class> one of them, or {} for none."""
+        code, nodes = self.sim.call("GET", "/object_info")
+        self.assertEqual(code, 200)
+        self.assertLessEqual({"KSampler", "CheckpointLoaderSimple", "SaveImage"}, set(nodes))
+        sampler = nodes["KSampler"]
+        self.assertEqual(sampler["input"]["required"]["seed"][0], "INT")
+        self.assertEqual(sampler["input"]["required"]["model"], ["MODEL"])
+        self.assertEqual(sampler["input_order"]["required"][0], "model")
+        self.assertEqual((sampler["output"], sampler["name"], sampler["output_node"]),
+                         (["LATENT"], "KSampler", False))  # fmt: skip
+        self.assertTrue(nodes["SaveImage"]["output_node"])
+        self.assertEqual(
+            self.sim.call("GET", "/object_info/KSampler"), (200, {"KSampler": sampler})
+        )
+        self.assertEqual(self.sim.call("GET", "/object_info/Nope"), (200, {}))
+
+    def test_queue_shows_running_and_pending(self) -> None:
+        """/queue lists the running job in queue_running and the waiting ones after it."""
+        first = self.sim.call("POST", "/prompt", json={"prompt": {}})[1]
+        second = self.sim.call("POST", "/prompt", json={"prompt": {}})[1]
+        code, queue = self.sim.call("GET", "/queue")
+        self.assertEqual((code, set(queue)), (200, {"queue_running", "queue_pending"}))
+        self.assertEqual([job[1] for job in queue["queue_running"]], [first["prompt_id"]])
+        self.assertEqual([job[1] for job in queue["queue_pending"]], [second["prompt_id"]])
+
+    def test_origin_must_match_a_loopback_host(self) -> None:
+        """As ComfyUI: with a loopback Host, an Origin naming another host (or port) is 403
+        with an empty body, and the request does nothing; a matching Origin, none, or one
+        that leaves the port out passes; a non-loopback Host is not checked."""
+        url = "http://127.0.0.1:8188/system_stats"
+        self.assertEqual(self.get(url)[0], 200)
+        self.assertEqual(self.get(url, Origin="http://127.0.0.1:8188")[0], 200)
+        self.assertEqual(self.get(url, Origin="http://127.0.0.1")[0], 200)
+        self.assertEqual(self.get(url, Origin="http://evil.example")[:2], (403, b""))
+        self.assertEqual(self.get(url, Origin="http://127.0.0.1:8770")[0], 403)
+        self.assertEqual(self.get(url, Origin="http://localhost:8188")[0], 403)
+        self.assertEqual(self.get("http://localhost:8188/", Origin="http://x:8188")[0], 403)
+        self.assertEqual(self.get("http://gpu.example:8770/", Origin="http://x")[0], 200)
+        d = self.sim.http.request(
+            "POST", "http://127.0.0.1:8188/prompt", json={"prompt": {}},
+            headers={"Origin": "http://evil.example"},
+        )  # fmt: skip
+        self.sim.http.flush()
+        self.assertEqual(self.sim.answer(d)[0], 403)
+        self.sim.advance(5)
+        self.assertEqual((self.sim.call("GET", "/history")[1], self.sim.ledger.used_mib()), ({}, 0))
+
+
+class OpenAISpeechTests(SynchronousTestCase):
+    """The OpenAI-style speech server: models, speech, transcriptions, through ``work``."""
+
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "openai-speech", load_s=0.3, work_s=0.2)
+
+    def test_health_and_models(self) -> None:
+        """/health answers ok; /v1/models lists its models as OpenAI's list."""
+        self.assertEqual(self.sim.call("GET", "/health"), (200, {"status": "ok"}))
+        code, body = self.sim.call("GET", "/v1/models")
+        models = [Model.model_validate(entry) for entry in body["data"]]
+        self.assertEqual((code, body["object"], [m.id for m in models]),
+                         (200, "list", list(SPEECH_MODELS)))  # fmt: skip
+
+    def test_speech_cold_starts_and_answers_mpeg(self) -> None:
+        """/v1/audio/speech loads the model (taking its memory), works, then answers MP3
+        frames as audio/mpeg; response_format wav gives a WAV file."""
+        body = {"model": "tts-1", "input": "hello", "voice": "alloy"}
+        d = self.sim.send("POST", "/v1/audio/speech", json=body)
+        self.assertEqual(self.sim.ledger.used_mib(), 3000)
+        self.sim.advance(0.3)
+        self.assertNoResult(d)
+        self.sim.advance(0.2)
+        code, audio, response = self.sim.answer(d)
+        self.assertEqual((code, response.headers.getRawHeaders("Content-Type")),
+                         (200, ["audio/mpeg"]))  # fmt: skip
+        self.assertEqual((audio[:2], len(audio) % 417), (b"\xff\xfb", 0))
+        [entry] = self.sim.consumer.log
+        self.assertEqual((entry.kind, entry.path, entry.cold), ("tts", "/v1/audio/speech", True))
+        d = self.sim.send("POST", "/v1/audio/speech", json=body | {"response_format": "wav"})
+        self.sim.advance(0.2)
+        code, audio, response = self.sim.answer(d)
+        self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["audio/wav"])
+        self.assertEqual((audio[:4], len(audio)), (b"RIFF", 44 + 5 * 1920))
+
+    def test_speech_refuses_bad_requests_in_openai_envelope(self) -> None:
+        """No input, or an unknown response_format, is a 400 in OpenAI's error envelope."""
+        for body in ({"model": "tts-1"}, {"input": "x", "response_format": "ogg"}):
+            code, answer = self.sim.call("POST", "/v1/audio/speech", json=body)
+            self.assertEqual(code, 400, body)
+            self.assertEqual(set(answer["error"]), {"message", "type", "param", "code"})
+        self.assertEqual((self.sim.ledger.used_mib(), self.sim.consumer.log), (0, []))
+
+    def test_transcription_of_a_multipart_upload(self) -> None:
+        """/v1/audio/transcriptions reads file and model from a multipart body and answers
+        {"text"}; response_format text answers the text alone."""
+        body, kind = _multipart({"model": "whisper-1"}, bytes(3000))
+        d = self.sim.send("POST", "/v1/audio/transcriptions", data=body,
+                          headers={"Content-Type": kind})  # fmt: skip
+        self.sim.advance(0.3)
+        self.sim.advance(0.2)
+        self.assertEqual(self.sim.json(d), (200, {"text": "simulated transcript of 3000 bytes"}))
+        self.assertEqual(self.sim.consumer.log[0].kind, "stt")
+        body, kind = _multipart({"model": "whisper-1", "response_format": "text"}, b"abc")
+        d = self.sim.send("POST", "/v1/audio/translations", data=body,
+                          headers={"Content-Type": kind})  # fmt: skip
+        self.sim.advance(0.2)
+        code, text, response = self.sim.answer(d)
+        self.assertEqual((code, text), (200, b"simulated transcript of 3 bytes"))
+        self.assertEqual(
+            response.headers.getRawHeaders("Content-Type"), ["text/plain; charset=utf-8"]
+        )
+        self.assertEqual(self.sim.consumer.log[1].path, "/v1/audio/translations")
+
+    def test_transcription_needs_file_model_and_multipart(self) -> None:
+        """Without a file, without a model, or not multipart: a 400, nothing loaded."""
+        cases = [_multipart({"model": "whisper-1"}, None), _multipart({}, b"abc"),
+                 (b"{}", "application/json")]  # fmt: skip
+        for body, kind in cases:
+            d = self.sim.send("POST", "/v1/audio/transcriptions", data=body,
+                              headers={"Content-Type": kind})  # fmt: skip
+            code, answer = self.sim.json(d)
+            self.assertEqual(code, 400, kind)
+            self.assertIn("message", answer["error"])
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+
+    def test_selectable_from_the_command_line(self) -> None:
+        """python -m mgpu.sim --service openai-speech runs this simulator."""
+        args = sim_main.parse_args(
+            ["--name", "speech", "--port", "0", "--service", "openai-speech"]
+        )
+        settings = ConsumerSettings.make(args.name, args.service)
+        consumer = make_consumer(settings, MemoryLedger(), Clock())
+        self.assertIsInstance(consumer, OpenAISpeech)
+        self.assertEqual(settings.vram_mib, 3000)

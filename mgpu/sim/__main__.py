@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_sim -*-
 """``python -m mgpu.sim``: one simulated consumer process, for the integration tests.
 
-It prints ``listening 127.0.0.1:PORT`` and serves until SIGTERM or SIGINT;
+``--service`` picks what it imitates (``mgpu.sim.consumers.SERVICES``: mvoice,
+whisper, ollama, comfyui, openai-speech). It prints ``listening
+127.0.0.1:PORT`` and serves until SIGTERM or SIGINT;
 with ``--gpu-state`` its model's memory goes into a ``FileLedger`` that
 ``tests/fake_nvidia_smi.py`` reads.
 """

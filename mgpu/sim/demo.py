@@ -88,6 +88,8 @@ PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
         "vram_resident_mib": 6000,
         "vram_managed": True,
         "ollama": {"reclaim": True},
+        "native": {"prefix": "/ollama"},
+        "openai": {"path": "/v1", "models": ["llama3.1:8b"]},
     },
     "comfyui": {
         "health": {"method": "GET", "path": "/system_stats"},
@@ -103,6 +105,16 @@ PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
             "method": "POST",
             "path": "/free",
             "body": {"unload_models": True, "free_memory": True},
+        },
+        "native": {
+            "prefix": "/comfyui",
+            "gpu": [
+                {
+                    "method": "POST",
+                    "path": "/prompt",
+                    "hold_until": {"path": "/history/{prompt_id}", "interval_s": 0.5},
+                }
+            ],
         },
     },
 }

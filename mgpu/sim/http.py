@@ -156,6 +156,11 @@ def send_text(request: Request, text: str, code: int = 200) -> None:
     _send(request, text.encode(), b"text/plain; charset=utf-8", code)
 
 
+def send_bytes(request: Request, data: bytes, content_type: bytes, code: int = 200) -> None:
+    """Finish the request with ``data`` (an image, audio) as its body."""
+    _send(request, data, content_type, code)
+
+
 def _send(request: Request, data: bytes, content_type: bytes, code: int) -> None:
     if not alive(request):
         return

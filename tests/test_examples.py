@@ -1,0 +1,107 @@
+"""The example configurations in config/examples/: each passes ``mgpu check-config`` and
+says what its comments promise."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Final
+
+from attrs import evolve
+from twisted.trial.unittest import SynchronousTestCase
+
+from mgpu import cli
+from mgpu.config import Config, ConsumerConfig, load_config
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+EXAMPLES: Final = ROOT / "config" / "examples"
+NAMES: Final = ("full-host.yaml", "ollama-comfyui.yaml", "openai-speech.yaml", "vllm.yaml")
+
+
+def _example(name: str) -> Config:
+    return load_config(EXAMPLES / name)
+
+
+class CheckConfigTests(SynchronousTestCase):
+    def test_every_example_passes_check_config(self) -> None:
+        """`mgpu check-config FILE` accepts each example (exit 0, "valid"); the folder
+        holds exactly these, so a new example gets checked too."""
+        self.assertEqual(sorted(p.name for p in EXAMPLES.glob("*.yaml")), list(NAMES))
+        for name in NAMES:
+            path = str(EXAMPLES / name)
+            out, err = io.StringIO(), io.StringIO()
+            code = cli.run(["check-config", path], {}, cli.Io(out, err))
+            self.assertEqual((code, err.getvalue()), (0, ""), name)
+            self.assertTrue(out.getvalue().startswith(f"{path}: valid, "), out.getvalue())
+
+    def test_the_command_itself(self) -> None:
+        """The installed entry point, as an operator runs it, accepts an example."""
+        path = EXAMPLES / "vllm.yaml"
+        result = subprocess.run(
+            [sys.executable, "-m", "mgpu.cli", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("vllm", result.stdout)
+
+
+class ExampleContentTests(SynchronousTestCase):
+    def assert_comfyui_native(self, consumer: ConsumerConfig) -> None:
+        """ComfyUI's web UI under /comfyui/: only a queued prompt takes the GPU, held until
+        its history shows it."""
+        assert consumer.native is not None and consumer.native.gpu is not None
+        self.assertEqual(consumer.native.prefix, "/comfyui")
+        [route] = consumer.native.gpu
+        self.assertEqual((route.method, route.path), ("POST", "/prompt"))
+        assert route.hold_until is not None
+        self.assertEqual(route.hold_until.path, "/history/{prompt_id}")
+
+    def test_ollama_comfyui_publishes_both_native_apis(self) -> None:
+        """Ollama and ComfyUI only, each under its own prefix; Ollama's OpenAI models
+        are discovered."""
+        config = _example("ollama-comfyui.yaml")
+        self.assertEqual(set(config.consumers), {"ollama", "comfyui"})
+        ollama = config.consumers["ollama"]
+        assert ollama.native is not None and ollama.openai is not None
+        self.assertEqual((ollama.native.prefix, ollama.native.gpu), ("/ollama", None))
+        self.assertEqual((ollama.openai.path, ollama.openai.discover), ("/v1", True))
+        self.assertTrue(ollama.vram_managed)
+        self.assert_comfyui_native(config.consumers["comfyui"])
+
+    def test_full_host_is_the_shipped_layout(self) -> None:
+        """full-host.yaml declares the consumers and routing of config/consumers.yaml."""
+        config = _example("full-host.yaml")
+        shipped = load_config(ROOT / "config" / "consumers.yaml")
+        self.assertEqual(dict(config.routing), dict(shipped.routing))
+        self.assertEqual(config.audio_proxy, shipped.audio_proxy)
+        self.assertEqual(list(config.consumers), list(shipped.consumers))
+        for name, consumer in shipped.consumers.items():
+            self.assertEqual(evolve(config.consumers[name], url="-"), evolve(consumer, url="-"))
+
+    def test_vllm_sleeps_and_wakes_and_serves_openai(self) -> None:
+        """vLLM's sleep mode as unload and load; its models discovered at /v1."""
+        vllm = _example("vllm.yaml").consumers["vllm"]
+        assert vllm.unload is not None and vllm.load is not None and vllm.openai is not None
+        self.assertEqual((vllm.unload.method, vllm.unload.path), ("POST", "/sleep?level=1"))
+        self.assertEqual((vllm.load.method, vllm.load.path), ("POST", "/wake_up"))
+        self.assertEqual((vllm.openai.path, vllm.openai.discover), ("/v1", True))
+        self.assertFalse(vllm.vram_managed)
+
+    def test_openai_speech_routes_by_model(self) -> None:
+        """The speech server's OpenAI audio routes serve tts and stt; its models and
+        Ollama's are distinct."""
+        config = _example("openai-speech.yaml")
+        speech = config.consumers["speech"]
+        self.assertEqual(speech.paths["tts"].path, "/v1/audio/speech")
+        self.assertEqual(speech.paths["stt"].path, "/v1/audio/transcriptions")
+        assert speech.openai is not None
+        self.assertEqual(
+            (speech.openai.path, speech.openai.models), ("/v1", ("tts-1", "whisper-1"))
+        )
+        self.assertEqual((config.routing["tts"], config.routing["llm"]), ("speech", "ollama"))
