@@ -265,8 +265,11 @@ class BrokerResource(Resource):
     def _serve_native(
         self, request: Request, prefix: bytes, consumer: ConsumerConfig
     ) -> bytes | int:
-        """Hand a request under a native prefix to the facade, its WebSocket upgrade to the hook."""
+        """Hand a request under a native prefix to the facade, its WebSocket upgrade to the hook;
+        a GET or HEAD of the bare prefix is redirected to ``prefix/``."""
         _note(request, route="native", consumer=consumer.name)
+        if request.path == prefix and request.method in (b"GET", b"HEAD"):
+            return _to_slash(request, prefix)
         try:
             target = native_target(prefix, request.uri)
             client_host(request)  # a malformed Host is refused before any wait
@@ -347,6 +350,15 @@ class BrokerResource(Resource):
 
         done.addCallbacks(lambda _: None, failed).addCallback(finish)
         return NOT_DONE_YET
+
+
+def _to_slash(request: Request, prefix: bytes) -> bytes:
+    """301 from a bare native prefix to ``prefix/``, the query kept, so that a browser
+    resolves the consumer's page's relative URLs (``ws``, ``api/...``) under the prefix."""
+    _, sep, query = request.uri.partition(b"?")
+    request.setResponseCode(301)
+    request.setHeader(b"location", prefix + b"/" + sep + query)
+    return b""
 
 
 def _still_http(request: Request) -> bool:

@@ -974,13 +974,38 @@ class NativeRoutingTests(ApiTestCase):
         self.assertEqual(self.facade.calls, [])
 
     def test_prefix_itself_is_the_root(self) -> None:
-        """The prefix alone, with a slash or a query, is the consumer's "/"; the query is kept."""
-        for uri in (b"/ollama", b"/ollama/", b"/ollama?x=/../y", b"/ollama/?"):
-            self.send(b"GET", uri)
+        """The prefix with a slash, or alone with another method than GET or HEAD, is the
+        consumer's "/"; the query is kept."""
+        for method, uri in ((b"GET", b"/ollama/"), (b"GET", b"/ollama/?x=/../y"),
+                            (b"GET", b"/ollama/?"), (b"POST", b"/ollama"),
+                            (b"OPTIONS", b"/ollama?x=1")):  # fmt: skip
+            self.send(method, uri)
         self.assertEqual(
-            [target for _, target, _, _ in self.facade.native],
-            [b"/", b"/", b"/?x=/../y", b"/?"],
-        )
+            [(method, target) for _, target, method, _ in self.facade.native],
+            [(b"GET", b"/"), (b"GET", b"/?x=/../y"), (b"GET", b"/?"), (b"POST", b"/"),
+             (b"OPTIONS", b"/?x=1")],
+        )  # fmt: skip
+
+    def test_bare_prefix_redirected_to_its_slash(self) -> None:
+        """GET or HEAD of the prefix without its trailing slash is 301 to the prefix with it,
+        the query kept, so that a page's relative URLs resolve under the prefix; the facade
+        never sees it."""
+        for method, uri, location in (
+            (b"GET", b"/comfyui", b"/comfyui/"),
+            (b"HEAD", b"/comfyui", b"/comfyui/"),
+            (b"GET", b"/ollama?x=/../y&z", b"/ollama/?x=/../y&z"),
+            (b"GET", b"/ollama?", b"/ollama/?"),
+        ):
+            status, headers, body = self.send(method, uri).response()
+            self.assertEqual((status, headers[b"location"], body), (301, [location], b""), uri)
+        self.assertEqual(self.facade.native, [])
+        request: Any = DummyRequest([])
+        request.method = b"GET"
+        request.uri = request.path = b"/comfyui"
+        self.resource.render(request)
+        self.assertEqual(request.responseCode, 301)
+        self.assertEqual((route_label(cast(TimedRequest, request)), request.consumer),
+                         ("native", "comfyui"))  # fmt: skip
 
     def test_every_method_passes(self) -> None:
         """A native API is the consumer's: any method reaches it, none is 405."""
@@ -1099,7 +1124,8 @@ class NativeRoutingTests(ApiTestCase):
         client = self.send(b"GET", b"/ollama" + rest.encode("ascii"))
         status = client.response()[0]
         if not self.facade.native:
-            self.assertIn(status, (400, 404), rest)
+            bare = rest.partition("?")[0] == ""
+            self.assertIn(status, (301,) if bare else (400, 404), rest)
             return
         [(_, target, _, _)] = self.facade.native
         path = unquote(target.partition(b"?")[0].decode("ascii"))
