@@ -12,7 +12,8 @@ A body over ``limits.max_body_mib`` is refused with ``413 payload_too_large``
 as soon as ``Content-Length`` says so, or as soon as the bytes received pass
 it; the rest of the body is read and dropped (closing on unread data would
 reset the connection before the client reads the answer), nothing is kept,
-and the request never reaches a resource.
+and the request never reaches a resource. On OpenAI's routes the 413's body is
+OpenAI's error envelope, as the router's own errors there are.
 
 Twisted's default access log sends one event per request through the logging
 pipeline, timezone lookup included: about an eighth of a proxied request's CPU
@@ -22,6 +23,7 @@ leave as one log event per batch (at most ``flush_s`` late).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
@@ -36,6 +38,7 @@ from twisted.web.server import Request, Site
 
 from mgpu.config import KINDS, LimitsConfig
 from mgpu.errors import BrokerError
+from mgpu.openai_api import envelope, is_openai_path
 from mgpu.shed import ConnectionCap, OverloadedAnswer
 
 log = Logger()
@@ -97,7 +100,9 @@ class TimedRequest(Request):
         self._refused = True
         self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the 413
         mib = self.site.max_body_bytes // 2**20
-        error = BrokerError("payload_too_large", f"the request body is over {mib} MiB")
+        message = f"the request body is over {mib} MiB"
+        error_type = _EnvelopedError if self._for_openai() else BrokerError
+        error = error_type("payload_too_large", message)
         connection = self._connection()
         connection.write(error.raw_answer())
         # The client sees the answer end now; the daemon still reads (and drops)
@@ -109,6 +114,22 @@ class TimedRequest(Request):
         # declare (and send) any size.
         self.site.reactor.callLater(REFUSED_LINGER_S, connection.loseConnection)
         self.site.on_refused()
+
+    def _for_openai(self) -> bool:
+        """Whether the request line names one of OpenAI's routes (``is_openai_path``).
+
+        The request is refused before ``requestReceived`` sets ``path``: the target
+        is still where Twisted's channel keeps it while the head and body arrive.
+        """
+        target: bytes = getattr(self.channel, "_path", b"")
+        return is_openai_path(target.partition(b"?")[0])
+
+
+class _EnvelopedError(BrokerError):
+    """A broker error whose body is OpenAI's envelope (``mgpu.openai_api.envelope``)."""
+
+    def body(self) -> bytes:
+        return json.dumps(envelope(self)).encode("utf-8")
 
 
 class BrokerChannel(HTTPChannel):

@@ -129,6 +129,11 @@ class BodyLimitTests(SynchronousTestCase):
             self.echo, self.clock, AccessLog(Clock()), max_body_bytes=100,
             on_refused=lambda: self.refused.append(True),
         )  # fmt: skip
+        self.connect()
+
+    def connect(self) -> None:
+        """A fresh connection to the site; nothing refused yet."""
+        self.refused.clear()
         channel = self.site.buildProtocol(None)
         assert channel is not None
         self.channel = channel
@@ -177,6 +182,37 @@ class BodyLimitTests(SynchronousTestCase):
         self.channel.dataReceived(b"0\r\n\r\n")
         self.assertEqual(self.echo.bodies, [])
         self.assertTrue(self.transport.disconnecting)
+
+    def test_openai_route_refused_in_openai_envelope(self) -> None:
+        """On OpenAI's routes (a query string too) the 413 is OpenAI's error envelope, which
+        the SDK reads; declared or counted, nothing reaches a resource."""
+        for head in (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n",
+            b"POST /v1/audio/transcriptions?x=1 HTTP/1.1\r\nHost: h\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n65\r\n" + b"a" * 101 + b"\r\n",
+        ):
+            self.connect()
+            self.channel.dataReceived(head)
+            answer = self.transport.value()
+            self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+            self.assertIn(b"Content-Type: application/json", answer)
+            document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            self.assertEqual(
+                document,
+                {"error": {"message": "the request body is over 0 MiB",
+                           "type": "invalid_request_error", "param": None,
+                           "code": "payload_too_large"}},
+            )  # fmt: skip
+            self.assertEqual((self.refused, self.echo.bodies), ([True], []))
+
+    def test_other_v1_paths_keep_the_broker_schema(self) -> None:
+        """/v1/tts and a look-alike of an OpenAI route are refused in the broker's schema."""
+        for path in (b"/v1/tts", b"/v1/chat/completionsx", b"/x?/v1/chat/completions"):
+            self.connect()
+            self.channel.dataReceived(
+                b"POST " + path + b" HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n"
+            )
+            self.assert_refused()
 
     def test_body_at_the_limit_served(self) -> None:
         """A body of exactly the limit reaches the resource whole."""

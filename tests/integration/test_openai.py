@@ -35,6 +35,8 @@ ALPHA_MODELS = ["chat-a", "whisper-a"]
 BETA_MODELS = ["embed-b", "chat-b"]
 #: Seconds between two streamed words of the stand-ins.
 GAP_S = 0.15
+#: ``limits.max_body_mib``: above test_transcription's 3 MiB upload.
+MAX_BODY_MIB = 4
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -71,6 +73,7 @@ async def _openai_stack() -> Stack:
             "gpu": {"source": "none", "total_mib": 16384},
             "health": {"interval_s": 0.5, "timeout_s": 1},
             "scheduler": {"max_queue": 1},
+            "limits": {"max_body_mib": MAX_BODY_MIB},
             "consumers": {
                 "alpha": _block(alpha, {"path": "/v1", "models": ALPHA_MODELS}),
                 "beta": _block(beta, {"discover": True}),
@@ -224,6 +227,23 @@ class OpenAISdkTests(TestCase):
         self.assertEqual((error.status_code, error.code, error.param),
                          (404, "model_not_found", "model"))  # fmt: skip
         self.assertIn("gpt-9", error.message)
+
+    async def test_body_over_the_limit(self) -> None:
+        """A body over limits.max_body_mib is the SDK's APIStatusError 413 with code
+        payload_too_large (OpenAI's envelope); nothing reaches the consumer."""
+        before = len(self.requests_to(self.alpha, "/v1/chat/completions"))
+        text = "x" * (MAX_BODY_MIB * 2**20)
+
+        def ask() -> object:
+            return self.sdk().chat.completions.create(
+                model="chat-a", messages=[{"role": "user", "content": text}]
+            )
+
+        error = await self.raises(ask, openai.APIStatusError)
+        self.assertEqual((error.status_code, error.code, error.type),
+                         (413, "payload_too_large", "invalid_request_error"))  # fmt: skip
+        self.assertIn(f"{MAX_BODY_MIB} MiB", error.message)
+        self.assertEqual(len(self.requests_to(self.alpha, "/v1/chat/completions")), before)
 
     async def test_wrong_token(self) -> None:
         """A wrong api_key is the SDK's AuthenticationError, code unauthorized."""
