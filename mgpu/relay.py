@@ -135,14 +135,14 @@ class Relay:
         as a browser-facing reverse proxy does; a malformed Host is
         ``bad_request``.
         """
-        fields = _upstream_headers(request, drop_authorization)
+        fields = upstream_headers(request, drop_authorization)
         host = None
         if native_prefix is not None:
             try:
                 host = client_host(request)
             except BrokerError as e:
                 return fail(e)
-            fields = _native_headers(fields, request, host, native_prefix)
+            fields = native_headers(fields, request, host, native_prefix)
         content = request.content
         body: bytes | IBodyProducer | None = None
         if isinstance(content, BytesIO):
@@ -168,7 +168,7 @@ class Relay:
         return exchange.start(upstream)
 
 
-def _upstream_headers(request: Request, drop_authorization: bool) -> list[tuple[bytes, bytes]]:
+def upstream_headers(request: Request, drop_authorization: bool) -> list[tuple[bytes, bytes]]:
     """The client's end-to-end headers, plus the client's address in X-Forwarded-For."""
     source = request.requestHeaders
     named = source.getRawHeaders(b"connection")
@@ -206,7 +206,7 @@ def client_host(request: Request) -> bytes | None:
     return values[0]
 
 
-def _native_headers(
+def native_headers(
     fields: list[tuple[bytes, bytes]], request: Request, host: bytes | None, prefix: bytes
 ) -> list[tuple[bytes, bytes]]:
     """``fields`` with the client's X-Forwarded-Host, -Proto and -Prefix replaced by ours."""

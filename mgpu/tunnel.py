@@ -55,15 +55,11 @@ from twisted.web.server import Request
 from mgpu.config import ConsumerConfig
 from mgpu.errors import BrokerError
 from mgpu.fdlimit import exhausted, overloaded
-from mgpu.relay import HOP_BY_HOP, _native_headers, _upstream_headers, client_host
-from mgpu.upstream import EndpointCache
+from mgpu.relay import HOP_BY_HOP, client_host, native_headers, upstream_headers
+from mgpu.upstream import MAX_FIELDS, MAX_HEAD, EndpointCache
 
 log = Logger()
 
-#: The consumer's answer head (status line and headers) may not be longer than this.
-MAX_HEAD: Final = 64 * 1024
-#: Nor have more header fields than this.
-MAX_FIELDS: Final = 256
 #: The body of an answer other than 101, relayed whole, may not be longer than this.
 MAX_REFUSAL_BODY: Final = 1024 * 1024
 #: At daemon stop, how long open tunnels may take to write what they still hold.
@@ -296,7 +292,7 @@ def upgrade_head(
     """
     given = client_host(request)
     host = given or default_host
-    fields = _native_headers(_upstream_headers(request, drop_authorization), request, given, prefix)
+    fields = native_headers(upstream_headers(request, drop_authorization), request, given, prefix)
     upgrade = request.requestHeaders.getRawHeaders(b"upgrade", [b"websocket"])
     lines = [b"GET %s HTTP/1.1" % target, b"Host: " + host]
     lines += [b"%s: %s" % (name, _one_line(value)) for name, value in fields]

@@ -56,6 +56,21 @@ reactor: Any = _reactor
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def chunks_per_step(
+    sim: Any, response: Any, steps: int = 3
+) -> tuple[list[int], list[bytes], Deferred[None]]:
+    """How many body chunks have arrived, then after each of ``steps`` work steps of 0.1 s;
+    the chunks (growing as the body arrives), and the collection's Deferred."""
+    chunks: list[bytes] = []
+    done = treq.collect(response, chunks.append)
+    sim.http.flush()
+    seen = [len(chunks)]
+    for _ in range(steps):
+        sim.advance(0.1)
+        seen.append(len(chunks))
+    return seen, chunks, done
+
+
 class _Sim:
     """One simulated consumer behind StubTreq, on a Clock."""
 
@@ -565,13 +580,7 @@ class OllamaTests(SynchronousTestCase):
         self.sim.advance(0.1)
         response = self.successResultOf(d)
         self.assertEqual(response.headers.getRawHeaders("Content-Type"), ["application/x-ndjson"])
-        chunks: list[bytes] = []
-        done = treq.collect(response, chunks.append)
-        self.sim.http.flush()
-        seen = [len(chunks)]
-        for _ in range(3):
-            self.sim.advance(0.1)
-            seen.append(len(chunks))
+        seen, chunks, done = chunks_per_step(self.sim, response)
         self.assertEqual(seen, [1, 2, 3, 5])  # the last step sends its token and "done"
         self.successResultOf(done)
         lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
@@ -1037,13 +1046,7 @@ class OllamaApiTests(SynchronousTestCase):
         self.assertNoResult(d)
         self.sim.advance(0.1)
         response = self.successResultOf(d)
-        chunks: list[bytes] = []
-        done = treq.collect(response, chunks.append)
-        self.sim.http.flush()
-        seen = [len(chunks)]
-        for _ in range(3):
-            self.sim.advance(0.1)
-            seen.append(len(chunks))
+        seen, chunks, done = chunks_per_step(self.sim, response)
         self.successResultOf(done)
         self.assertEqual(seen, [1, 2, 3, 5])  # the last step writes its token, then the end
         return response, chunks
