@@ -374,7 +374,12 @@ def render_gpu(gpu: Mapping[str, Any], now: datetime) -> str:
         f"{_num(gpu.get('used_mib'))} / {_num(gpu.get('total_mib'))} MiB used, "
         f"{_num(gpu.get('free_mib'))} MiB free"
     )
-    state = "ok" if gpu.get("ok") else f"error: {gpu.get('error') or 'no reading'}"
+    if gpu.get("ok"):
+        state = "ok"
+    elif gpu.get("source") == "none":
+        state = "not read (gpu.source: none): the broker's own accounting"
+    else:
+        state = f"error: {gpu.get('error') or 'no reading'}"
     read = "" if gpu.get("read_at") is None else f" (read {ago(gpu['read_at'], now)})"
     where = f"GPU {_num(gpu.get('index'))}: {name} via {gpu.get('source') or '?'}"
     return f"{where}, {memory}, {state}{read}"
@@ -447,8 +452,17 @@ def _evict(e: Mapping[str, Any]) -> str:
     resident = "" if not isinstance(age, int | float) else f", resident {duration(age)}"
     return (
         f"{e.get('consumer')} evicted for {e.get('target')}: freed {_num(e.get('freed_mib'))} MiB"
-        f" in {_num(e.get('free_s'))} s{resident} ({e.get('reason')})"
+        f" {_took(e.get('free_s'))}{resident} ({e.get('reason')})"
     )
+
+
+def _took(seconds: object) -> str:
+    """``in 1.2 s``, ``in 40 ms``, or ``at once`` (the memory showed free at the first look)."""
+    if not isinstance(seconds, int | float):
+        return "in ? s"
+    if seconds < 0.001:
+        return "at once"
+    return f"in {seconds * 1000:.0f} ms" if seconds < 1 else f"in {seconds:.1f} s"
 
 
 def _health(e: Mapping[str, Any]) -> str:

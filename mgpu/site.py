@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from io import BytesIO
 from typing import Any, cast
 
@@ -272,10 +273,13 @@ class AccessLog:
         self._timer: IDelayedCall | None = None
 
     def record(self, request: TimedRequest) -> None:
-        took_ms = (self._clock.seconds() - request.received_at) * 1000
+        now = self._clock.seconds()
+        took_ms = (now - request.received_at) * 1000
         wait = "-" if request.queue_wait_s is None else f"{request.queue_wait_s * 1000:.1f}ms"
+        # Lines are logged in batches: each carries the time its request ended.
+        at = datetime.fromtimestamp(now, UTC).strftime("%H:%M:%S.%f")[:-3]
         self._lines.append(
-            f"{request.method.decode('latin-1')} {route_label(request)} "
+            f"{at} {request.method.decode('latin-1')} {route_label(request)} "
             f"consumer={request.consumer or '-'} status={request.code} "
             f"wait={wait} took={took_ms:.1f}ms bytes={request.sentLength} "
             f"client={getattr(request.getClientAddress(), 'host', '-')}"

@@ -174,13 +174,18 @@ class EventRenderingTests(SynchronousTestCase):
         }  # fmt: skip
         self.check(
             event("evict", **fields),
-            "comfyui evicted for mvoice: freed 13000 MiB in 0.4 s, resident 2m 5s "
+            "comfyui evicted for mvoice: freed 13000 MiB in 400 ms, resident 2m 5s "
+            "(mvoice needs 3056 MiB, 1884 MiB were free)",
+        )
+        self.check(
+            event("evict", **{**fields, "free_s": 0.0, "age_s": None}),
+            "comfyui evicted for mvoice: freed 13000 MiB at once "
             "(mvoice needs 3056 MiB, 1884 MiB were free)",
         )
         fields["age_s"] = None
         self.check(
             event("evict", **fields),
-            "comfyui evicted for mvoice: freed 13000 MiB in 0.4 s "
+            "comfyui evicted for mvoice: freed 13000 MiB in 400 ms "
             "(mvoice needs 3056 MiB, 1884 MiB were free)",
         )
 

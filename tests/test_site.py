@@ -65,12 +65,26 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(len([e for e in self.events if e.get("log_namespace") == "mgpu.site"]), 1)
         lines = self.access_lines()
         self.assertEqual(len(lines), 2)
+        # Each line starts with the time its request ended (the batch's event has its own).
         self.assertTrue(
-            lines[0].startswith("GET /healthz consumer=- status=200 wait=- took=0.0ms bytes=5 "),
+            lines[0].startswith(
+                "00:00:00.000 GET /healthz consumer=- status=200 wait=- took=0.0ms bytes=5 "
+            ),
             lines[0],
         )
         # A path the client chose is not echoed as a route: logs and labels stay bounded.
-        self.assertTrue(lines[1].startswith("GET other consumer=- status=200 "), lines[1])
+        self.assertTrue(
+            lines[1].startswith("00:00:00.000 GET other consumer=- status=200 "), lines[1]
+        )
+
+    def test_each_line_carries_its_own_time(self) -> None:
+        """Lines of one batch carry the times their requests ended, not the batch's."""
+        self.get(b"/healthz")
+        self.clock.advance(0.25)
+        self.get(b"/healthz")
+        self.access.flush()
+        self.assertEqual([line[:12] for line in self.access_lines()],
+                         ["00:00:00.000", "00:00:00.250"])  # fmt: skip
 
     def test_line_names_consumer_and_queue_wait(self) -> None:
         """A scheduled request's line says which consumer served it and how long it queued."""
@@ -79,7 +93,8 @@ class AccessLogTests(SynchronousTestCase):
         [line] = self.access_lines()
         self.assertTrue(
             line.startswith(
-                "GET /v1/tts consumer=mvoice status=200 wait=12.5ms took=0.0ms bytes=5 "
+                "00:00:00.000 GET /v1/tts consumer=mvoice status=200 wait=12.5ms took=0.0ms "
+                "bytes=5 "
             ),
             line,
         )
