@@ -206,13 +206,21 @@ class ConsumerControl:
         """Call the health route: a failure is an unhealthy result, except the daemon's
         own lack of file descriptors, which says nothing of the consumer (``daemon_overloaded``)."""
 
+        probed = f"{consumer.health.method} {consumer.url}{consumer.health.path}"
+
         def failed(f: Failure) -> ProbeResult:
             if exhausted(f.value):
                 raise overloaded(consumer.name, f"to probe {consumer.name}")
-            return ProbeResult(healthy=False, loaded=None, error=describe(f))
+            return ProbeResult(healthy=False, loaded=None, error=f"{probed}: {describe(f)}")
+
+        def answered(answer: _Answer) -> ProbeResult:
+            result = _probe_result(answer)
+            if result.error is None:
+                return result
+            return ProbeResult(healthy=False, loaded=None, error=f"{probed}: {result.error}")
 
         d = self._exchange(consumer, consumer.health, timeout_s, PROBE_BODY_LIMIT)
-        return d.addCallbacks(_probe_result, failed)
+        return d.addCallbacks(answered, failed)
 
     def load(self, consumer: ConsumerConfig) -> Deferred[None]:
         """Call the load route: ``consumer_unreachable`` if the consumer is gone, else any

@@ -214,6 +214,8 @@ class Registry:
             if healthy:
                 log.info("{consumer} is healthy again ({probed})", consumer=config.name,
                          probed=probed)  # fmt: skip
+            elif error is not None and error.startswith(probed):
+                log.warn("{consumer} is unhealthy: {error}", consumer=config.name, error=error)
             else:
                 log.warn("{consumer} is unhealthy ({probed}): {error}", consumer=config.name,
                          probed=probed, error=error)  # fmt: skip

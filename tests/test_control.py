@@ -115,6 +115,10 @@ def as_clock(clock: Clock) -> IReactorTime:
     return cast(IReactorTime, clock)
 
 
+#: What a failed probe's error starts with: the health route it called (SPEC 6 last_error).
+PROBED = "GET http://consumer:8765/health"
+
+
 def consumer(**overrides: Any) -> ConsumerConfig:
     """A consumer at http://consumer:8765 with a health route at /health."""
     fields: dict[str, Any] = {
@@ -189,10 +193,13 @@ class ProbeTests(ControlTestCase):
         self.assertEqual(text, ProbeResult(healthy=True, loaded=None, error=None))
 
     def test_non_2xx(self) -> None:
-        """A 500 is unhealthy, with error "HTTP 500", even with "loaded" in its body."""
+        """A 500 is unhealthy, with error "<the probed route>: HTTP 500", even with "loaded"
+        in its body."""
         self.answer(b"GET", b"/health", 500, b'{"loaded": true}')
         result = self.successResultOf(self.control.probe(consumer(), 3.0))
-        self.assertEqual(result, ProbeResult(healthy=False, loaded=None, error="HTTP 500"))
+        self.assertEqual(
+            result, ProbeResult(healthy=False, loaded=None, error=f"{PROBED}: HTTP 500")
+        )
 
     def test_configured_method_and_body(self) -> None:
         """The health route's method and JSON body are what the consumer receives."""
@@ -209,7 +216,7 @@ class ProbeTests(ControlTestCase):
         control = ConsumerControl(refusing_client(), as_clock(self.clock))
         result = self.successResultOf(control.probe(consumer(), 3.0))
         self.assertEqual(
-            result, ProbeResult(healthy=False, loaded=None, error="connection refused")
+            result, ProbeResult(healthy=False, loaded=None, error=f"{PROBED}: connection refused")
         )
 
     def test_synchronous_raise(self) -> None:
@@ -222,7 +229,7 @@ class ProbeTests(ControlTestCase):
         control = ConsumerControl(Broken(cast(IAgent, _RefusingAgent())), as_clock(self.clock))
         result = self.successResultOf(control.probe(consumer(), 3.0))
         self.assertFalse(result.healthy)
-        self.assertEqual(result.error, "ValueError: no such scheme")
+        self.assertEqual(result.error, f"{PROBED}: ValueError: no such scheme")
 
     def test_timeout_waiting_for_headers(self) -> None:
         """A consumer that never answers: at timeout_s the probe reports it and the
@@ -234,7 +241,12 @@ class ProbeTests(ControlTestCase):
         self.clock.advance(0.1)
         result = self.successResultOf(d)
         self.assertEqual(
-            result, ProbeResult(healthy=False, loaded=None, error="timed out after 3.0 s")
+            result,
+            ProbeResult(
+                healthy=False,
+                loaded=None,
+                error="GET http://consumer:8765/hang: timed out after 3.0 s",
+            ),
         )
         self.agent.flush()
         self.assertEqual(self.fake.lost, self.fake.hanging)
@@ -248,7 +260,7 @@ class ProbeTests(ControlTestCase):
         self.assertNoResult(d)
         self.clock.advance(3.0)
         result = self.successResultOf(d)
-        self.assertEqual(result.error, "timed out after 3.0 s")
+        self.assertEqual(result.error, "GET http://consumer:8765/half: timed out after 3.0 s")
         self.agent.flush()
         self.assertEqual(len(self.fake.lost), 1)
 

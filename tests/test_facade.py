@@ -578,7 +578,10 @@ class HealthGateTests(FacadeTestCase):
         _, result = self.broker.post("tts")
         error = self.assertBrokerError(result, "consumer_unreachable", "mvoice")
         self.assertEqual((error.status, error.retryable), (502, True))
-        self.assertEqual(error.message, "upstream mvoice last probe failed: HTTP 503")
+        self.assertEqual(
+            error.message,
+            "upstream mvoice last probe failed: GET http://127.0.0.1:8765/api/health: HTTP 503",
+        )
         self.assertEqual(self.mvoice.uris(b"POST"), [])
         self.assertEqual(self.broker.reactor.tcpClients, [])
         self.assertEqual(self.pumps_opened(), 0)
