@@ -161,7 +161,8 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
         )
 
     def test_whisper(self) -> None:
-        """whisper has no unload or load route and coexists with mvoice and ollama."""
+        """whisper has no unload or load route, coexists with mvoice and ollama, and its own
+        clients reach it under /whisper."""
         self.assertEqual(
             self.config.consumers["whisper"],
             ConsumerConfig(
@@ -177,6 +178,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 priority=2,
                 max_concurrency=1,
                 timeout_s=300.0,
+                native=NativeConfig(prefix="/whisper"),
             ),
         )
 

@@ -81,6 +81,7 @@ PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
         "paths": {"stt": {"method": "POST", "path": "/inference"}},
         "vram_resident_mib": 1500,
         "can_coexist_with": ["mvoice", "ollama"],
+        "native": {"prefix": "/whisper"},
     },
     "ollama": {
         "health": {"method": "GET", "path": "/api/version"},
