@@ -6,12 +6,33 @@ LISTEN ?= tcp:8770:interface=127.0.0.1
 
 .PHONY: run test check fuzz bench gpu-check clean deploy
 
-# The editable install uses the "compat" mode: setuptools' default editable
-# mode hides twisted/plugins from twistd's plugin discovery.
+# The working tree is put on the venv's path (a .pth file) rather than
+# installed: code changes need no reinstall, twistd finds twisted/plugins in
+# the tree, and no editable-install mode (each prints warnings, and the one
+# that keeps twisted/plugins visible is being removed) is involved. Only the
+# dependencies are installed; `mgpu` gets a launcher. `pip install .` (the
+# wheel, as make deploy does) is what users get.
+define DEPENDENCIES
+import sys, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+print("\n".join(project["dependencies"] + [d for e in sys.argv[1:] for d in extras[e]]))
+endef
+define TREE_ON_PATH
+import pathlib, site, sys
+pathlib.Path(site.getsitepackages()[0], "mgpumanager-tree.pth").write_text(sys.argv[1] + "\n")
+launcher = pathlib.Path(sys.prefix, "bin", "mgpu")
+launcher.write_text(f"#!{sys.executable}\nimport sys\nfrom mgpu.cli import main\nsys.exit(main())\n")
+launcher.chmod(0o755)
+endef
+export DEPENDENCIES TREE_ON_PATH
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -c "$$DEPENDENCIES" test > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt
+	$(BIN)/python -c "$$TREE_ON_PATH" '$(CURDIR)'
 	touch $@
 
 run: $(BIN)/.installed
@@ -33,7 +54,8 @@ fuzz: $(BIN)/.installed
 	MGPU_FUZZ_EXAMPLES=$${MGPU_FUZZ_EXAMPLES:-5000} $(BIN)/python -m twisted.trial $(FUZZ_TESTS)
 
 $(BIN)/.bench-installed: $(BIN)/.installed
-	$(BIN)/pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/python -c "$$DEPENDENCIES" bench > $(VENV)/requirements-bench.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements-bench.txt
 	touch $@
 
 # make bench [BENCH="trace --seed 2"]: what python -m bench runs (default: latency,
