@@ -374,14 +374,13 @@ def render_gpu(gpu: Mapping[str, Any], now: datetime) -> str:
         f"{_num(gpu.get('used_mib'))} / {_num(gpu.get('total_mib'))} MiB used, "
         f"{_num(gpu.get('free_mib'))} MiB free"
     )
-    if gpu.get("ok"):
-        state = "ok"
-    elif gpu.get("source") == "none":
-        state = "not read (gpu.source: none): the broker's own accounting"
-    else:
-        state = f"error: {gpu.get('error') or 'no reading'}"
-    read = "" if gpu.get("read_at") is None else f" (read {ago(gpu['read_at'], now)})"
     where = f"GPU {_num(gpu.get('index'))}: {name} via {gpu.get('source') or '?'}"
+    if gpu.get("source") == "none" and not gpu.get("ok"):
+        # Chosen, not broken: the scheduler accounts for gpu.total_mib itself.
+        index = _num(gpu.get("index"))
+        return f"GPU {index}: not read (gpu.source: none), the broker's own accounting"
+    state = "ok" if gpu.get("ok") else f"error: {gpu.get('error') or 'no reading'}"
+    read = "" if gpu.get("read_at") is None else f" (read {ago(gpu['read_at'], now)})"
     return f"{where}, {memory}, {state}{read}"
 
 

@@ -114,6 +114,19 @@ class StatusRenderingTests(SynchronousTestCase):
             "error: nvidia-smi: exit status 9 (read 2m 5s ago)",
         )
 
+    def test_no_gpu_source_chosen(self) -> None:
+        """gpu.source: none reads as chosen, not as a failure with unknown figures."""
+        doc = dict(STATUS)
+        doc["gpu"] = {
+            "source": "none", "ok": False, "error": "no GPU source configured (gpu.source: none)",
+            "index": 0, "name": None, "total_mib": None, "used_mib": None,
+            "free_mib": None, "read_at": "2026-11-26T22:00:00Z",
+        }  # fmt: skip
+        self.assertEqual(
+            render_status(doc, NOW)[0],
+            "GPU 0: not read (gpu.source: none), the broker's own accounting",
+        )
+
     def test_idle_scheduler_and_no_consumers(self) -> None:
         """No holder reads as none; an empty consumer map says so."""
         doc = {"gpu": {}, "consumers": {}, "scheduler": {"holder": None, "queued": 0}}
