@@ -24,6 +24,7 @@ KINDS: Final = ("tts", "stt", "llm", "image")
 GPU_SOURCES: Final = ("auto", "nvml", "nvidia-smi", "none")
 POLICIES: Final = ("affinity", "fifo")
 FOOTPRINTS: Final = ("max", "configured")
+EVICTIONS: Final = ("lru", "cost")
 HTTP_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 DEFAULT_LISTEN: Final = "tcp:8770:interface=127.0.0.1"
 #: First path segments that are the broker's own routes: no native prefix may start so.
@@ -68,6 +69,15 @@ class Route:
     method: str
     path: str
     body: Mapping[str, Any] | None = None
+
+
+@frozen
+class CommandRoute:
+    """A load or unload done by running a program (SPEC 9.6): ``argv`` as given, no shell,
+    killed after ``timeout_s``; a non-zero exit or a timeout is a failed load or unload."""
+
+    argv: tuple[str, ...]
+    timeout_s: float = 60.0
 
 
 @frozen
@@ -164,8 +174,8 @@ class ConsumerConfig:
     paths: Mapping[str, KindPath] = field(converter=frozen_mapping)
     vram_resident_mib: int
     health: Route = Route("GET", "/")
-    unload: Route | None = None
-    load: Route | None = None
+    unload: Route | CommandRoute | None = None
+    load: Route | CommandRoute | None = None
     can_coexist_with: frozenset[str] = frozenset()
     vram_managed: bool = False
     priority: int = 2
@@ -178,6 +188,13 @@ class ConsumerConfig:
     ollama: OllamaConfig | None = None
     native: NativeConfig | None = None
     openai: OpenAIConfig | None = None
+    #: Unloaded after this long loaded and unused (SPEC 9.6); None: never.
+    idle_unload_s: float | None = None
+    #: Loaded at start, highest priority first, as room allows (SPEC 9.6).
+    preload: bool = False
+    #: Its unload stops its process (SPEC 9.6): a failing health probe then means
+    #: "unloaded", not "unhealthy", and a load waits for health to answer.
+    stopped_when_unloaded: bool = False
 
     def coexists_with(self, other: ConsumerConfig) -> bool:
         """Whether the two may be resident together; declared on either side is enough."""
@@ -217,6 +234,9 @@ class SchedulerConfig:
     linger_s: float = 0.0
     #: Room is made for ``max``(configured, learned) size, or the ``configured`` one.
     footprint: str = "max"
+    #: Which eviction candidate goes first: ``lru`` (section 7) or ``cost``
+    #: (least expected reload seconds per MiB freed, SPEC 9.6).
+    eviction: str = "lru"
 
 
 @frozen
@@ -623,7 +643,7 @@ class _Parser:
             value,
             "scheduler",
             ("max_queue", "aging_s", "queue_timeout_s", "max_evictions", "free_wait_s",
-             "policy", "max_skip_s", "min_residency_s", "linger_s", "footprint"),
+             "policy", "max_skip_s", "min_residency_s", "linger_s", "footprint", "eviction"),
         )  # fmt: skip
         policy = self.one_of(data.get("policy", d.policy), "scheduler.policy", POLICIES)
         footprint = self.one_of(data.get("footprint", d.footprint), "scheduler.footprint",
@@ -651,6 +671,7 @@ class _Parser:
                 data.get("linger_s", d.linger_s), "scheduler.linger_s", zero=True
             ),
             footprint=footprint,
+            eviction=self.one_of(data.get("eviction", d.eviction), "scheduler.eviction", EVICTIONS),
         )
 
     def health(self, value: object) -> HealthConfig:
@@ -748,6 +769,7 @@ class _Parser:
                 "url", "health", "paths", "vram_resident_mib", "unload", "load",
                 "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
                 "keepalive", "process", "ollama", "native", "openai",
+                "idle_unload_s", "preload", "stopped_when_unloaded",
             ),
         )  # fmt: skip
         for required in ("url", "paths", "vram_resident_mib"):
@@ -787,6 +809,13 @@ class _Parser:
             ollama=self.ollama(data, where),
             native=self.native(data, where, name),
             openai=self.openai(data, where),
+            idle_unload_s=(
+                None
+                if data.get("idle_unload_s") is None
+                else self.seconds(data["idle_unload_s"], f"{where}.idle_unload_s")
+            ),
+            preload=self.boolean(data.get("preload", d.preload), f"{where}.preload"),
+            stopped_when_unloaded=self.stopped_when_unloaded(data, where),
         )
 
     def process(self, value: object, where: str) -> ProcessConfig:
@@ -903,8 +932,56 @@ class _Parser:
             )
         return tuple(routes)
 
-    def optional_route(self, value: object, where: str) -> Route | None:
-        return None if value is None else self.route(value, where, "POST")
+    def optional_route(self, value: object, where: str) -> Route | CommandRoute | None:
+        """``load`` or ``unload``: an HTTP call, or ``{command: [argv...], timeout_s}``."""
+        if value is None:
+            return None
+        if isinstance(value, dict) and "command" in value:
+            return self.command_route(value, where)
+        return self.route(value, where, "POST")
+
+    def command_route(self, value: dict[str, Any], where: str) -> CommandRoute:
+        """A program to run, its arguments given one by one: no shell ever reads them."""
+        http = [key for key in ("method", "path", "body") if key in value]
+        if http:
+            raise self.fail(
+                _join(where, http[0]),
+                "cannot be given with command: a load or unload is an HTTP call "
+                "(method, path, body) or a command (command, timeout_s), not both",
+            )
+        data = self.mapping(value, where, ("command", "timeout_s"))
+        at = _join(where, "command")
+        argv = data["command"]
+        if not isinstance(argv, list) or not argv:
+            raise self.fail(
+                at,
+                "must be a non-empty list of strings (the program, then its arguments), "
+                f"not {_kind_of(argv)}",
+            )
+        return CommandRoute(
+            argv=tuple(self.argument(arg, f"{at}[{i}]") for i, arg in enumerate(argv)),
+            timeout_s=self.seconds(data.get("timeout_s", 60.0), _join(where, "timeout_s")),
+        )
+
+    def argument(self, value: object, where: str) -> str:
+        """One argument of a command: a non-empty string, no NUL or other control character."""
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"must be a non-empty string, not {_kind_of(value)}")
+        if not value.isprintable():
+            raise self.fail(where, f"must not contain control characters: {value!r}")
+        return value
+
+    def stopped_when_unloaded(self, data: dict[str, Any], where: str) -> bool:
+        """``stopped_when_unloaded``: only with a load, which must start the service again."""
+        at = f"{where}.stopped_when_unloaded"
+        stopped = self.boolean(data.get("stopped_when_unloaded", False), at)
+        if stopped and data.get("load") is None:
+            raise self.fail(
+                at,
+                "needs a load (such as a command that starts the service): "
+                "a stopped consumer could never be started again",
+            )
+        return stopped
 
     def url(self, value: object, where: str) -> str:
         """``http[s]://host[:port]``: the broker appends each route's path to it."""

@@ -11,25 +11,27 @@ read to its end (the connection goes back to the pool) or its connection closed.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, cast
 from typing import Protocol as TypingProtocol
 
 from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet import error
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from mgpu.config import ConsumerConfig, Route
+from mgpu.config import CommandRoute, ConsumerConfig, Route
 from mgpu.errors import BrokerError
 from mgpu.fdlimit import exhausted, overloaded
+from mgpu.gpu import ProcessRunner, ReactorProcess, SmiResult, SmiTimeout
 
 PROBE_BODY_LIMIT: Final = 64 * 1024
 """At most this much of a probe's (or a load or unload call's) answer is read."""
@@ -37,6 +39,36 @@ PROBE_BODY_LIMIT: Final = 64 * 1024
 JSON_BODY_LIMIT: Final = 8 * 1024 * 1024
 """At most this much of a ``get_json`` or ``post_json`` answer is read (ComfyUI histories
 carry the workflow)."""
+
+STDERR_TAIL: Final = 500
+"""At most this many of the last bytes of a failed command's stderr go into its error."""
+
+HEALTH_POLL_S: Final = 0.2
+"""How often a ``stopped_when_unloaded`` consumer's health is polled while it starts."""
+
+CommandRunner = Callable[[Sequence[str], float], "Deferred[SmiResult]"]
+"""Runs ``argv`` (no shell; ``argv[0]`` searched on ``PATH``) with the daemon's environment,
+killed and reaped after ``timeout_s`` (``SmiTimeout``): (stdout, stderr, exit code)."""
+
+
+def process_commands(reactor: ReactorProcess) -> CommandRunner:
+    """The real ``CommandRunner``: ``mgpu.gpu.ProcessRunner``, bounded per command."""
+
+    def run(argv: Sequence[str], timeout_s: float) -> Deferred[SmiResult]:
+        return ProcessRunner(reactor, timeout_s)(argv[0], argv[1:])
+
+    return run
+
+
+def stderr_tail(stderr: bytes) -> str:
+    """The end of a command's stderr as one printable line (control characters as spaces)."""
+    text = stderr[-STDERR_TAIL:].decode("utf-8", "replace")
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
+def exit_text(code: int) -> str:
+    """How a command ended, from a runner's exit code (negative: the signal that killed it)."""
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
 class _DelayedCall(TypingProtocol):
@@ -53,6 +85,8 @@ class _Timer(TypingProtocol):
     def callLater(
         self, delay: float, f: Callable[..., object], /, *args: object, **kw: object
     ) -> _DelayedCall: ...
+
+    def seconds(self) -> float: ...
 
 
 @frozen
@@ -196,11 +230,17 @@ def _probe_result(answer: _Answer) -> ProbeResult:
 
 
 class ConsumerControl:
-    """The broker's own HTTP calls to consumers, through one treq client."""
+    """The broker's own HTTP calls to consumers, through one treq client, and the
+    load and unload commands (SPEC 9.6), through ``commands`` (by default real
+    processes started by ``clock``, the reactor)."""
 
-    def __init__(self, http: HTTPClient, clock: IReactorTime) -> None:
+    def __init__(
+        self, http: HTTPClient, clock: IReactorTime, commands: CommandRunner | None = None
+    ) -> None:
         self._http = http
+        self._time = clock
         self._clock = cast(_Timer, clock)
+        self._commands = commands or process_commands(cast(ReactorProcess, clock))
 
     def probe(self, consumer: ConsumerConfig, timeout_s: float) -> Deferred[ProbeResult]:
         """Call the health route: a failure is an unhealthy result, except the daemon's
@@ -224,8 +264,38 @@ class ConsumerControl:
 
     def load(self, consumer: ConsumerConfig) -> Deferred[None]:
         """Call the load route: ``consumer_unreachable`` if the consumer is gone, else any
-        failure (an error status, a timeout) is a ``scheduler_error``."""
-        return self._admin("load", consumer, consumer.load)
+        failure (an error status, a timeout) is a ``scheduler_error``.
+
+        A ``stopped_when_unloaded`` consumer's load (it starts the service) is
+        done only once its health route answers 2xx: polled every
+        ``HEALTH_POLL_S`` for up to the load's timeout, else a ``scheduler_error``.
+        """
+        d = self._admin("load", consumer, consumer.load)
+        if consumer.stopped_when_unloaded and consumer.load is not None:
+            route = consumer.load
+            timeout_s = route.timeout_s if isinstance(route, CommandRoute) else consumer.timeout_s
+            d.addCallback(
+                lambda _: Deferred.fromCoroutine(self._until_healthy(consumer, timeout_s))
+            )
+        return d
+
+    async def _until_healthy(self, consumer: ConsumerConfig, timeout_s: float) -> None:
+        """Probe ``consumer`` every ``HEALTH_POLL_S`` until it answers 2xx or ``timeout_s``
+        has passed (a ``scheduler_error`` with the last probe's error)."""
+        deadline = self._clock.seconds() + timeout_s
+        while True:
+            left = max(deadline - self._clock.seconds(), HEALTH_POLL_S)
+            result = await self.probe(consumer, left)
+            if result.healthy:
+                return
+            if self._clock.seconds() + HEALTH_POLL_S > deadline:
+                raise BrokerError(
+                    "scheduler_error",
+                    f"load of {consumer.name} failed: its health route did not answer 2xx "
+                    f"within {timeout_s:g} s of the load: {result.error}",
+                    consumer.name,
+                )
+            await deferLater(self._time, HEALTH_POLL_S)
 
     def unload(self, consumer: ConsumerConfig) -> Deferred[None]:
         """Call the unload route; failures as for ``load``."""
@@ -281,7 +351,9 @@ class ConsumerControl:
         d = self._exchange(consumer, route, timeout_s, JSON_BODY_LIMIT)
         return d.addCallback(parsed).addErrback(failed)
 
-    def _admin(self, action: str, consumer: ConsumerConfig, route: Route | None) -> Deferred[None]:
+    def _admin(
+        self, action: str, consumer: ConsumerConfig, route: Route | CommandRoute | None
+    ) -> Deferred[None]:
         if route is None:
             return fail(
                 BrokerError(
@@ -290,6 +362,8 @@ class ConsumerControl:
                     consumer.name,
                 )
             )
+        if isinstance(route, CommandRoute):
+            return self._command(action, consumer, route)
 
         def why(text: str) -> BrokerError:
             return BrokerError(
@@ -317,6 +391,39 @@ class ConsumerControl:
             )
 
         d = self._exchange(consumer, route, consumer.timeout_s, PROBE_BODY_LIMIT)
+        return d.addCallback(checked).addErrback(failed)
+
+    def _command(
+        self, action: str, consumer: ConsumerConfig, route: CommandRoute
+    ) -> Deferred[None]:
+        """Run a load or unload command: exit 0 is done; anything else a ``scheduler_error``
+        naming the program, how it ended and the end of its stderr."""
+        program = route.argv[0]
+
+        def why(text: str) -> BrokerError:
+            return BrokerError(
+                "scheduler_error",
+                f"{action} of {consumer.name} failed: {program} {text}",
+                consumer.name,
+            )
+
+        def checked(result: SmiResult) -> None:
+            _, stderr, code = result
+            if code != 0:
+                tail = stderr_tail(stderr)
+                raise why(exit_text(code) + (f": {tail}" if tail else ""))
+
+        def failed(f: Failure) -> Failure:
+            if f.check(BrokerError):
+                return f
+            if f.check(SmiTimeout):
+                reaped = "" if "not reaped" not in str(f.value) else " (not reaped)"
+                return Failure(why(f"timed out after {route.timeout_s:g} s and was killed{reaped}"))
+            if exhausted(f.value):
+                return Failure(overloaded(consumer.name, f"to {action} {consumer.name}"))
+            return Failure(why(f"could not be started: {describe(f)}"))
+
+        d = maybeDeferred(self._commands, route.argv, route.timeout_s)
         return d.addCallback(checked).addErrback(failed)
 
     def _exchange(

@@ -15,6 +15,27 @@ from attrs import frozen
 
 from mgpu.config import ConsumerConfig, SchedulerConfig
 
+#: Reload seconds assumed for a consumer whose load the broker never timed:
+#: neither free (it would always go first) nor prohibitive (it would never go).
+DEFAULT_LOAD_S = 10.0
+
+#: How many of a consumer's latest load times its learned load time averages.
+LOAD_TIMES_KEPT = 10
+
+
+@frozen
+class LoadTimes:
+    """A consumer's latest load times (seconds), newest last; ``mean`` is its ``load_s``."""
+
+    recent: tuple[float, ...] = ()
+
+    def add(self, took_s: float) -> LoadTimes:
+        return LoadTimes((*self.recent, took_s)[-LOAD_TIMES_KEPT:])
+
+    @property
+    def mean(self) -> float | None:
+        return sum(self.recent) / len(self.recent) if self.recent else None
+
 
 @frozen
 class Resident:
@@ -25,10 +46,20 @@ class Resident:
     busy: bool  # running or holding a request
     last_used_at: float | None  # end of its last scheduled request; None: never used
     loaded_at: float | None = None  # when it was last seen to become loaded
+    load_s: float | None = None  # its learned load time; None: never timed
+
+
+def reload_cost_per_mib(resident: Resident) -> float:
+    """Expected seconds to load it again, per MiB its unloading frees (``eviction: cost``)."""
+    load_s = resident.load_s if resident.load_s is not None else DEFAULT_LOAD_S
+    return load_s / max(1, resident.config.vram_resident_mib)
 
 
 def eviction_order(
-    target: ConsumerConfig, consumers: Iterable[Resident], young_since: float | None = None
+    target: ConsumerConfig,
+    consumers: Iterable[Resident],
+    young_since: float | None = None,
+    eviction: str = "lru",
 ) -> list[Resident]:
     """The consumers that may be unloaded for ``target``, least recently used first.
 
@@ -36,7 +67,8 @@ def eviction_order(
     coexist with it (declared on either side), is not ``vram_managed`` and is
     not busy. Never-used consumers come first; ties keep the given order.
     Consumers loaded after ``young_since`` (``min_residency_s`` ago) come
-    last of all: they go only if nothing else makes room.
+    last of all: they go only if nothing else makes room. With ``eviction``
+    ``cost``, the cheapest reload per MiB freed goes first (ties by LRU).
     """
     candidates = [
         c
@@ -48,6 +80,11 @@ def eviction_order(
         and c.config.name != target.name
         and not c.config.coexists_with(target)
     ]
+    if eviction == "cost":
+        return sorted(
+            candidates,
+            key=lambda c: (_young(c, young_since), reload_cost_per_mib(c), *_lru_key(c)),
+        )
     return sorted(candidates, key=lambda c: (_young(c, young_since), *_lru_key(c)))
 
 
@@ -78,7 +115,7 @@ def eviction_plan(need_mib: int, free_mib: int, candidates: Sequence[Resident]) 
     Walking the order until ``need_mib`` would fit can pick a victim that the
     later, larger ones make needless (unloading mvoice, whisper and ollama
     where mvoice and ollama were enough). The plan takes that prefix, then
-    drops from it, most recently used first, every victim without which
+    drops from it, latest in the order first, every victim without which
     there would still be room; the victims kept stay in eviction order, and
     the other candidates follow, in case the memory frees less than sizes
     say. When nothing would make room, the order is returned unchanged.

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Protocol, cast
 
-from attrs import define
+from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -33,6 +33,7 @@ from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.memory import NOT_LOOKED_AT, ConsumerMemory, MemoryWatch, Observation
 from mgpu.ollama import OllamaModel
+from mgpu.policy import LoadTimes
 from mgpu.procs import Attribution
 
 log = Logger()
@@ -79,6 +80,8 @@ class ConsumerState:
     #: An Ollama's models at the last probe; None: not an Ollama, or unread.
     models: tuple[OllamaModel, ...] | None = None
     models_error: str | None = None
+    #: The broker's latest timed loads of it (SPEC 9.6: status ``load_s``).
+    load_times: LoadTimes = field(factory=LoadTimes)
 
     def to_json(self) -> dict[str, object]:
         """The consumer object of SPEC sections 6 and 9.3."""
@@ -171,6 +174,9 @@ class Registry:
         state = self._states.get(name)
         if state is None or generation < state.born:
             return  # removed, or given a new URL, by a reload while the probe was out
+        if not result.healthy and state.config.stopped_when_unloaded:
+            self._record_stopped(state, generation, result, seen)
+            return
         self._set_health(state, result.healthy, result.error)
         state.last_probe = datetime.fromtimestamp(self._clock.seconds(), UTC)
         if seen is not None:
@@ -184,6 +190,19 @@ class Registry:
             # SPEC 3: a consumer that does not report ``loaded`` counts as
             # loaded at start if it is healthy; afterwards only events move it.
             self._set_loaded(state, True)
+
+    def _record_stopped(
+        self, state: ConsumerState, generation: int, result: ProbeResult, seen: Observation | None
+    ) -> None:
+        """A failed probe of a ``stopped_when_unloaded`` consumer (SPEC 9.6): it is stopped,
+        so unloaded, and still healthy, so requests for it are scheduled and start it."""
+        self._set_health(state, True, f"stopped (stopped_when_unloaded): {result.error}")
+        state.last_probe = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        if seen is not None:
+            state.memory, state.attribution = seen.memory, seen.attribution
+            state.models, state.models_error = seen.models, seen.models_error
+        if generation == state.generation:
+            self._set_loaded(state, False)
 
     @staticmethod
     def _loaded_verdict(
@@ -248,6 +267,11 @@ class Registry:
         state.generation = next(self._generations)
         state.marked_at = self._clock.seconds()
 
+    def record_load(self, name: str, took_s: float) -> None:
+        """The broker's load of it took ``took_s``: learned for ``load_s`` and cost eviction."""
+        if (state := self.get(name)) is not None:
+            state.load_times = state.load_times.add(took_s)
+
     def mark_used(self, name: str) -> None:
         """A scheduled request of it ended: the LRU clock and the status timestamp."""
         if (state := self.get(name)) is not None:
@@ -255,9 +279,15 @@ class Registry:
             state.last_used = datetime.fromtimestamp(state.last_used_at, UTC)
 
     def mark_unreachable(self, name: str, error: str) -> None:
-        """A request found it gone; the next probe may say otherwise."""
-        if (state := self.get(name)) is not None:
-            self._set_health(state, False, error)
+        """A request found it gone; the next probe may say otherwise. A
+        ``stopped_when_unloaded`` one is stopped: unloaded, and its next request starts it."""
+        if (state := self.get(name)) is None:
+            return
+        if state.config.stopped_when_unloaded:
+            self.mark_unloaded(name)
+            state.last_error = f"stopped (stopped_when_unloaded): {error}"
+            return
+        self._set_health(state, False, error)
 
     def attributed_pids(self) -> set[int]:
         """Every pid found to be a consumer's at the last probes."""

@@ -99,6 +99,11 @@ class RoomMaker:
         await self.make_room(name)
         await self.ensure_loaded(name)
 
+    async def fits_now(self, name: str) -> bool:
+        """Whether ``name``'s footprint plus the cushion fits in the memory free now."""
+        target = self.registry[name].config
+        return await self._free_mib(target) >= self._need(target)
+
     async def make_room(self, name: str) -> None:
         """Unload victims until ``name``'s resident size plus the cushion fits."""
         target = self.registry[name].config
@@ -338,6 +343,7 @@ class RoomMaker:
         self.registry.mark_loaded(name)
         self.stats.loads += 1
         took = self.clock.seconds() - started
+        self.registry.record_load(name, took)
         self.events.publish("load", consumer=name, reason=reason, took_s=round(took, 3))
 
     def swap_cost(self, name: str) -> int:
@@ -371,11 +377,13 @@ class RoomMaker:
         return eviction_order(
             target,
             (
-                Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at, s.loaded_at)
+                Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at, s.loaded_at,
+                         s.load_times.mean)
                 for s in self.registry.states.values()
             ),
             self._young_since(),
-        )
+            self.config.eviction,
+        )  # fmt: skip
 
     async def _free_mib(self, target: ConsumerConfig) -> int:
         """Free memory read now; without a reading, the broker's own accounting."""

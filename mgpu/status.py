@@ -28,9 +28,13 @@ class StatusView:
         consumers = self.registry.to_json()
         for name, entry in consumers.items():
             entry["keepalive"] = self._keepalive(name)
+            state = self.registry[name]
+            load_s = state.load_times.mean
+            entry["load_s"] = None if load_s is None else round(load_s, 3)
+            entry["idle_unload_s"] = state.config.idle_unload_s
+            entry["preload"] = state.config.preload
             if self.watch is not None:
                 entry["learned_mib"] = self.watch.learned.get(name)
-                state = self.registry[name]
                 if state.attribution is not None:
                     entry["memory"] = self.watch.now(state.attribution).to_json()
         gpu = self.gpu.latest.to_json()

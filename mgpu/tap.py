@@ -27,6 +27,7 @@ from mgpu.facade import Facade
 from mgpu.fdlimit import FdLimit, describe, fds_needed, raise_fd_limit
 from mgpu.footprints import LearnedSizes, StateDirError
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
+from mgpu.lifecycle import IdleUnloader, Preloader
 from mgpu.memory import MemoryWatch
 from mgpu.metrics import BrokerMetrics
 from mgpu.openai_api import ModelDiscovery, ModelIndex, OpenAIRoutes
@@ -216,6 +217,9 @@ def build_service(
     _Cleanup(scheduler, upstream, control_pool).setServiceParent(top)
     poller.setServiceParent(top)
     prober.setServiceParent(top)
+    # After the prober: preloading joins its first probes (SPEC 9.6).
+    Preloader(registry, scheduler, room, prober).setServiceParent(top)
+    IdleUnloader(registry, scheduler, control, reactor, events).setServiceParent(top)
     TunnelService(facade.tunnels).setServiceParent(top)  # stopped after the listener
     listener = _Listener(endpoint, site)
     listener.on_port = site.cap.watch

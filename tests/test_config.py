@@ -618,7 +618,7 @@ class TypeAndRangeTests(_ConfigTestCase):
         config = parse(doc)
         body["n"] = 4  # the configuration keeps its own copy
         unload = config.consumers["a"].unload
-        assert unload is not None and unload.body is not None
+        assert isinstance(unload, Route) and unload.body is not None
         self.assertEqual(
             dict(unload.body),
             {"unload_models": True, "n": 3, "x": 0.5, "s": "a", "none": None, "l": [1, {}]},

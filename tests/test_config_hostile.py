@@ -32,6 +32,7 @@ from mgpu.config import (
     MAX_NODES,
     Config,
     ConfigError,
+    Route,
     load_config,
     parse_config,
     read_token,
@@ -177,7 +178,7 @@ class AliasTests(HostileCase):
         self.assertEqual(MAX_NODES, 10_000)
         config = self.load(config_text(extra=body(anchor + "uses: [" + "*big, " * 50 + "]\n")))
         unload = config.consumers["a"].unload
-        assert unload is not None and unload.body is not None
+        assert isinstance(unload, Route) and unload.body is not None
         self.assertEqual(len(unload.body["uses"]), 50)
         self.assertRefused(
             config_text(extra=body(anchor + "uses: [" + "*big, " * 120 + "]\n")),

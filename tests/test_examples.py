@@ -13,7 +13,7 @@ from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu import cli
-from mgpu.config import Config, ConsumerConfig, load_config
+from mgpu.config import Config, ConsumerConfig, Route, load_config
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EXAMPLES: Final = ROOT / "config" / "examples"
@@ -87,7 +87,8 @@ class ExampleContentTests(SynchronousTestCase):
     def test_vllm_sleeps_and_wakes_and_serves_openai(self) -> None:
         """vLLM's sleep mode as unload and load; its models discovered at /v1."""
         vllm = _example("vllm.yaml").consumers["vllm"]
-        assert vllm.unload is not None and vllm.load is not None and vllm.openai is not None
+        assert isinstance(vllm.unload, Route) and isinstance(vllm.load, Route)
+        assert vllm.openai is not None
         self.assertEqual((vllm.unload.method, vllm.unload.path), ("POST", "/sleep?level=1"))
         self.assertEqual((vllm.load.method, vllm.load.path), ("POST", "/wake_up"))
         self.assertEqual((vllm.openai.path, vllm.openai.discover), ("/v1", True))

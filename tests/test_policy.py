@@ -21,12 +21,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConsumerConfig, KindPath, Route
 from mgpu.policy import (
+    DEFAULT_LOAD_S,
+    LOAD_TIMES_KEPT,
+    LoadTimes,
     Resident,
     effective_priority,
     eviction_order,
     eviction_plan,
     fits_after_evictions,
 )
+from tests.fuzz import examples
 
 NAMES = ("mvoice", "whisper", "ollama", "comfyui", "vllm", "sdxl", "piper")
 
@@ -415,3 +419,117 @@ class ExampleTests(SynchronousTestCase):
         """A busy consumer and one already unloaded are not candidates."""
         consumers = [Resident(VLLM, True, True, None), Resident(COMFYUI, False, False, None)]
         self.assertEqual(eviction_order(MVOICE, consumers), [])
+
+
+# -- eviction: cost (SPEC 9.6) -------------------------------------------------
+
+cost_properties = settings(deadline=None, max_examples=examples(200))
+
+#: Learned load times: unknown, a few that tie, or anything.
+load_times = st.one_of(
+    st.none(), st.sampled_from([2.0, 5.0, 20.0]), st.floats(min_value=0.0, max_value=600.0)
+)
+
+
+@st.composite
+def costed_scenes(draw: st.DrawFn) -> tuple[ConsumerConfig, list[Resident]]:
+    """A scene whose consumers have learned load times (or none)."""
+    target, consumers = draw(scenes())
+    return target, [evolve(r, load_s=draw(load_times)) for r in consumers]
+
+
+def per_mib(r: Resident) -> float:
+    """The oracle's reload cost per MiB freed: unknown load times cost ``DEFAULT_LOAD_S``."""
+    load_s = DEFAULT_LOAD_S if r.load_s is None else r.load_s
+    return load_s / max(1, r.config.vram_resident_mib)
+
+
+class CostEvictionPropertyTests(SynchronousTestCase):
+    """eviction_order and eviction_plan with ``eviction: cost``."""
+
+    @cost_properties
+    @given(costed_scenes())
+    def test_cost_candidates_are_lrus(self, scene: tuple[ConsumerConfig, list[Resident]]) -> None:
+        """Cost never picks a consumer that may not be unloaded: same candidates as lru."""
+        target, consumers = scene
+        order = eviction_order(target, consumers, None, "cost")
+        for c in order:
+            self.assertTrue(may_be_unloaded(target, c), c)
+        lru = eviction_order(target, consumers)
+        self.assertEqual(sorted(map(id, order)), sorted(map(id, lru)))
+
+    @cost_properties
+    @given(scenes(), load_times, st.integers(min_value=1, max_value=80_000))
+    def test_equal_costs_equal_lru(
+        self, scene: tuple[ConsumerConfig, list[Resident]], load_s: float | None, size: int
+    ) -> None:
+        """With one load time and one size for all, cost orders exactly as lru."""
+        target, consumers = scene
+        same = [
+            evolve(r, load_s=load_s, config=evolve(r.config, vram_resident_mib=size))
+            for r in consumers
+        ]
+        self.assertEqual(
+            eviction_order(target, same, 0.0, "cost"), eviction_order(target, same, 0.0)
+        )
+
+    @cost_properties
+    @given(costed_scenes(), st.floats(min_value=0.01, max_value=1.0), st.integers(0, 10_000))
+    def test_plan_victim_is_cheapest_needed(
+        self, scene: tuple[ConsumerConfig, list[Resident]], share: float, free: int
+    ) -> None:
+        """The plan's first victim costs least per MiB among the victims the plan needs (a
+        cheaper one may be dropped as needless); ties among them go to the least recently used."""
+        target, consumers = scene
+        order = eviction_order(target, consumers, None, "cost")
+        # A need that some of the candidates, together, can meet.
+        need = free + math.ceil(share * sum(c.config.vram_resident_mib for c in order))
+        plan = eviction_plan(need, free, order)
+        if not plan or not fits_after_evictions(need, free, order) or free >= need:
+            return
+        needed, total = [], free
+        for victim in plan:
+            needed.append(victim)
+            total += victim.config.vram_resident_mib
+            if total >= need:
+                break
+        first = plan[0]
+        self.assertEqual(per_mib(first), min(map(per_mib, needed)))
+        for other in needed:
+            if per_mib(other) == per_mib(first) and other is not first:
+                self.assertFalse(_used_before(other, first), (other, first))
+
+    @cost_properties
+    @given(costed_scenes(), st.floats(min_value=-1e9, max_value=1e9, allow_nan=False))
+    def test_young_still_last(
+        self, scene: tuple[ConsumerConfig, list[Resident]], young_since: float
+    ) -> None:
+        """min_residency_s stays: a candidate loaded after ``young_since`` never precedes one
+        loaded before, whatever they cost."""
+        target, consumers = scene
+        loaded = [evolve(r, loaded_at=r.last_used_at) for r in consumers]
+        order = eviction_order(target, loaded, young_since, "cost")
+        young = [c.loaded_at is not None and c.loaded_at > young_since for c in order]
+        self.assertEqual(young, sorted(young))
+
+
+def _used_before(a: Resident, b: Resident) -> bool:
+    """Whether ``a`` is less recently used than ``b`` (never used is least)."""
+    if a.last_used_at is None:
+        return b.last_used_at is not None
+    return b.last_used_at is not None and a.last_used_at < b.last_used_at
+
+
+class LoadTimesTests(SynchronousTestCase):
+    """LoadTimes: the mean of the last ten."""
+
+    def test_none_before_any(self) -> None:
+        self.assertIsNone(LoadTimes().mean)
+
+    def test_mean_of_last_ten(self) -> None:
+        """Eleven loads: the first (100 s) no longer counts."""
+        times = LoadTimes().add(100.0)
+        for _ in range(10):
+            times = times.add(2.0)
+        self.assertEqual(times.mean, 2.0)
+        self.assertEqual(len(times.recent), LOAD_TIMES_KEPT)

@@ -180,7 +180,7 @@ class FakeConsumer(Resource):
 
     def _action(self, method: str, path: str) -> str:
         for action, route in (("load", self.config.load), ("unload", self.config.unload)):
-            if route is not None and (route.method, route.path) == (method, path):
+            if isinstance(route, Route) and (route.method, route.path) == (method, path):
                 return action
         return "other"
 
@@ -1071,3 +1071,33 @@ class ReclaimTests(RoomTestCase):
         h.run(d, 30.0)
         self.scheduler_error(d, "huge")
         self.assertEqual(h.calls, [])
+
+
+class LearnedLoadTimeTests(RoomTestCase):
+    """Each load the broker makes is timed (SPEC 9.6: ``load_s``), and cost eviction uses it."""
+
+    def test_load_time_recorded(self) -> None:
+        """A load answered 4 s after its call is learned as 4 s; a failed one is not learned."""
+        self.h.absent("mvoice")
+        self.h.consumers["mvoice"].mode["load"] = "hang"
+        d = self.h.prepare("mvoice")
+        self.h.stub.flush()
+        self.h.clock.advance(4.0)
+        self.h.consumers["mvoice"].finish_held()
+        self.h.stub.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.h.registry["mvoice"].load_times.mean, 4.0)
+        self.h.absent("mvoice")
+        self.h.consumers["mvoice"].mode["load"] = "fail"
+        self.failureResultOf(self.h.prepare("mvoice"), BrokerError)
+        self.assertEqual(self.h.registry["mvoice"].load_times.recent, (4.0,))
+
+    def test_cost_evicts_the_cheapest_reload_per_mib(self) -> None:
+        """comfyui is least recently used, but reloading it costs 20 s for 13000 MiB against
+        vllm's 1 s for 7000 MiB: with ``eviction: cost`` vllm goes, with lru comfyui."""
+        for eviction, victim in (("cost", "vllm"), ("lru", "comfyui")):
+            self.big_card_scene(scheduler=SchedulerConfig(eviction=eviction))
+            self.h.registry.record_load("comfyui", 20.0)
+            self.h.registry.record_load("vllm", 1.0)
+            self.successResultOf(self.h.prepare("mvoice"))
+            self.assertEqual(self.h.actions("unload"), [victim], eviction)
