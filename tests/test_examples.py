@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Final
 
 from attrs import evolve
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu import cli
-from mgpu.config import Config, ConsumerConfig, Route, load_config
+from mgpu.config import Config, ConsumerConfig, KindPath, Route, load_config
+from mgpu.sim.consumers import ConsumerSettings, make_consumer
+from mgpu.sim.gpu import MemoryLedger
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EXAMPLES: Final = ROOT / "config" / "examples"
@@ -93,6 +96,20 @@ class ExampleContentTests(SynchronousTestCase):
         self.assertEqual((vllm.load.method, vllm.load.path), ("POST", "/wake_up"))
         self.assertEqual((vllm.openai.path, vllm.openai.discover), ("/v1", True))
         self.assertFalse(vllm.vram_managed)
+
+    def test_vllm_matches_the_simulator(self) -> None:
+        """Every route the example calls is one the simulated vLLM serves, with that
+        method; the example evicts by cost, so the cheap-to-wake vLLM goes first."""
+        config = _example("vllm.yaml")
+        vllm = config.consumers["vllm"]
+        assert isinstance(vllm.unload, Route) and isinstance(vllm.load, Route)
+        assert vllm.openai is not None
+        routes = make_consumer(ConsumerSettings.make("vllm"), MemoryLedger(), Clock()).routes()
+        called: list[Route | KindPath] = [vllm.health, vllm.unload, vllm.load]
+        for route in [*called, *vllm.paths.values()]:
+            self.assertIn(route.method, routes.get(route.path.split("?")[0], {}), route)
+        self.assertIn("GET", routes[vllm.openai.path + "/models"])
+        self.assertEqual(config.scheduler.eviction, "cost")
 
     def test_openai_speech_routes_by_model(self) -> None:
         """The speech server's OpenAI audio routes serve tts and stt; its models and

@@ -42,6 +42,8 @@ from mgpu.sim import __main__ as sim_main
 from mgpu.sim.consumers import (
     OLLAMA_MODELS,
     SPEECH_MODELS,
+    VLLM,
+    VLLM_MODEL,
     ConsumerSettings,
     OpenAISpeech,
     SimConsumer,
@@ -1458,3 +1460,112 @@ class OpenAISpeechTests(SynchronousTestCase):
         consumer = make_consumer(settings, MemoryLedger(), Clock())
         self.assertIsInstance(consumer, OpenAISpeech)
         self.assertEqual(settings.vram_mib, 3000)
+
+
+class VLLMTests(SynchronousTestCase):
+    """vLLM with sleep mode: a cold load of 2 s, a wake from host RAM of 0.25 s (times
+    exact in binary), 0.5 s of work in four tokens."""
+
+    def setUp(self) -> None:
+        self.sim = _Sim(self, "vllm", vram_mib=8000, load_s=2.0, wake_s=0.25, work_s=0.5,
+                        tokens=4)  # fmt: skip
+        self.chat = {"model": VLLM_MODEL, "messages": [{"role": "user", "content": "hi"}]}
+
+    def timed(self, method: str, path: str, seconds: float, **kwargs: Any) -> tuple[int, bytes]:
+        """A request that has no answer until ``seconds`` have passed (in steps of
+        0.125 s, each timer firing in turn), then has one."""
+        d = self.sim.send(method, path, **kwargs)
+        for _ in range(round(seconds / 0.125) - 1):
+            self.sim.advance(0.125)
+        self.assertNoResult(d)
+        self.sim.advance(0.125)
+        code, body, _ = self.sim.answer(d)
+        return code, body
+
+    def sleeping(self) -> bool:
+        is_sleeping: bool = self.sim.call("GET", "/is_sleeping")[1]["is_sleeping"]
+        return is_sleeping
+
+    def test_health_and_models(self) -> None:
+        """/health answers 200 with no body; /v1/models lists the one served model."""
+        code, body, _ = self.sim.answer(self.sim.send("GET", "/health"))
+        self.assertEqual((code, body), (200, b""))
+        code, models = self.sim.call("GET", "/v1/models")
+        listed = [Model.model_validate(entry) for entry in models["data"]]
+        self.assertEqual([(m.id, m.owned_by) for m in listed], [(VLLM_MODEL, "vllm")])
+
+    def test_cold_start_then_warm_chat(self) -> None:
+        """The first chat loads in load_s then works; the next only works."""
+        code, raw = self.timed("POST", "/v1/chat/completions", 2.5, json=self.chat)
+        answer = ChatCompletion.model_validate_json(raw)
+        self.assertEqual((code, answer.model), (200, VLLM_MODEL))
+        self.assertEqual(answer.choices[0].message.content, "tok0 tok1 tok2 tok3 ")
+        self.assertEqual(self.sim.ledger.used_mib(), 8000)
+        self.assertEqual(self.timed("POST", "/v1/chat/completions", 0.5, json=self.chat)[0], 200)
+
+    def test_chat_streamed_as_sse(self) -> None:
+        """stream: true: the head comes with the first token, one chunk per token, then
+        data: [DONE]."""
+        d = self.sim.send("POST", "/v1/chat/completions", json=self.chat | {"stream": True})
+        self.sim.advance(2.0)
+        self.assertNoResult(d)
+        for _ in range(4):
+            self.sim.advance(0.125)
+        code, raw, _ = self.sim.answer(d)
+        events = _sse_events(raw)
+        self.assertEqual((code, events[-1]), (200, b"[DONE]"))
+        parsed = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+        self.assertEqual(
+            [c.choices[0].delta.content for c in parsed], ["tok0 ", "tok1 ", "tok2 ", "tok3 ", ""]
+        )
+        self.assertEqual({c.system_fingerprint for c in parsed}, {"fp_vllm"})
+
+    def test_another_model_is_a_404(self) -> None:
+        """It serves one model: another name is vLLM's 404, and nothing loads."""
+        code, body = self.sim.call("POST", "/v1/chat/completions",
+                                   json=self.chat | {"model": "gpt-4"})  # fmt: skip
+        self.assertEqual((code, body["code"]), (404, 404))
+        self.assertIn("gpt-4", body["message"])
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+
+    def test_sleep_level_1_frees_memory_and_wake_up_is_fast(self) -> None:
+        """Level 1 frees the GPU memory at once and keeps the weights: /wake_up takes
+        wake_s, not load_s; /is_sleeping follows."""
+        self.timed("POST", "/wake_up", 2.0)
+        self.assertFalse(self.sleeping())
+        code, body, _ = self.sim.answer(self.sim.send("POST", "/sleep?level=1"))
+        self.assertEqual((code, body), (200, b""))
+        self.assertEqual((self.sim.ledger.used_mib(), self.sleeping()), (0, True))
+        state = self.sim.consumer.state()
+        self.assertEqual((state["loaded"], state["in_host_ram"]), (False, True))
+        self.assertEqual(self.timed("POST", "/wake_up", 0.25), (200, b""))
+        self.assertEqual((self.sim.ledger.used_mib(), self.sleeping()), (8000, False))
+
+    def test_a_request_while_asleep_wakes_it(self) -> None:
+        """A chat to a sleeping vLLM wakes it from host RAM first: wake_s plus the work."""
+        self.timed("POST", "/wake_up", 2.0)
+        self.sim.send("POST", "/sleep")  # level 1 by default
+        self.assertEqual(self.timed("POST", "/v1/chat/completions", 0.75, json=self.chat)[0], 200)
+        self.assertFalse(self.sleeping())
+
+    def test_sleep_level_2_drops_the_weights(self) -> None:
+        """After level 2 the next load is a cold one; a level that is not 1 or 2 is a 400."""
+        self.timed("POST", "/wake_up", 2.0)
+        self.sim.answer(self.sim.send("POST", "/sleep?level=2"))
+        self.assertEqual(self.sim.ledger.used_mib(), 0)
+        self.assertEqual(self.timed("POST", "/wake_up", 2.0)[0], 200)
+        self.assertEqual(self.sim.call("POST", "/sleep?level=3")[0], 400)
+        self.assertEqual(self.sim.ledger.used_mib(), 8000)
+
+    def test_wake_s_defaults_to_a_tenth_of_load_s(self) -> None:
+        """Without wake_s, a wake takes load_s / 10; from the command line, --wake-s."""
+        sim = _Sim(self, "vllm", load_s=3.0)
+        vllm = cast(VLLM, sim.consumer)
+        self.assertEqual(vllm.load_time(), 3.0)
+        vllm.in_host_ram = True
+        self.assertEqual(vllm.load_time(), 0.3)
+        args = sim_main.parse_args(["--name", "vllm", "--port", "0", "--wake-s", "0.5"])
+        self.assertEqual((args.service, args.wake_s), (None, 0.5))
+        settings = ConsumerSettings.make(args.name, args.service, wake_s=args.wake_s)
+        self.assertIsInstance(make_consumer(settings, MemoryLedger(), Clock()), VLLM)
+        self.assertEqual((settings.vram_mib, settings.wake_s), (11000, 0.5))

@@ -2,7 +2,7 @@
 """``python -m mgpu.sim``: one simulated consumer process, for the integration tests.
 
 ``--service`` picks what it imitates (``mgpu.sim.consumers.SERVICES``: mvoice,
-whisper, ollama, comfyui, openai-speech). It prints ``listening
+whisper, ollama, comfyui, openai-speech, vllm). It prints ``listening
 127.0.0.1:PORT`` and serves until SIGTERM or SIGINT;
 with ``--gpu-state`` its model's memory goes into a ``FileLedger`` that
 ``tests/fake_nvidia_smi.py`` reads.
@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-s", type=float, help="work time of every kind (default per kind)")
     p.add_argument("--vram-mib", type=int, help="model size (default per service)")
     p.add_argument("--preload", action="store_true", help="load the model at start")
+    p.add_argument("--wake-s", type=float,
+                   help="vllm: seconds to wake from host RAM (default: --load-s / 10)")  # fmt: skip
     p.add_argument("--keep-alive-s", type=float, default=300.0,
                    help="ollama: idle seconds before freeing its model; <0: never")  # fmt: skip
     args = p.parse_args(argv)
@@ -65,6 +67,7 @@ async def _serve(reactor: DemoReactor, args: argparse.Namespace) -> None:
         work_s=args.work_s,
         preload=args.preload,
         keep_alive_s=None if args.keep_alive_s < 0 else args.keep_alive_s,
+        wake_s=args.wake_s,
     )
     consumer = make_consumer(settings, ledger, reactor, args.log)
     port = reactor.listenTCP(args.port, sim_site(consumer), interface="127.0.0.1")

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_sim -*-
-"""Simulated consumers: mvoice, whisper.cpp, Ollama, ComfyUI, an OpenAI-style speech server.
+"""Simulated consumers: mvoice, whisper.cpp, Ollama, ComfyUI, an OpenAI-style speech server, vLLM.
 
 Each speaks its service's HTTP shapes (SPEC sections 3 and 9, DESIGN sections
 5 and 9; served by ``mgpu.sim.http``): Ollama its native API and its OpenAI
@@ -60,7 +60,14 @@ from mgpu.sim.http import (
 from mgpu.sim.websocket import Feed
 
 SERVICES: Final[Mapping[str, int]] = MappingProxyType(
-    {"mvoice": 2800, "whisper": 1500, "ollama": 6000, "comfyui": 13000, "openai-speech": 3000}
+    {
+        "mvoice": 2800,
+        "whisper": 1500,
+        "ollama": 6000,
+        "comfyui": 13000,
+        "openai-speech": 3000,
+        "vllm": 11000,
+    }
 )
 """The services the simulator speaks, and each one's default model size in MiB."""
 DEFAULT_WORK_S: Final[Mapping[str, float]] = MappingProxyType(
@@ -72,6 +79,8 @@ OLLAMA_MODEL: Final = "llama3.2"
 OLLAMA_MODELS: Final = (OLLAMA_MODEL, "llama3.1:8b", "nomic-embed-text")
 """What the simulated Ollama lists as its models (it answers for any name asked for)."""
 EMBEDDING_DIMS: Final = 16
+VLLM_MODEL: Final = "Qwen/Qwen2.5-7B-Instruct"
+"""The one model the simulated vLLM serves (``config/examples/vllm.yaml``'s)."""
 SPEECH_MODELS: Final = ("tts-1", "whisper-1")
 """What the simulated OpenAI-style speech server lists as its models."""
 AUDIO_TYPES: Final[Mapping[str, str]] = MappingProxyType(
@@ -104,7 +113,9 @@ class ConsumerSettings:
     keep_alive_s: float | None = 300.0
     """Ollama: idle seconds before it frees its model (Ollama's 5 minutes); None: never."""
     tokens: int = 10
-    """Ollama: tokens per generation, spread over ``work_s["llm"]``."""
+    """Ollama, vLLM: tokens per generation, spread over ``work_s["llm"]``."""
+    wake_s: float | None = None
+    """vLLM: a load from host RAM after ``/sleep?level=1``; None: a tenth of ``load_s``."""
 
     @classmethod
     def make(
@@ -273,12 +284,16 @@ class SimConsumer:
             self._generation += 1
             generation = self._generation
             self.ledger.allocate(self.name, self.settings.vram_mib)
-            await self.sleep(self.settings.load_s)
+            await self.sleep(self.load_time())
             if generation == self._generation:
                 self.loaded = True
             return True
         finally:
             self._load_lock.release()
+
+    def load_time(self) -> float:
+        """Seconds the next load takes: ``load_s`` (a vLLM woken from host RAM: less)."""
+        return self.settings.load_s
 
     def unload(self) -> None:
         """Mark unloaded now; free the memory now or ``free_delay_s`` later."""
@@ -437,7 +452,110 @@ class Whisper(SimConsumer):
         send_text(request, "Load was successful!")
 
 
-class Ollama(SimConsumer):
+class OpenAIText(SimConsumer):
+    """OpenAI's text routes, shared by the simulated Ollama and vLLM: ``/v1/models``,
+    ``/v1/chat/completions`` and ``/v1/completions`` (SSE with ``stream: true``)."""
+
+    DEFAULT_MODEL = OLLAMA_MODEL
+    OWNED_BY = "library"
+    FINGERPRINT = "fp_ollama"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._model = self.DEFAULT_MODEL
+        self._completions = 0  # numbers the OpenAI answers' ids
+
+    async def openai_models(self, request: Request) -> None:
+        """``GET /v1/models``: the same models in OpenAI's list shape."""
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": self.OWNED_BY}
+            for name in self._models()
+        ]
+        send_json(request, {"object": "list", "data": data})
+
+    def _models(self) -> list[str]:
+        """The models ``/v1/models`` lists."""
+        return [self._model]
+
+    def _pick_model(self, asked: object) -> None:
+        """The model a request names: served whatever it is (Ollama pulls any name)."""
+        self._model = str(asked or self._model)
+
+    async def chat_completions(self, request: Request) -> None:
+        """OpenAI's chat completions: SSE chunks with ``stream: true``, else one object."""
+        await self._openai(request, "/v1/chat/completions", "messages")
+
+    async def completions(self, request: Request) -> None:
+        """OpenAI's legacy completions, shaped like ``chat_completions``'s answers."""
+        await self._openai(request, "/v1/completions", "prompt")
+
+    async def _openai(self, request: Request, path: str, field: str) -> None:
+        body = json_body(request)
+        if not body.get(field):
+            raise _openai_error(f"{field} is required")
+        self._pick_model(body.get("model"))
+        framing = self._sse(field == "messages", _word_count(body[field]))
+        stream = body.get("stream") is True
+        await self._serve(
+            self.settings.keep_alive_s, lambda: self._generate(request, path, stream, framing)
+        )
+
+    async def _serve(self, keep_alive: float | None, run: Callable[[], Awaitable[_T]]) -> _T:
+        """One request's work (Ollama adds its keep-alive around it)."""
+        return await run()
+
+    async def _generate(self, request: Request, path: str, stream: bool, framing: _Framing) -> None:
+        """Generate ``tokens`` through ``work``: streamed, one write per token as it is made."""
+        tokens = [f"tok{i} " for i in range(self.settings.tokens)]
+
+        def token(i: int) -> None:
+            if stream and alive(request):
+                request.write(framing.piece(tokens[i]))
+
+        if stream:
+            request.setHeader(b"Content-Type", framing.content_type)
+        entry = await self.work("llm", path, steps=len(tokens), on_step=token)
+        if not stream:
+            send_json(request, framing.whole("".join(tokens), entry))
+        elif alive(request):
+            request.write(framing.end(entry))
+            request.finish()
+
+    def _sse(self, chat: bool, prompt_tokens: int) -> _Framing:
+        """OpenAI's framing: ``data: {chunk}`` events ending ``data: [DONE]``, or one object."""
+        self._completions += 1
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{self._completions}"
+        created, model = int(self.clock.seconds()), self._model
+
+        def envelope(kind: str, text: str, finish: str | None, key: str) -> dict[str, object]:
+            choice: dict[str, object] = {"text": text, "index": 0, "finish_reason": finish}
+            if chat:
+                choice = {"index": 0, key: {"role": "assistant", "content": text}}
+                choice["finish_reason"] = finish
+            return {"id": ident, "object": kind, "created": created, "model": model,
+                    "system_fingerprint": self.FINGERPRINT, "choices": [choice]}  # fmt: skip
+
+        def chunk(text: str, finish: str | None) -> bytes:
+            event = envelope("chat.completion.chunk" if chat else "text_completion", text,
+                             finish, "delta")  # fmt: skip
+            return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+        def whole(text: str, entry: WorkEntry) -> dict[str, object]:
+            count = self.settings.tokens
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                     "total_tokens": prompt_tokens + count}  # fmt: skip
+            kind = "chat.completion" if chat else "text_completion"
+            return envelope(kind, text, "stop", "message") | {"usage": usage}
+
+        return _Framing(
+            b"text/event-stream",
+            piece=lambda text: chunk(text, None),
+            end=lambda entry: chunk("", "stop") + b"data: [DONE]\n\n",
+            whole=whole,
+        )
+
+
+class Ollama(OpenAIText):
     """Ollama: NDJSON token streams; manages its own VRAM (keep-alive, ``keep_alive: 0``).
 
     ``/api/ps`` answers as the real one's (``models`` with ``name``, ``model``,
@@ -449,10 +567,8 @@ class Ollama(SimConsumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._model = OLLAMA_MODEL
         self._expiry: Deferred[None] | None = None
         self._expires_at: float | None = None  # when the keep-alive timer frees it; None: no timer
-        self._completions = 0  # numbers the OpenAI answers' ids
 
     def routes(self) -> dict[str, dict[str, Handler]]:
         return {
@@ -480,14 +596,6 @@ class Ollama(SimConsumer):
         modified = datetime.fromtimestamp(0, UTC).isoformat()
         models = [self._model_entry(name) | {"modified_at": modified} for name in self._models()]
         send_json(request, {"models": models})
-
-    async def openai_models(self, request: Request) -> None:
-        """``GET /v1/models``: the same models in OpenAI's list shape."""
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "library"}
-            for name in self._models()
-        ]
-        send_json(request, {"object": "list", "data": data})
 
     def _models(self) -> list[str]:
         """``OLLAMA_MODELS`` and the model last asked for (the simulator serves any name)."""
@@ -560,25 +668,6 @@ class Ollama(SimConsumer):
         answer = {"model": self._model, "embeddings": [_embedding(t) for t in texts]}
         send_json(request, answer | self._durations(entry, _word_count(texts), with_eval=False))
 
-    async def chat_completions(self, request: Request) -> None:
-        """OpenAI's chat completions: SSE chunks with ``stream: true``, else one object."""
-        await self._openai(request, "/v1/chat/completions", "messages")
-
-    async def completions(self, request: Request) -> None:
-        """OpenAI's legacy completions, shaped like ``chat_completions``'s answers."""
-        await self._openai(request, "/v1/completions", "prompt")
-
-    async def _openai(self, request: Request, path: str, field: str) -> None:
-        body = json_body(request)
-        if not body.get(field):
-            raise _openai_error(f"{field} is required")
-        self._model = str(body.get("model") or self._model)
-        framing = self._sse(field == "messages", _word_count(body[field]))
-        stream = body.get("stream") is True
-        await self._serve(
-            self.settings.keep_alive_s, lambda: self._generate(request, path, stream, framing)
-        )
-
     async def embeddings(self, request: Request) -> None:
         """OpenAI's embeddings: ``{"object": "list", "data": [...], "model", "usage"}``."""
         body = json_body(request)
@@ -602,23 +691,6 @@ class Ollama(SimConsumer):
         finally:
             self._keep(keep_alive)
 
-    async def _generate(self, request: Request, path: str, stream: bool, framing: _Framing) -> None:
-        """Generate ``tokens`` through ``work``: streamed, one write per token as it is made."""
-        tokens = [f"tok{i} " for i in range(self.settings.tokens)]
-
-        def token(i: int) -> None:
-            if stream and alive(request):
-                request.write(framing.piece(tokens[i]))
-
-        if stream:
-            request.setHeader(b"Content-Type", framing.content_type)
-        entry = await self.work("llm", path, steps=len(tokens), on_step=token)
-        if not stream:
-            send_json(request, framing.whole("".join(tokens), entry))
-        elif alive(request):
-            request.write(framing.end(entry))
-            request.finish()
-
     def _ndjson(self, part: _Part, prompt_tokens: int) -> _Framing:
         """Ollama's own framing: one JSON line per token, then the ``done`` line."""
 
@@ -631,39 +703,6 @@ class Ollama(SimConsumer):
             piece=lambda text: _json_line(self._line(part(text))),
             end=lambda entry: _json_line(last("", entry)),
             whole=last,
-        )
-
-    def _sse(self, chat: bool, prompt_tokens: int) -> _Framing:
-        """OpenAI's framing: ``data: {chunk}`` events ending ``data: [DONE]``, or one object."""
-        self._completions += 1
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{self._completions}"
-        created, model = int(self.clock.seconds()), self._model
-
-        def envelope(kind: str, text: str, finish: str | None, key: str) -> dict[str, object]:
-            choice: dict[str, object] = {"text": text, "index": 0, "finish_reason": finish}
-            if chat:
-                choice = {"index": 0, key: {"role": "assistant", "content": text}}
-                choice["finish_reason"] = finish
-            return {"id": ident, "object": kind, "created": created, "model": model,
-                    "system_fingerprint": "fp_ollama", "choices": [choice]}  # fmt: skip
-
-        def chunk(text: str, finish: str | None) -> bytes:
-            event = envelope("chat.completion.chunk" if chat else "text_completion", text,
-                             finish, "delta")  # fmt: skip
-            return b"data: " + json.dumps(event).encode() + b"\n\n"
-
-        def whole(text: str, entry: WorkEntry) -> dict[str, object]:
-            count = self.settings.tokens
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                     "total_tokens": prompt_tokens + count}  # fmt: skip
-            kind = "chat.completion" if chat else "text_completion"
-            return envelope(kind, text, "stop", "message") | {"usage": usage}
-
-        return _Framing(
-            b"text/event-stream",
-            piece=lambda text: chunk(text, None),
-            end=lambda entry: chunk("", "stop") + b"data: [DONE]\n\n",
-            whole=whole,
         )
 
     def _durations(
@@ -1114,6 +1153,80 @@ class OpenAISpeech(SimConsumer):
             send_json(request, {"text": text})
 
 
+class VLLM(OpenAIText):
+    """vLLM's OpenAI server with ``--enable-sleep-mode`` (SPEC 9.6's warm tier).
+
+    ``POST /sleep?level=1`` frees its GPU memory and keeps the weights in host
+    RAM, so ``POST /wake_up`` (or a request) loads them back in ``wake_s``;
+    level 2 drops them too, and the next load is a cold one (``load_s``).
+    ``GET /is_sleeping`` answers ``{"is_sleeping": bool}``. It serves one model,
+    ``VLLM_MODEL``, and answers 404 for any other, as vLLM does.
+    """
+
+    DEFAULT_MODEL = VLLM_MODEL
+    OWNED_BY = "vllm"
+    FINGERPRINT = "fp_vllm"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_host_ram = False  # weights kept in host RAM by a level-1 sleep
+        self.sleeping = False
+
+    def routes(self) -> dict[str, dict[str, Handler]]:
+        return {
+            "/health": {"GET": self.health},
+            "/v1/models": {"GET": self.openai_models},
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/completions": {"POST": self.completions},
+            "/sleep": {"POST": self.sleep_route},
+            "/wake_up": {"POST": self.wake_up},
+            "/is_sleeping": {"GET": self.is_sleeping},
+        }
+
+    def load_time(self) -> float:
+        """From host RAM: ``wake_s`` (a tenth of ``load_s`` by default); else ``load_s``."""
+        if not self.in_host_ram:
+            return self.settings.load_s
+        wake = self.settings.wake_s
+        return round(self.settings.load_s / 10, 3) if wake is None else wake
+
+    async def load(self, *, again: bool = False) -> bool:
+        loaded = await super().load(again=again)
+        if self.loaded:
+            self.sleeping = False
+        return loaded
+
+    def _pick_model(self, asked: object) -> None:
+        if asked not in (None, "", self._model):
+            message = f"The model `{asked}` does not exist."
+            raise HttpError(404, {"object": "error", "message": message,
+                                  "type": "NotFoundError", "param": None, "code": 404})  # fmt: skip
+
+    async def health(self, request: Request) -> None:
+        send_text(request, "")
+
+    async def sleep_route(self, request: Request) -> None:
+        """``POST /sleep?level=1|2``: free the GPU memory; level 1 keeps the weights."""
+        level = request.args.get(b"level", [b"1"])[0]
+        if level not in (b"1", b"2"):
+            raise HttpError(400, {"error": "level: 1 or 2"})
+        self.in_host_ram = level == b"1" and (self.loaded or self.in_host_ram)
+        self.sleeping = True
+        self.unload()
+        send_text(request, "")
+
+    async def wake_up(self, request: Request) -> None:
+        """``POST /wake_up``: load back (from host RAM after a level-1 sleep)."""
+        await self.load()
+        send_text(request, "")
+
+    async def is_sleeping(self, request: Request) -> None:
+        send_json(request, {"is_sleeping": self.sleeping})
+
+    def state(self) -> dict[str, object]:
+        return super().state() | {"sleeping": self.sleeping, "in_host_ram": self.in_host_ram}
+
+
 @frozen
 class _Plan:
     """What a ComfyUI job tells its ``/ws`` client: its nodes, in order, and the sampler's steps."""
@@ -1152,6 +1265,7 @@ IMPLEMENTATIONS: Final[Mapping[str, type[SimConsumer]]] = MappingProxyType(
         "ollama": Ollama,
         "comfyui": ComfyUI,
         "openai-speech": OpenAISpeech,
+        "vllm": VLLM,
     }
 )
 

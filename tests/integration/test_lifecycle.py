@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,13 @@ from tests.integration.harness import (
     free_port,
     make_config,
     shared_stacks,
+    sleep,
     wait_for,
 )
 from tests.integration.service_ctl import alive
+from tests.integration.test_operations import _OperationsCase
+from tests.integration.test_scheduling import Sim, ledger_owners
+from tests.integration.test_scheduling import post as post_kind
 
 #: mvoice (2800 MiB + the 256 MiB cushion) and whisper (1500) do not fit together.
 CARD_MIB = 4000
@@ -125,3 +131,71 @@ class StoppedWhenUnloadedTests(TestCase):
 
         # Probes of the stopped service keep it healthy, with why it does not answer.
         await wait_for(stopped_after_probe, 10, "a probe of the stopped whisper")
+
+
+def event_time(event: Mapping[str, Any]) -> float:
+    """An event's ``at`` (ISO 8601 with milliseconds, UTC) as Unix seconds."""
+    return datetime.fromisoformat(str(event["at"]).replace("Z", "+00:00")).timestamp()
+
+
+class IdleUnloadTests(_OperationsCase):
+    """mvoice with ``idle_unload_s: 1`` under the real daemon (SPEC 9.6)."""
+
+    async def test_unloaded_after_a_second_unused_and_a_request_resets_the_timer(self) -> None:
+        mvoice = Sim("mvoice", "mvoice", 2800, work_s=0.1, load_s=0.05,
+                     block={"idle_unload_s": 1})  # fmt: skip
+        await self.fresh([mvoice], {"tts": "mvoice"})
+        self.assertEqual((await post_kind(self.http, "tts"))[0], 200)
+        await sleep(0.6)
+        self.assertEqual((await post_kind(self.http, "tts"))[0], 200)
+        first, second = await mvoice.work()
+        # The second request came before the first one's second of idleness ran out.
+        self.assertLess(second["start"], first["end"] + 1.0)
+
+        async def unloaded() -> bool:
+            return (await mvoice.state())["loaded"] is False
+
+        await wait_for(unloaded, 3, "mvoice's idle unload")
+        entry = (await self.status())["consumers"]["mvoice"]
+        self.assertIs(entry["loaded"], False, entry)
+        reader = await self.events("?history=50")
+        await wait_for(lambda: reader.of_kind("unload"), 5, "the unload event")
+        (unload,) = reader.of_kind("unload")
+        self.assertEqual((unload["consumer"], unload["reason"]), ("mvoice", "idle"), unload)
+        # A second after the last request, not the first (events' times are to the ms).
+        idle_for = event_time(unload) - second["end"]
+        self.assertGreaterEqual(idle_for, 0.99, (unload, second))
+        self.assertLess(idle_for, 2.5, (unload, second))
+        self.assertEqual(len(await mvoice.work()), 2)
+
+
+class PreloadTests(_OperationsCase):
+    """Three ``preload: true`` consumers on the 16384 MiB card (cushion 256): the two with
+    the highest priorities fit together and load in priority order; the third does not
+    fit in what is left, and nothing is evicted for it."""
+
+    async def test_loaded_at_start_in_priority_order_without_evicting(self) -> None:
+        def voice(name: str, mib: int, priority: int) -> Sim:
+            block = {"preload": True, "priority": priority}
+            return Sim(name, "mvoice", mib, work_s=0.1, load_s=0.2, block=block)
+
+        sims = [voice("low", 8000, 1), voice("mid", 4000, 2), voice("high", 6000, 3)]
+        await self.fresh(sims, {"tts": "high", "stt": "mid"})
+        await wait_for(lambda: self.loaded_as({"high": True, "mid": True}), 5, "the preloads")
+        reader = await self.events("?history=50")
+        await wait_for(lambda: len(reader.of_kind("load")) >= 2, 5, "the load events")
+        loads = reader.of_kind("load")
+        self.assertEqual([(e["consumer"], e["reason"]) for e in loads],
+                         [("high", "preload"), ("mid", "preload")])  # fmt: skip
+        self.assertEqual(reader.of_kind("unload"), [])
+        status = await self.status()
+        self.assertIs(status["consumers"]["low"]["loaded"], False)
+        self.assertEqual(status["scheduler"]["evictions"], 0)
+        self.assertEqual(
+            {
+                name: (await sims[i].state())["loaded"]
+                for i, name in enumerate(("low", "mid", "high"))
+            },
+            {"low": False, "mid": True, "high": True},
+        )
+        self.assertEqual(ledger_owners(self.stack.gpu_state), {"high": 6000, "mid": 4000})
