@@ -141,6 +141,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument(
         "--linger-s", type=float, default=tr.linger_s, help="scheduler.linger_s, trace seconds"
     )
+    g.add_argument(
+        "--eviction",
+        nargs="+",
+        choices=list(trace.EVICTIONS),
+        default=list(tr.evictions),
+        help="scheduler.eviction orders to replay, each under every policy (default: lru cost)",
+    )
+    g.add_argument(
+        "--load-model",
+        choices=list(trace.LOAD_MODELS),
+        default=tr.load_model,
+        help="mixed: per-consumer load times (ComfyUI 20 s, Ollama 5, whisper 3, mvoice 2);"
+        " size: 1 s per GiB (cost orders as lru)",
+    )
     g.add_argument("--no-plot", action="store_true", help="skip bench/out/trace.png")
 
     g = p.add_argument_group("scale")
@@ -227,6 +241,8 @@ def options(name: str, args: argparse.Namespace) -> Any:
             duration_s=args.duration,
             busy=args.busy,
             policies=tuple(dict.fromkeys(args.policy)) if args.policy else trace.POLICIES,
+            evictions=tuple(dict.fromkeys(args.eviction)),
+            load_model=args.load_model,
             max_skip_s=args.max_skip_s,
             min_residency_s=args.min_residency_s,
             linger_s=args.linger_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import statistics
 from typing import Any
@@ -22,14 +23,19 @@ from bench.trace.belady import Card, Rules, belady, exhaustive
 from bench.trace.bound import reorder_bound
 from bench.trace.generate import (
     DEFAULT_KINDS,
+    LOAD_S,
+    ROUTING,
     KindSpec,
     Trace,
     TraceParams,
     generate,
 )
 from bench.trace.plot import residency
+from bench.trace.replay import StackSettings, daemon_config
 from bench.trace.report import (
     busy_fraction,
+    eviction_ratios,
+    loading,
     match,
     nearest_rank,
     one_job_s,
@@ -134,10 +140,79 @@ class GenerateTests(SynchronousTestCase):
         self.assertGreater(statistics.pstdev(gaps) / statistics.mean(gaps), 2.0)
 
     def test_load_time_grows_with_size(self) -> None:
-        """A model loads in 1 s per GiB by default."""
-        params = TraceParams()
+        """Under the ``size`` model a model loads in 1 s per GiB."""
+        params = TraceParams(load_model="size")
         self.assertEqual(params.load_s("comfyui"), round(13000 / 1024, 3))
         self.assertLess(params.load_s("whisper"), params.load_s("mvoice"))
+
+
+class LoadTimeTests(SynchronousTestCase):
+    """Per-consumer load times (the ``mixed`` model) and the older ``size`` model."""
+
+    def test_mixed_is_the_default(self) -> None:
+        """By default each consumer loads in its own time, whatever its size."""
+        params = TraceParams()
+        self.assertEqual(params.load_model, "mixed")
+        got = {c: params.load_s(c) for c in ROUTING.values()}
+        self.assertEqual(got, {"comfyui": 20.0, "ollama": 5.0, "whisper": 3.0, "mvoice": 2.0})
+        self.assertEqual(got, dict(LOAD_S))
+
+    def test_mixed_differs_per_mib(self) -> None:
+        """Reload seconds per MiB differ (so cost eviction orders unlike LRU): whisper dearest,
+        then ComfyUI, Ollama, mvoice."""
+        params = TraceParams()
+        per_mib = {c: params.load_s(c) / params.sizes_mib[c] for c in ROUTING.values()}
+        self.assertEqual(
+            sorted(per_mib, key=per_mib.__getitem__), ["mvoice", "ollama", "comfyui", "whisper"]
+        )
+
+    def test_size_model(self) -> None:
+        """``size``: size x ``load_s_per_gib``, every MiB the same price."""
+        params = TraceParams(load_model="size")
+        self.assertEqual(params.load_s("comfyui"), round(13000 / 1024, 3))
+        self.assertEqual(params.load_s("mvoice"), round(2800 / 1024, 3))
+        self.assertEqual(TraceParams(load_model="size", load_s_per_gib=2.0).load_s("whisper"),
+                         round(2 * 1500 / 1024, 3))  # fmt: skip
+
+    def test_unknown_model(self) -> None:
+        """A load model other than ``mixed`` and ``size`` is refused."""
+        self.assertRaises(ValueError, TraceParams, load_model="fast")
+
+    def test_json(self) -> None:
+        """The load model travels in the trace file; a file from before it reads as ``size``."""
+        for model in ("mixed", "size"):
+            params = TraceParams(seed=2, load_model=model)
+            self.assertEqual(TraceParams.from_json(params.to_json()), params)
+        old = TraceParams(load_model="size").to_json()
+        del old["load_model"], old["load_times_s"]
+        self.assertEqual(TraceParams.from_json(old).load_model, "size")
+
+    def test_arrivals_do_not_depend_on_load_times(self) -> None:
+        """The load model changes no arrival: both models replay the same requests."""
+        self.assertEqual(
+            generate(TraceParams(seed=1)).arrivals,
+            generate(TraceParams(seed=1, load_model="size")).arrivals,
+        )
+
+
+class DaemonConfigTests(SynchronousTestCase):
+    """The replayed daemon's configuration."""
+
+    def _config(self, **kw: Any) -> dict[str, Any]:
+        settings = StackSettings(policy="affinity", card_mib=16384, cushion_mib=256,
+                                 max_skip_s=3.0, min_residency_s=1.0, linger_s=0.0, aging_s=3.0,
+                                 queue_timeout_s=60.0, hold_interval_s=0.05, **kw)  # fmt: skip
+        text = daemon_config(settings, ROUTING, {})
+        return dict(json.loads(text.split("\n", 1)[1]))
+
+    def test_eviction(self) -> None:
+        """``scheduler.eviction`` carries the run's eviction order, next to its policy."""
+        sched = self._config(eviction="cost")["scheduler"]
+        self.assertEqual((sched["policy"], sched["eviction"]), ("affinity", "cost"))
+
+    def test_eviction_default(self) -> None:
+        """Unsaid, the eviction order is the daemon's default, ``lru``."""
+        self.assertEqual(self._config()["scheduler"]["eviction"], "lru")
 
 
 class BusierTests(SynchronousTestCase):
@@ -439,6 +514,74 @@ class ReportTests(SynchronousTestCase):
         self.assertAlmostEqual(s["wait_s"]["all"]["p50"], 2.5)
         self.assertEqual(s["largest_wait"]["i"], 2)
 
+    def test_loading(self) -> None:
+        """Swap-seconds: the load events' ``took_s`` plus each cold start's load time; the
+        learning: loads until every consumer with a load route was timed once."""
+        raw = _raw()
+        records, _ = match(raw["sent"], raw["work"], raw["load_s"], raw["t0"])
+        got = loading(records, raw["events"], raw["load_s"], ["mvoice"], raw["t0"])
+        self.assertAlmostEqual(got["swap_s"], 0.4 + 2.0 + 0.1)
+        self.assertAlmostEqual(got["swap_s_after_first"], 0.1)  # mvoice's second load
+        self.assertEqual(set(got["swap_s_by_consumer"]), {"mvoice", "comfyui"})
+        self.assertAlmostEqual(got["swap_s_by_consumer"]["mvoice"], 0.5)
+        self.assertEqual((got["loads_until_learned"], got["learned_at_s"]), (1, 0.5))
+        self.assertEqual(got["never_timed"], ["comfyui"])
+        # whisper, timed by the daemon, was never loaded: never all learned.
+        got = loading(records, raw["events"], raw["load_s"], ["mvoice", "whisper"], raw["t0"])
+        self.assertEqual((got["loads_until_learned"], got["learned_at_s"]), (None, None))
+        # The cold start (not timed) counts among the loads before the last one learned.
+        events = [e for e in raw["events"] if e["at"] > 101.0]
+        got = loading(records, events, raw["load_s"], ["mvoice"], raw["t0"])
+        self.assertEqual((got["loads_until_learned"], got["learned_at_s"]), (2, 4.0))
+
+    def test_summarize_loading(self) -> None:
+        """``summarize`` carries the swap-seconds and the learning, from the raw ``timed``."""
+        raw = _raw()
+        raw["timed"] = ["mvoice"]
+        s = summarize(raw)
+        self.assertAlmostEqual(s["swap_s"], 2.5)
+        self.assertEqual(s["loads_until_learned"], 1)
+
+    def test_eviction_ratios(self) -> None:
+        """cost against lru per policy: at least 20% fewer swap-seconds, p99 within 1.1 x."""
+
+        def run(swap_s: float, p99: float, loads: int = 10) -> dict[str, Any]:
+            return {"swap_s": swap_s, "swap_s_after_first": swap_s - 1.0, "loads": loads,
+                    "wait_s": {"all": {"p99": p99}}}  # fmt: skip
+
+        got = eviction_ratios({
+            "fifo": {"lru": run(10.0, 2.0), "cost": run(8.0, 2.0)},
+            "affinity": {"lru": run(10.0, 2.0), "cost": run(8.5, 1.0, 5)},
+            "other": {"lru": run(10.0, 2.0), "cost": run(5.0, 2.5)},
+            "alone": {"lru": run(10.0, 2.0)},
+        })  # fmt: skip
+        self.assertEqual(set(got), {"fifo", "affinity", "other"})
+        fifo = got["fifo"]
+        self.assertEqual((fifo["swap_s_ratio"], fifo["p99_ratio"]), (0.8, 1.0))
+        self.assertEqual((fifo["swap_s_ok"], fifo["p99_ok"], fifo["ok"]), (True, True, True))
+        self.assertAlmostEqual(fifo["swap_s_after_first_ratio"], 7.0 / 9.0)
+        self.assertEqual(fifo["swap_s"], {"lru": 10.0, "cost": 8.0})
+        aff = got["affinity"]
+        self.assertEqual((aff["swap_s_ok"], aff["p99_ok"], aff["ok"]), (False, True, False))
+        self.assertEqual(aff["loads_ratio"], 0.5)
+        other = got["other"]
+        self.assertEqual((other["swap_s_ok"], other["p99_ok"], other["ok"]), (True, False, False))
+
+    def test_eviction_ratios_zero(self) -> None:
+        """No loading under either is a tie (1); under lru alone, no ratio (NaN)."""
+        run = {
+            "swap_s": 0.0,
+            "swap_s_after_first": 0.0,
+            "loads": 0,
+            "wait_s": {"all": {"p99": 1.0}},
+        }
+        got = eviction_ratios({"fifo": {"lru": run, "cost": run}})["fifo"]
+        self.assertEqual((got["swap_s_ratio"], got["ok"]), (1.0, False))
+        more = dict(run, swap_s=1.0)
+        got = eviction_ratios({"fifo": {"lru": run, "cost": more}})["fifo"]
+        self.assertTrue(math.isnan(got["swap_s_ratio"]))
+        self.assertFalse(got["ok"])
+
     def test_timeline(self) -> None:
         """Loads come from the load events and the cold starts; evictions from evict events."""
         raw = _raw()
@@ -508,3 +651,36 @@ class ReportTests(SynchronousTestCase):
         self.assertIn("bound (any order)", text)
         self.assertIn("out of reach: no schedule within the wait bound needs fewer than 2", text)
         self.assertIn("affinity swaps <= Belady's: PASS (3.00 vs 3.00)", text)
+
+    def test_render_evictions(self) -> None:
+        """Per run the load seconds and the learning; per policy cost against lru."""
+        raw = _raw()
+        raw["timed"] = ["mvoice"]
+        s = summarize(raw)
+        cheaper = dict(s, swap_s=1.5, swap_s_after_first=0.05)
+        runs = {"fifo": {"lru": s, "cost": cheaper}}
+        result = {
+            "params": {
+                "seed": 1, "requests": 4, "duration_s": 60.0, "scale": 0.1, "card_mib": 16384,
+                "cushion_mib": 256, "routing": {"tts": "mvoice", "image": "comfyui"},
+                "scheduler_replay_s": {"max_skip_s": 3.0, "min_residency_s": 1.0,
+                                       "aging_s": 3.0, "queue_timeout_s": 60.0},
+                "one_job_s": 3.0, "load_model": "mixed", "evictions": ["lru", "cost"],
+                "load_s": {"mvoice": 0.2, "comfyui": 2.0},
+            },
+            "host": {"cpu_busy_before": 0.0},
+            "belady": {"loads": 3, "unloads": 2, "swaps": 3},
+            "policies": {"fifo/lru": s, "fifo/cost": cheaper},
+            "analysis": {"targets": {}, "targets_eviction": "lru",
+                         "eviction": eviction_ratios(runs)},
+            "failures": [],
+        }  # fmt: skip
+        text = render(result)
+        self.assertIn("load times (mixed model, replay s): mvoice 0.2, comfyui 2", text)
+        self.assertIn("fifo/lru", text)
+        self.assertIn("all timed after 1 loads (0.5 s); never timed: comfyui", text)
+        self.assertIn(
+            "target: fifo: cost load seconds <= 0.8 x lru's and p99 wait <= 1.1 x lru's: PASS"
+            " (load s 1.50 vs 2.50: x0.60 [after first x0.50], p99 x1.00, loads x1.00)",
+            text,
+        )

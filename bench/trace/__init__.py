@@ -2,10 +2,11 @@
 
 A seeded trace (``generate``: four kinds, each alternating idle periods and
 Poisson bursts) is replayed, open loop, against the real daemon in front of
-four simulated consumers (``replay``), once per ``scheduler.policy`` on a
-fresh stack, and compared with what a clairvoyant scheduler serving in arrival
-order needs (``belady``). ``report`` does the arithmetic, ``plot`` draws who
-held the GPU when.
+four simulated consumers (``replay``), once per ``scheduler.policy`` and
+``scheduler.eviction`` (``lru``, ``cost``) on a fresh stack, and compared
+with what a clairvoyant scheduler serving in arrival order needs
+(``belady``). ``report`` does the arithmetic, ``plot`` draws who held the GPU
+when.
 
 Times in the trace are real-life seconds; the replay runs them ``scale``
 times faster (0.1: a 10-minute trace in a minute), the daemon's time settings
@@ -25,16 +26,31 @@ from typing import Any
 from bench.common import OUT_DIR, Bench, CommonOptions, Session, busy_note, fmt, passed, verdict
 from bench.trace.belady import Card, Rules, belady, exhaustive
 from bench.trace.bound import reorder_bound
-from bench.trace.generate import Trace, TraceParams, generate
+from bench.trace.generate import LOAD_MODELS, Trace, TraceParams, generate
 from bench.trace.replay import Stack, StackSettings
-from bench.trace.report import one_job_s, summarize, targets
+from bench.trace.report import (
+    COST_P99_LIMIT,
+    COST_SAVING,
+    eviction_ratios,
+    one_job_s,
+    summarize,
+    targets,
+)
 
 POLICIES = ("fifo", "affinity")
+EVICTIONS = ("lru", "cost")
+
+__all__ = ["EVICTIONS", "LOAD_MODELS", "POLICIES", "Options", "render", "run"]
+
+
+def run_name(policy: str, eviction: str) -> str:
+    """A run's name in the report: ``fifo/lru``."""
+    return f"{policy}/{eviction}"
 
 
 @dataclass
 class Options(CommonOptions):
-    """What to run; the defaults take about 2 min 10 s on the 2-core VM."""
+    """What to run; the defaults take about 2 min 10 s per run on the 2-core VM (4 runs)."""
 
     seed: int = 1
     card_mib: int = 16384
@@ -42,6 +58,8 @@ class Options(CommonOptions):
     duration_s: float = 600.0  # of trace (real-life) time
     busy: float = 1.0  # idle periods this many times shorter: more overlapping bursts
     policies: tuple[str, ...] = POLICIES
+    evictions: tuple[str, ...] = EVICTIONS
+    load_model: str = "mixed"  # per-consumer load times; "size": size x 1 s/GiB
     # The daemon's settings, in real-life seconds (scaled for the replay): its defaults.
     max_skip_s: float = 30.0
     min_residency_s: float = 10.0
@@ -54,10 +72,16 @@ class Options(CommonOptions):
 
 
 class _Run(Bench):
-    """One policy: a fresh stack, the trace fired at it, the raw record."""
+    """One policy and eviction: a fresh stack, the trace fired at it, the raw record."""
 
     def __init__(
-        self, opts: Options, trace: Trace, policy: str, tmp: Path, log: Callable[[str], None]
+        self,
+        opts: Options,
+        trace: Trace,
+        policy: str,
+        eviction: str,
+        tmp: Path,
+        log: Callable[[str], None],
     ) -> None:
         self.budget_s = trace.params.duration_s * opts.scale * 3 + 30.0
         super().__init__(tmp, log, self.budget_s + 120.0)
@@ -74,6 +98,7 @@ class _Run(Bench):
                 aging_s=opts.aging_s * s,
                 queue_timeout_s=opts.queue_timeout_s * s,
                 hold_interval_s=max(0.01, 0.5 * s),
+                eviction=eviction,
             ),
             s,
             tmp,
@@ -93,7 +118,11 @@ class _Run(Bench):
 def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, Any], bool]:
     """Generate the trace, replay it per policy, compare; (result document, ok)."""
     session = Session(log)
-    params = TraceParams(seed=opts.seed, duration_s=opts.duration_s).busier(opts.busy)
+    if opts.load_model not in LOAD_MODELS:
+        raise ValueError(f"load_model: one of {LOAD_MODELS}")
+    params = TraceParams(
+        seed=opts.seed, duration_s=opts.duration_s, load_model=opts.load_model
+    ).busier(opts.busy)
     trace = generate(params)
     trace_path = opts.out_dir / "trace.arrivals.json"
     trace.write(trace_path)
@@ -108,25 +137,36 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
         f"{ref.unloads} unloads, {ref_swaps} swaps (the exact optimum in arrival order: {optimum})"
     )
     summaries: dict[str, dict[str, Any]] = {}
+    by_policy: dict[str, dict[str, dict[str, Any]]] = {}
     failures: list[str] = []
     load_s: dict[str, float] = {}
     work_s: dict[str, float] = {}
     with session.enter(opts.cpus, opts.keep):
         for policy in opts.policies:
-            log(f"== trace: {policy}")
-            bench = _Run(opts, trace, policy, session.tmp / policy, log)
-            bench.execute()
-            failures += [f"{policy}: {f}" for f in bench.failures]
-            if bench.raw is None:
-                continue
-            load_s, work_s = bench.raw["load_s"], bench.raw["work_s"]
-            summaries[policy] = s = summarize(bench.raw)
-            failures += [f"{policy}: {p}" for p in s["problems"]]
-            w = s["wait_s"]["all"]
-            log(
-                f"  {s['loads']} loads, {s['unloads']} unloads, makespan {s['makespan_s']:.1f} s,"
-                f" wait p99 {w['p99']:.2f} s, max {w['max']:.2f} s"
-            )
+            for eviction in opts.evictions:
+                name = run_name(policy, eviction)
+                log(f"== trace: {name}")
+                tmp = session.tmp / f"{policy}-{eviction}"
+                bench = _Run(opts, trace, policy, eviction, tmp, log)
+                bench.execute()
+                failures += [f"{name}: {f}" for f in bench.failures]
+                if bench.raw is None:
+                    continue
+                load_s, work_s = bench.raw["load_s"], bench.raw["work_s"]
+                summaries[name] = s = summarize(bench.raw)
+                s["policy"], s["eviction"] = policy, eviction
+                by_policy.setdefault(policy, {})[eviction] = s
+                failures += [f"{name}: {p}" for p in s["problems"]]
+                w = s["wait_s"]["all"]
+                log(
+                    f"  {s['loads']} loads, {s['unloads']} unloads, {s['swap_s']:.2f} s loading,"
+                    f" makespan {s['makespan_s']:.1f} s, wait p99 {w['p99']:.2f} s,"
+                    f" max {w['max']:.2f} s"
+                )
+    # Issue 5's affinity-against-fifo targets, under the first eviction order run.
+    first_eviction = {
+        p: e[opts.evictions[0]] for p, e in by_policy.items() if opts.evictions[0] in e
+    }
     one_job = one_job_s(load_s, work_s) if load_s else math.nan
     window_s = opts.max_skip_s * opts.scale + one_job
     bound = None
@@ -146,6 +186,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
             "scale": opts.scale,
             "routing": dict(params.routing),
             "sizes_mib": dict(params.sizes_mib),
+            "load_model": params.load_model,
+            "evictions": list(opts.evictions),
             "scheduler_replay_s": {
                 "max_skip_s": opts.max_skip_s * opts.scale,
                 "min_residency_s": opts.min_residency_s * opts.scale,
@@ -169,7 +211,11 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
         policies=summaries,
         failures=failures,
         analysis={
-            "targets": targets(summaries, ref_swaps, opts.max_skip_s * opts.scale, one_job, bound)
+            "targets": targets(
+                first_eviction, ref_swaps, opts.max_skip_s * opts.scale, one_job, bound
+            ),
+            "targets_eviction": opts.evictions[0],
+            "eviction": eviction_ratios(by_policy),
         },
     )
     if opts.plot and summaries:
@@ -206,8 +252,10 @@ def render(result: dict[str, Any]) -> str:
         f"aging_s {sched['aging_s']:g}; seconds below are "
         f"replay seconds (x{1 / p['scale']:g} for real life); swaps: loads + unloads, "
         "less each consumer's first load",
-        f"{'':<18} {'loads':>6} {'unloads':>7} {'swaps':>6} {'makespan':>9} {'busy':>5} "
-        f"{'wait p50':>9} {'p99':>7} {'max':>7} {'not 200':>7}",
+        f"load times ({p.get('load_model', 'size')} model, replay s): "
+        + ", ".join(f"{c} {v:g}" for c, v in p.get("load_s", {}).items()),
+        f"{'':<18} {'loads':>6} {'unloads':>7} {'swaps':>6} {'load s':>7} {'makespan':>9} "
+        f"{'busy':>5} {'wait p50':>9} {'p99':>7} {'max':>7} {'not 200':>7}",
     ]
     pols = result["policies"]
     for name, s in pols.items():
@@ -215,7 +263,8 @@ def render(result: dict[str, Any]) -> str:
         bad = sum(n for code, n in s["statuses"].items() if code != "200")
         out.append(
             f"{name:<18} {s['loads']:>6} {s['unloads']:>7} {s['swaps']:>6} "
-            f"{fmt(s['makespan_s'], ' s'):>9} {fmt(100 * s['busy_fraction'], '%', 0):>5} "
+            f"{fmt(s.get('swap_s', math.nan), '', 2):>7} {fmt(s['makespan_s'], ' s'):>9} "
+            f"{fmt(100 * s['busy_fraction'], '%', 0):>5} "
             f"{fmt(w['p50'], '', 2):>9} {fmt(w['p99'], '', 2):>7} {fmt(w['max'], '', 2):>7} "
             f"{bad:>7}"
         )
@@ -233,7 +282,7 @@ def render(result: dict[str, Any]) -> str:
     if pols:
         kinds = list(p["routing"])
         out.append("queue wait by kind, p50 / p99 / max (s):")
-        out.append(f"{'':<10}" + "".join(f"{k:>22}" for k in kinds))
+        out.append(f"{'':<14}" + "".join(f"{k:>22}" for k in kinds))
         for name, s in pols.items():
             cells = []
             for k in kinds:
@@ -243,7 +292,7 @@ def render(result: dict[str, Any]) -> str:
                     if not w
                     else f"{fmt(w['p50'], '', 2)} / {fmt(w['p99'], '', 2)} / {fmt(w['max'], '', 2)}"
                 )
-            out.append(f"{name:<10}" + "".join(f"{c:>22}" for c in cells))
+            out.append(f"{name:<14}" + "".join(f"{c:>22}" for c in cells))
         for name, s in pols.items():
             lw = s["largest_wait"]
             if lw:
@@ -252,6 +301,11 @@ def render(result: dict[str, Any]) -> str:
                     f" max_skip_s {sched['max_skip_s']:g} + one job {fmt(p['one_job_s'], '', 2)}"
                     f" (longest load + work) = {fmt(sched['max_skip_s'] + p['one_job_s'], '', 2)}"
                 )
+    out += _eviction_lines(result)
+    if len(result["params"].get("evictions", ())) > 1:
+        out.append(
+            f"issue 5's targets below: under eviction {result['analysis']['targets_eviction']}"
+        )
     labels = {
         "half_the_swaps_of_fifo": "affinity swaps <= fifo's / 2",
         "no_more_swaps_than_belady": "affinity swaps <= Belady's",
@@ -270,3 +324,38 @@ def render(result: dict[str, Any]) -> str:
     out += busy_note(result)
     out += [f"FAILED: {failure}" for failure in result["failures"]]
     return "\n".join(out)
+
+
+def _eviction_lines(result: dict[str, Any]) -> list[str]:
+    """Swap-seconds per consumer, the learning, and cost against lru per policy."""
+    pols = result["policies"]
+    out: list[str] = []
+    if any("swap_s" in s for s in pols.values()):
+        out.append(
+            "load seconds by consumer (less first loads: 'after first'); loads until the daemon"
+            " had timed every consumer with a load route:"
+        )
+        for name, s in pols.items():
+            if "swap_s" not in s:
+                continue
+            by = ", ".join(f"{c} {v:.2f}" for c, v in s["swap_s_by_consumer"].items())
+            until = s["loads_until_learned"]
+            learned = (
+                "never all timed"
+                if until is None
+                else f"all timed after {until} loads ({s['learned_at_s']:.1f} s)"
+            )
+            never = f"; never timed: {', '.join(s['never_timed'])}" if s["never_timed"] else ""
+            out.append(
+                f"  {name:<14} {s['swap_s']:.2f} s ({by}); after first "
+                f"{s['swap_s_after_first']:.2f} s; {learned}{never}"
+            )
+    for policy, r in result["analysis"].get("eviction", {}).items():
+        out.append(
+            f"target: {policy}: cost load seconds <= {1 - COST_SAVING:.1f} x lru's and p99 wait"
+            f" <= {COST_P99_LIMIT:g} x lru's: {verdict(r['ok'])} (load s {r['swap_s']['cost']:.2f}"
+            f" vs {r['swap_s']['lru']:.2f}: x{r['swap_s_ratio']:.2f}"
+            f" [after first x{r['swap_s_after_first_ratio']:.2f}], p99 x{r['p99_ratio']:.2f},"
+            f" loads x{r['loads_ratio']:.2f})"
+        )
+    return out

@@ -8,8 +8,12 @@ The first phase of every kind is an idle period, so the kinds start out of
 step. The kinds are independent, so their bursts overlap at random: that
 overlap is where strict arrival order swaps models back and forth.
 
-Every time here is real-life seconds (a TTS job 0.3 s, loading ComfyUI's 13 GB
-about 13 s); the replay scales them all by one factor. Each kind draws from
+Every time here is real-life seconds (a TTS job 0.3 s, loading ComfyUI about
+20 s); the replay scales them all by one factor. Load times are per consumer
+(``LOAD_S``: ComfyUI 20 s, Ollama 5 s, whisper 3 s, mvoice 2 s, so reloading
+differs per MiB freed and ``scheduler.eviction: cost`` has something to go
+by); ``load_model="size"`` keeps the older model, size x ``load_s_per_gib``,
+under which cost orders exactly as LRU. Each kind draws from
 its own ``random.Random`` seeded with ``"<seed>:<kind>"``, so the same seed
 gives the same trace on every machine and Python, and changing one kind's
 parameters leaves the others' arrivals as they were.
@@ -35,8 +39,16 @@ ROUTING: Mapping[str, str] = {
 #: Model sizes in MiB, as in the production configuration.
 SIZES_MIB: Mapping[str, int] = {"mvoice": 2800, "whisper": 1500, "ollama": 6000, "comfyui": 13000}
 
-#: Loading a model takes this long per GiB (a disk-to-GPU load of a few GB/s).
+#: Loading a model takes this long per GiB (a disk-to-GPU load of a few GB/s):
+#: the ``size`` load model.
 LOAD_S_PER_GIB = 1.0
+
+#: Each consumer's load time in seconds: the ``mixed`` load model (the default).
+#: Per MiB freed: whisper 2.0 ms, ComfyUI 1.5, Ollama 0.83, mvoice 0.71.
+LOAD_S: Mapping[str, float] = {"comfyui": 20.0, "ollama": 5.0, "whisper": 3.0, "mvoice": 2.0}
+
+#: ``mixed``: ``LOAD_S``; ``size``: size x ``load_s_per_gib`` (every MiB costs the same).
+LOAD_MODELS = ("mixed", "size")
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,12 @@ class TraceParams:
     routing: Mapping[str, str] = field(default_factory=lambda: dict(ROUTING))
     sizes_mib: Mapping[str, int] = field(default_factory=lambda: dict(SIZES_MIB))
     load_s_per_gib: float = LOAD_S_PER_GIB
+    load_model: str = "mixed"
+    load_times_s: Mapping[str, float] = field(default_factory=lambda: dict(LOAD_S))
+
+    def __post_init__(self) -> None:
+        if self.load_model not in LOAD_MODELS:
+            raise ValueError(f"load_model must be one of {LOAD_MODELS}, not {self.load_model!r}")
 
     def busier(self, factor: float) -> TraceParams:
         """The same kinds with idle periods ``factor`` times shorter: bursts overlap more."""
@@ -76,7 +94,9 @@ class TraceParams:
         return replace(self, kinds=kinds)
 
     def load_s(self, consumer: str) -> float:
-        """How long loading ``consumer``'s model takes."""
+        """How long loading ``consumer``'s model takes (real-life seconds)."""
+        if self.load_model == "mixed" and consumer in self.load_times_s:
+            return float(self.load_times_s[consumer])
         return round(self.sizes_mib[consumer] / 1024.0 * self.load_s_per_gib, 3)
 
     def to_json(self) -> dict[str, Any]:
@@ -87,6 +107,8 @@ class TraceParams:
             "routing": dict(self.routing),
             "sizes_mib": dict(self.sizes_mib),
             "load_s_per_gib": self.load_s_per_gib,
+            "load_model": self.load_model,
+            "load_times_s": dict(self.load_times_s),
         }
 
     @classmethod
@@ -98,6 +120,9 @@ class TraceParams:
             routing=dict(data["routing"]),
             sizes_mib={k: int(v) for k, v in data["sizes_mib"].items()},
             load_s_per_gib=float(data["load_s_per_gib"]),
+            # A trace written before per-consumer load times: the size model.
+            load_model=str(data.get("load_model", "size")),
+            load_times_s={k: float(v) for k, v in data.get("load_times_s", LOAD_S).items()},
         )
 
 

@@ -20,7 +20,8 @@ One ``Stack`` per policy, fresh each time:
     keep-alive expiry off (``--keep-alive-s -1``);
   - ``comfyui``: ``POST /free``; no load route: it cold-starts on its first
     request, and the GPU lease is held until ``/history/<id>`` shows the job;
-- the daemon under ``twistd`` (``bench.broker.start_broker``) with the policy.
+- the daemon under ``twistd`` (``bench.broker.start_broker``) with the policy
+  and the eviction order (``scheduler.eviction``).
 
 Ollama and ComfyUI do not report ``loaded``, so the daemon takes them as loaded
 when healthy; before the trace every consumer is unloaded through the admin
@@ -102,6 +103,7 @@ class StackSettings:
     aging_s: float
     queue_timeout_s: float
     hold_interval_s: float
+    eviction: str = "lru"  # scheduler.eviction
 
 
 def consumer_block(name: str, kind: str, port: int, mib: int, hold_interval_s: float) -> dict:
@@ -145,6 +147,7 @@ def daemon_config(
         },
         "scheduler": {
             "policy": settings.policy,
+            "eviction": settings.eviction,
             "max_skip_s": settings.max_skip_s,
             "min_residency_s": settings.min_residency_s,
             "linger_s": settings.linger_s,
@@ -335,6 +338,8 @@ class Stack:
             "scheduler": after,
             "load_s": dict(self.load_s),
             "work_s": dict(self.work_s),
+            # Whose loads the daemon times (a load route): the others cold-start in a request.
+            "timed": sorted(n for n in self.ports if SERVICES[n] != "comfyui"),
             "events_error": events.error,
         }
 

@@ -164,7 +164,112 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
         "problems": problems,
         "records": records,
         "timeline": timeline(records, raw.get("events", []), raw["load_s"], t0),
+        **loading(records, raw.get("events", []), raw["load_s"], raw.get("timed", ()), t0),
     }
+
+
+def loading(
+    records: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    load_s: Mapping[str, float],
+    timed: Iterable[str],
+    t0: float,
+) -> dict[str, Any]:
+    """Time spent loading (swap-seconds), and how long the daemon went without knowing it.
+
+    Every load counts what it took: the daemon's ``load`` events carry their
+    ``took_s``; a cold start (ComfyUI, loaded inside its request) its consumer's
+    simulated load time. ``swap_s``: the total; ``swap_s_after_first``: less
+    each consumer's first load (paid whatever the order, as for ``swaps``).
+
+    ``eviction: cost`` goes by learned load times: a consumer whose load the
+    daemon never timed counts ``DEFAULT_LOAD_S``. ``timed`` are the consumers
+    it can time (a load route); ``loads_until_learned`` is how many loads
+    (of anyone) ended up to the one that taught it the last of them, and
+    ``learned_at_s`` when (None: some were never loaded through the daemon).
+    """
+    # (ended at, consumer, took, timed by the daemon)
+    loads: list[tuple[float, str, float, bool]] = [
+        (r["start"] + load_s.get(r["consumer"], 0.0), r["consumer"],
+         load_s.get(r["consumer"], 0.0), False)
+        for r in records
+        if r["cold"]
+    ]  # fmt: skip
+    for e in events:
+        if e.get("kind") == "load":
+            loads.append((e["at"] - t0, str(e["consumer"]), float(e.get("took_s") or 0.0), True))
+    loads.sort()
+    total = sum(took for _, _, took, _ in loads)
+    first: dict[str, float] = {}
+    for _, consumer, took, _ in loads:
+        first.setdefault(consumer, took)
+    unknown = set(timed)
+    learned_at: float | None = 0.0 if not unknown else None
+    until = 0
+    for n, (at, consumer, _, by_daemon) in enumerate(loads, 1):
+        if learned_at is not None:
+            break
+        if by_daemon:
+            unknown.discard(consumer)
+            if not unknown:
+                learned_at, until = at, n
+    return {
+        "swap_s": total,
+        "swap_s_after_first": total - sum(first.values()),
+        "swap_s_by_consumer": {
+            c: sum(took for _, who, took, _ in loads if who == c) for c in sorted(first)
+        },
+        "loads_until_learned": until if learned_at is not None else None,
+        "learned_at_s": learned_at,
+        "never_timed": sorted(set(first) - set(timed)),
+    }
+
+
+#: Issue 9.6's target for ``eviction: cost`` against ``lru``, per policy.
+COST_SAVING = 0.20  # at least this share fewer swap-seconds
+COST_P99_LIMIT = 1.1  # p99 wait at most this many times lru's
+
+
+def eviction_ratios(
+    runs: Mapping[str, Mapping[str, Mapping[str, Any]]],
+) -> dict[str, dict[str, Any]]:
+    """Per policy, ``cost`` against ``lru``: the ratios and the verdict.
+
+    ``runs``: policy -> eviction -> summary (``summarize``). A policy without
+    both runs has no entry. ``ok``: cost spends at least ``COST_SAVING`` fewer
+    swap-seconds and its p99 wait is at most ``COST_P99_LIMIT`` x lru's.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for policy, by_eviction in runs.items():
+        lru, cost = by_eviction.get("lru"), by_eviction.get("cost")
+        if lru is None or cost is None:
+            continue
+        swap = _ratio(cost["swap_s"], lru["swap_s"])
+        p99 = _ratio(cost["wait_s"]["all"]["p99"], lru["wait_s"]["all"]["p99"])
+        swap_ok = swap <= 1.0 - COST_SAVING
+        p99_ok = p99 <= COST_P99_LIMIT
+        out[policy] = {
+            "swap_s": {"lru": lru["swap_s"], "cost": cost["swap_s"]},
+            "swap_s_ratio": swap,
+            "swap_s_after_first_ratio": _ratio(
+                cost["swap_s_after_first"], lru["swap_s_after_first"]
+            ),
+            "p99_ratio": p99,
+            "loads_ratio": _ratio(cost["loads"], lru["loads"]),
+            "swap_s_ok": swap_ok,
+            "p99_ok": p99_ok,
+            "ok": swap_ok and p99_ok,
+        }
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    """``a / b``; 1 when both are 0, NaN when only ``b`` is (or either is NaN)."""
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    if b == 0:
+        return 1.0 if a == 0 else math.nan
+    return a / b
 
 
 def one_job_s(load_s: Mapping[str, float], work_s: Mapping[str, float]) -> float:
