@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
@@ -40,6 +42,7 @@ from mgpu.tunnel import (
     TunnelService,
     take_over,
 )
+from tests.fuzz import examples
 from tests.integration.harness import parse_response
 from tests.test_facade import Broker, native_config
 
@@ -565,6 +568,43 @@ class AnswerReaderTests(SynchronousTestCase):
         reader = AnswerReader()
         reader.feed(b"HTTP/1.1 101 Swi")
         self.assertRaises(BadAnswer, reader.end)
+
+    @settings(max_examples=examples(300), deadline=None)
+    @given(
+        st.one_of(
+            st.binary(max_size=300),
+            st.builds(
+                lambda cut, junk: SWITCHED[:cut] + junk + SWITCHED[cut:] + SERVER_FRAME,
+                st.integers(0, len(SWITCHED)),
+                st.binary(max_size=8),
+            ),
+        ),
+        st.lists(st.integers(1, 40), max_size=20),
+    )
+    def test_any_answer_is_an_outcome_or_a_clean_refusal(
+        self, data: bytes, sizes: list[int]
+    ) -> None:
+        """Whatever a consumer sends, cut anywhere: a 101 (its head and rest exactly the
+        bytes sent), a whole answer, more to read, or BadAnswer/NoAnswer; nothing else."""
+        reader, sent, outcome = AnswerReader(), b"", None
+        pieces = [data[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+        pieces.append(data[sum(sizes) :])
+        try:
+            for piece in filter(None, pieces):
+                sent += piece
+                outcome = reader.feed(piece)
+                if outcome is not None:
+                    break
+            else:
+                outcome = reader.end()
+        except (BadAnswer, NoAnswer):
+            return
+        if isinstance(outcome, Switched):
+            self.assertEqual(outcome.head + outcome.rest, sent)
+            self.assertTrue(outcome.head.startswith(b"HTTP/1.1 101"))
+        else:
+            assert isinstance(outcome, Refused)
+            self.assertNotEqual(outcome.code, 101)
 
 
 class TakeOverTests(SynchronousTestCase):
