@@ -48,8 +48,9 @@ check: $(BIN)/.installed
 
 # make fuzz: the property tests on hostile input and the queue's oracle, with
 # thousands of generated examples each (make test runs a few hundred at most).
-FUZZ_TESTS := tests.test_config_hostile tests.test_upstream tests.test_spool \
-	tests.test_waitqueue tests.integration.test_hostile
+FUZZ_TESTS := tests.test_config_hostile tests.test_upstream tests.test_spool tests.test_tunnel \
+	tests.test_waitqueue tests.test_procs tests.test_openai_api tests.test_ollama tests.test_cards \
+	tests.integration.test_hostile
 fuzz: $(BIN)/.installed
 	MGPU_FUZZ_EXAMPLES=$${MGPU_FUZZ_EXAMPLES:-5000} $(BIN)/python -m twisted.trial $(FUZZ_TESTS)
 

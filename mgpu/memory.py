@@ -160,6 +160,11 @@ class MemoryWatch:
         self._readings = readings
         self.learned = learned
         self._control = control
+        # The last ``others`` answer and what it was for: status polls and scrapes
+        # between two readings reuse it instead of reading /proc/<pid>/comm again.
+        self._others: (
+            tuple[GpuSnapshot, frozenset[int], tuple[int | None, tuple[OtherProcess, ...]]] | None
+        ) = None
 
     def look(self, config: ConsumerConfig, timeout_s: float) -> Deferred[Observation]:
         """Attribute, measure against the latest reading, learn; read an Ollama's models.
@@ -208,7 +213,13 @@ class MemoryWatch:
 
     def others(self, attributed: Iterable[int]) -> tuple[int | None, tuple[OtherProcess, ...]]:
         """Memory of no consumer's processes in the latest reading, and who holds it."""
-        return others(self._readings.latest, attributed, self.table)
+        snapshot, mine = self._readings.latest, frozenset(attributed)
+        kept = self._others
+        if kept is not None and kept[0] is snapshot and kept[1] == mine:
+            return kept[2]
+        answer = others(snapshot, mine, self.table)
+        self._others = (snapshot, mine, answer)
+        return answer
 
     def now(self, attribution: Attribution | None) -> ConsumerMemory:
         """The memory of a consumer's processes (found at its last probe) in the latest

@@ -45,6 +45,7 @@ class FakeTable:
     def __init__(self, ports: dict[int, set[int]], broken: bool = False) -> None:
         self.ports = ports
         self.broken = broken
+        self.named: list[int] = []
 
     def listening_pids(self, port: int) -> frozenset[int]:
         if self.broken:
@@ -64,6 +65,7 @@ class FakeTable:
         return pids
 
     def name(self, pid: int) -> str | None:
+        self.named.append(pid)
         return f"proc{pid}"
 
 
@@ -156,6 +158,20 @@ class WatchTests(SynchronousTestCase):
         seen = self.look(watch)
         self.assertEqual((seen.memory.used_mib, seen.memory.source), (None, "port"))
         self.assertIn("unreadable", seen.memory.error or "")
+
+    def test_others_named_once_per_reading(self) -> None:
+        """Status polls and scrapes between two readings reuse the other processes' names;
+        a new reading, or other attributed pids, reads them again."""
+        table = FakeTable({})
+        watch = self.watch(snapshot((GpuProcess(10, 100), GpuProcess(20, 50))), table)
+        first = watch.others({10})
+        self.assertEqual(watch.others({10}), first)
+        self.assertEqual(table.named, [20])
+        watch.others(set())
+        self.assertEqual(table.named, [20, 10, 20])
+        cast(Readings, watch._readings).latest = snapshot((GpuProcess(20, 60),))
+        self.assertEqual(watch.others(set())[0], 60)
+        self.assertEqual(table.named, [20, 10, 20, 20])
 
     def test_pid_file_source(self) -> None:
         """process.pid_file is used instead of the port, and its failure reported."""
