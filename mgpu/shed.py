@@ -5,8 +5,8 @@ Past its file-descriptor limit the daemon can neither accept a client (EMFILE
 on ``accept``: Twisted then accepts and closes the connection unanswered)
 nor reach a consumer.  So it keeps count of its client connections: past a
 budget (``FdLimit.for_clients``) each new one is answered
-``503 daemon_overloaded`` with ``Retry-After`` and closed once its request
-head is in; and at a ceiling (the limit less a small reserve for the
+``503 daemon_overloaded`` with ``Retry-After`` and closed once the client
+has closed (or after ``LINGER_S``); and at a ceiling (the limit less a small reserve for the
 daemon's own work) the listening port stops accepting until connections
 close, so the clients wait in the kernel's backlog instead of meeting
 EMFILE.  The gap between budget and ceiling absorbs what Twisted accepts in
@@ -30,10 +30,12 @@ from mgpu.errors import BrokerError
 
 log = Logger()
 
-#: The longest a shed connection is kept (reading and dropping) so the client reads its
-#: 503; it closes as soon as the client's request head is in, so that closing resets
-#: nothing. Shed connections hold descriptors from the reserve: they must not linger.
-LINGER_S: Final = 0.25
+#: The longest a shed connection is kept, reading and dropping what the client sends, so
+#: that the client reads its 503 before any reset: it ends sooner when the client closes.
+#: A client that sends after the daemon closed would get a reset, and a reset can destroy
+#: the answer still unread in its buffer. Shed connections count towards the ceiling, so a
+#: lingering one delays the next accept; it takes no descriptor from the daemon's reserve.
+LINGER_S: Final = 5.0
 #: At most one log line per this long about shed connections.
 LOG_EVERY_S: Final = 10.0
 
@@ -124,7 +126,6 @@ class OverloadedAnswer(Protocol):
         self._clock = clock
         self._cap = cap
         self._closing: IDelayedCall | None = None
-        self._tail = b""  # the last bytes read, to find the end of the request head
 
     def connectionMade(self) -> None:
         if self._cap is not None:
@@ -137,18 +138,15 @@ class OverloadedAnswer(Protocol):
             headers={"Retry-After": "1"},
         )
         transport.write(error.raw_answer())
-        # Half-close and read what the client sends meanwhile, so no reset destroys
-        # the answer before it is read; then close for good.
+        # Half-close and read what the client sends until it closes (it has read the
+        # answer then) or LINGER_S passes, so no reset destroys the answer unread.
         half_close = getattr(transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
         self._closing = self._clock.callLater(LINGER_S, transport.loseConnection)
 
     def dataReceived(self, data: bytes) -> None:
-        seen = self._tail + data
-        if b"\r\n\r\n" in seen and self.transport is not None:
-            self.transport.loseConnection()  # the head is in: closing now resets nothing
-        self._tail = seen[-3:]
+        """Dropped: the answer is already sent."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._closing is not None and self._closing.active():

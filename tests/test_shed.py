@@ -70,16 +70,22 @@ class ShedTests(SynchronousTestCase):
         protocol, _ = self.connect()
         self.assertNotIsInstance(protocol, OverloadedAnswer)
 
-    def test_closed_once_the_request_head_is_in(self) -> None:
-        """A shed connection closes as soon as the client's request head has arrived (its
-        bytes read, so the close resets nothing), without waiting for LINGER_S."""
+    def test_kept_until_the_client_closes(self) -> None:
+        """A shed connection reads and drops what the client sends, however long, and is not
+        closed under it (a close before the client's last bytes would reset the answer
+        away); when the client closes, the linger timer goes and the slot is free."""
         self.connect()
         self.connect()
+        before = set(self.clock.getDelayedCalls())
         protocol, transport = self.connect()
-        protocol.dataReceived(b"POST /v1/tts HTTP/1.1\r\nHost: x\r")
+        protocol.dataReceived(b"POST /v1/tts HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol.dataReceived(b"x" * 10_000)
+        self.clock.advance(LINGER_S / 2)
         self.assertFalse(transport.disconnecting)
-        protocol.dataReceived(b"\n\r\n")
-        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.cap.shedding, 1)
+        protocol.connectionLost(None)
+        lingering = set(self.clock.getDelayedCalls()) - before
+        self.assertEqual((self.cap.shedding, lingering), (0, set()))
 
     def test_logged_once_per_interval(self) -> None:
         """Shed connections are logged at most once per LOG_EVERY_S, with how many."""
