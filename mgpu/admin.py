@@ -22,8 +22,8 @@ from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.registry import Registry
-from mgpu.room import RoomMaker
-from mgpu.scheduler import GpuScheduler, Lease
+from mgpu.room import Room
+from mgpu.scheduler import Lease, Leases
 
 T = TypeVar("T")
 
@@ -35,8 +35,8 @@ class Admin:
     """What ``/v1/admin/consumers/<name>/{load,unload}`` do."""
 
     registry: Registry
-    scheduler: GpuScheduler
-    room: RoomMaker
+    scheduler: Leases
+    room: Room
     control: ConsumerControl
     events: EventBus
 

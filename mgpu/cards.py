@@ -1,155 +1,253 @@
 # -*- test-case-name: tests.test_cards -*-
-"""Per-card leases for several cards (SPEC section 9.5): who may start now.
+"""Several cards (SPEC section 9.5): a lease, a queue order and a room per card.
 
-A consumer may span several cards (vLLM on ``[0, 1]``); each card has one
-lease and one queue order.  The policy, in two rules:
+Each card has its own ``GpuScheduler`` (its lease and queue, every rule of
+section 7) and its own ``RoomMaker`` (its reading, its consumers).  A
+consumer on one card is that card's business alone, so consumers on
+different cards run at the same time.
 
-- **All or nothing.**  A request is granted every card it needs in one step,
-  or none: nobody ever holds one card while waiting for another, so no cycle
-  of waiting holders, hence no deadlock.  (Taking "in index order" is then
-  moot: there is no partial holding to order.)
-- **Strict order per card.**  Waiting requests rank by ``(order_key,
-  arrival)`` (smaller first, as the single-card queue orders them).  A
-  request is granted exactly when all its cards are free *and* it ranks
-  first among the waiting requests on each of its cards.  So a request that
-  cannot start because one of its cards is busy reserves its other cards:
-  later-ranked requests needing them wait, while requests on cards nobody
-  ahead of them waits for run freely, in parallel.
+A consumer on several cards (vLLM on ``[0, 1]``) takes their leases one
+after the other in index order, each through that card's queue, holding
+the ones it has while it waits for the next.  That cannot deadlock: every
+request waiting for a card holds only cards of lower index, so no cycle of
+waits can close.  Nor does it starve: each wait is one card's queue, with
+its priority, aging and skip bound.  The price: a card taken early stays
+idle while the request waits for the next one (the README says so).
 
-The bound this gives: while a request ``W`` waits, every request granted a
-card that ``W`` needs ranks ahead of ``W``.  Nobody ranking after ``W``
-ever overtakes it, whenever it arrived; with finitely many arrivals ``W``
-is granted after at most as many grants on its cards as there are requests
-ranking ahead of it on them.  With one card this is exactly the single
-queue: the first-ranked waiting request starts when the card is free.
-
-The price: a card reserved for a multi-card request stays idle until the
-request's other cards free up, rather than being lent to a later request
-whose run time nobody knows (which could delay the reserved one without
-bound).
-
-Pure logic: no reactor and no I/O; each change recomputes the grants, and
-``grants()`` hands out the ones made since it was last called.
+Room is made once the last card is held, on each of the consumer's cards
+(their other consumers are idle: they would need the card held here), and
+the consumer is loaded once.  The other cards' leases last as long as the
+last card's, ``hold_until`` work included.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-from collections.abc import Hashable, Iterable
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from attrs import define, field, frozen
+from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 
+from mgpu.config import SchedulerConfig
+from mgpu.errors import BrokerError
+from mgpu.gpu import GpuPoller
+from mgpu.memory import MemoryWatch
+from mgpu.policy import NO_SWAP
+from mgpu.registry import Registry
+from mgpu.room import RoomMaker
+from mgpu.scheduler import GpuScheduler, Lease, SchedulerStats
 
-class Ordered(Protocol):
-    """An order key: anything comparable with ``<`` (numbers, tuples of them)."""
-
-    def __lt__(self, other: Any, /) -> bool: ...
-
-
-R = TypeVar("R", bound=Hashable)
-
-
-def _device_tuple(devices: Iterable[int]) -> tuple[int, ...]:
-    """The cards, each once, in index order."""
-    return tuple(sorted(set(devices)))
+T = TypeVar("T")
 
 
-@frozen
-class CardRequest(Generic[R]):
-    """One request for a set of cards, and where it ranks."""
+@frozen(eq=False)
+class Card:
+    """One managed card's parts: its readings, what holds it, its room and its lease."""
 
-    rid: R
-    cards: frozenset[int]
-    order_key: Ordered
-    arrival: int  # ties of order_key go to the earlier arrival
+    index: int
+    poller: GpuPoller
+    watch: MemoryWatch
+    room: RoomMaker
+    lane: GpuScheduler
 
-    def rank(self) -> tuple[Ordered, int]:
-        """Its place among waiting requests: smaller first."""
-        return (self.order_key, self.arrival)
+    def to_json(self, registry: Registry, first: int) -> dict[str, object]:
+        """Its entry in the status document's ``gpus``: the reading, the memory of no
+        consumer, its lease, and the consumers on it."""
+        entry = self.poller.latest.to_json()
+        entry["other_mib"], other = self.watch.others(registry.attributed_pids())
+        entry["other"] = [p.to_json() for p in other]
+        lane = self.lane
+        entry.update(holder=lane.holder, queued=lane.queued, running=lane.running)
+        entry["consumers"] = [
+            name for name in registry.states if self.index in cards_of(registry, name, first)
+        ]
+        return entry
 
 
-@define
-class CardLeases(Generic[R]):
-    """All-or-nothing leases over a fixed set of cards, in strict order per card."""
+def cards_of(registry: Registry, consumer: str, first: int) -> tuple[int, ...]:
+    """The cards ``consumer`` runs on: its ``gpus``, else the first card."""
+    state = registry.get(consumer)
+    if state is None:
+        raise BrokerError("no_consumer", f"{consumer} was removed by a reload", consumer)
+    return state.config.gpus or (first,)
 
-    devices: tuple[int, ...] = field(converter=_device_tuple)
-    _waiting: list[CardRequest[R]] = field(factory=list, init=False)  # kept in rank order
-    _known: dict[R, CardRequest[R]] = field(factory=dict, init=False)  # waiting or holding
-    _holders: dict[int, R] = field(factory=dict, init=False)
-    _granted: list[R] = field(factory=list, init=False)  # not yet handed out by grants()
-    _arrivals: itertools.count[int] = field(factory=itertools.count, init=False)
 
-    def request(self, rid: R, cards: frozenset[int], order_key: Ordered) -> None:
-        """Queue ``rid`` for all of ``cards``; it is granted when it can be."""
-        if rid in self._known:
-            raise ValueError(f"request {rid!r} is already known")
-        if not cards or not cards <= set(self.devices):
-            raise ValueError(f"cards {sorted(cards)} not a non-empty subset of {self.devices}")
-        request = CardRequest(rid, frozenset(cards), order_key, next(self._arrivals))
-        self._known[rid] = request
-        bisect.insort(self._waiting, request, key=CardRequest.rank)
-        self._settle()
+class CardRooms:
+    """Room-making over several cards: on each of a consumer's cards, then one load."""
 
-    def cancel(self, rid: R) -> None:
-        """Forget ``rid``, waiting or (a cancel racing its grant) holding; unknown is a no-op."""
-        request = self._known.pop(rid, None)
-        if request is None:
-            return
-        if self._holds(request):
-            self._free(request)
-            if rid in self._granted:
-                self._granted.remove(rid)
-        else:
-            self._waiting = [r for r in self._waiting if r is not request]
-        self._settle()
+    def __init__(self, registry: Registry, rooms: Mapping[int, RoomMaker]) -> None:
+        self.registry = registry
+        self.rooms = dict(sorted(rooms.items()))
+        self._first = next(iter(self.rooms))
 
-    def release(self, rid: R) -> None:
-        """``rid``'s job ended: all its cards are free again."""
-        request = self._known.get(rid)
-        if request is None or not self._holds(request):
-            raise KeyError(f"request {rid!r} holds no cards")
-        self.cancel(rid)
+    def _cards(self, name: str) -> tuple[int, ...]:
+        return cards_of(self.registry, name, self._first)
 
-    def grants(self) -> list[R]:
-        """The requests granted since the last call, in the order granted: they may start."""
-        granted, self._granted = self._granted, []
-        return granted
+    def _room(self, name: str) -> RoomMaker:
+        return self.rooms[self._cards(name)[0]]
 
-    def holder(self, card: int) -> R | None:
-        """Who holds ``card`` now, if anyone."""
-        return self._holders.get(card)
+    def prepare(self, name: str) -> Deferred[None]:
+        """The scheduler's hook: room on every card of ``name``, then its load."""
+        if self.registry[name].loaded:
+            return succeed(None)
+        return Deferred.fromCoroutine(self._prepare(name))
 
-    def waiting(self, card: int) -> list[R]:
-        """The requests waiting for ``card``, first-ranked first."""
-        return [r.rid for r in self._waiting if card in r.cards]
+    async def _prepare(self, name: str) -> None:
+        for card in self._cards(name):
+            await self.rooms[card].make_room(name)
+        await self._room(name).ensure_loaded(name)
 
-    def _settle(self) -> None:
-        """Grant every waiting request whose cards are free and ranks first on each of them.
+    async def fits_now(self, name: str) -> bool:
+        """Whether ``name`` fits now on each of its cards."""
+        for card in self._cards(name):
+            if not await self.rooms[card].fits_now(name):
+                return False
+        return True
 
-        One pass in rank order: a card is blocked once it is held or needed by a
-        request ahead that stays waiting (the reservation).
-        """
-        blocked = set(self._holders)
-        still: list[CardRequest[R]] = []
-        for request in self._waiting:
-            if blocked.isdisjoint(request.cards):
-                self._take(request)
+    async def load(self, name: str, reason: str) -> None:
+        await self._room(name).load(name, reason)
+
+    def swap_cost(self, name: str) -> int:
+        """What running ``name`` now would cost: the dearest of its cards."""
+        try:
+            return max(self.rooms[card].swap_cost(name) for card in self._cards(name))
+        except BrokerError:
+            return NO_SWAP  # removed by a reload: its requests fail on admission
+
+    def reconfigure(self, apply: Callable[[RoomMaker], None]) -> None:
+        for room in self.rooms.values():
+            apply(room)
+
+
+class CardSchedulers:
+    """Runs each request under the leases of all its consumer's cards."""
+
+    def __init__(self, registry: Registry, lanes: Mapping[int, GpuScheduler]) -> None:
+        self._registry = registry
+        self.lanes = dict(sorted(lanes.items()))
+        self.first = next(iter(self.lanes.values()))
+        self._first_card = next(iter(self.lanes))
+
+    @property
+    def stats(self) -> SchedulerStats:
+        return self.first.stats
+
+    @property
+    def config(self) -> SchedulerConfig:
+        return self.first.config
+
+    @config.setter
+    def config(self, value: SchedulerConfig) -> None:
+        for lane in self.lanes.values():
+            lane.config = value
+
+    @property
+    def holder(self) -> str | None:
+        """The first card's holder (``scheduler.holder`` of the status document)."""
+        return self.first.holder
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting, each counted once (a request waits for one card at a time)."""
+        return sum(lane.queued for lane in self.lanes.values())
+
+    @property
+    def running(self) -> int:
+        """Requests admitted, each counted once (not again on the cards it only holds)."""
+        return sum(lane.running - lane.holding for lane in self.lanes.values())
+
+    def reject(self, reason: str, consumer: str | None = None) -> None:
+        self.first.reject(reason, consumer)
+
+    def cards_of(self, consumer: str) -> tuple[int, ...]:
+        return cards_of(self._registry, consumer, self._first_card)
+
+    def run(
+        self,
+        consumer: str,
+        job: Callable[[Lease], Deferred[T]],
+        *,
+        exclusive: bool = False,
+        prepare: bool = True,
+        count: bool = True,
+    ) -> Deferred[T]:
+        """``GpuScheduler.run`` on the consumer's cards: on one, that card's scheduler."""
+        try:
+            cards = self.cards_of(consumer)
+        except BrokerError as e:
+            return fail(e)
+        if len(cards) == 1:
+            return self.lanes[cards[0]].run(
+                consumer, job, exclusive=exclusive, prepare=prepare, count=count
+            )
+        return Deferred.fromCoroutine(
+            self._spanning(consumer, cards, job, exclusive, prepare, count)
+        )
+
+    async def _spanning(
+        self,
+        consumer: str,
+        cards: Sequence[int],
+        job: Callable[[Lease], Deferred[T]],
+        exclusive: bool,
+        prepare: bool,
+        count: bool,
+    ) -> T:
+        done: Deferred[None] = Deferred()  # fired when the last card's lease is released
+        last: list[Lease] = []
+
+        def on_last(lease: Lease) -> Deferred[T]:
+            last.append(lease)
+            return job(lease)
+
+        try:
+            for card in cards[:-1]:
+                await self._take(card, consumer, exclusive, done)
+            return await self.lanes[cards[-1]].run(
+                consumer, on_last, exclusive=exclusive, prepare=prepare, count=count
+            )
+        finally:
+            holds = last[0].holds if last else []
+            if holds:
+                DeferredList(holds, consumeErrors=True).addBoth(lambda _: done.callback(None))
             else:
-                still.append(request)
-            blocked |= request.cards
-        self._waiting = still
+                done.callback(None)
 
-    def _holds(self, request: CardRequest[R]) -> bool:
-        """Whether ``request`` was granted (all or nothing: holding one card is holding all)."""
-        return any(self._holders.get(card) == request.rid for card in request.cards)
+    def _take(
+        self, card: int, consumer: str, exclusive: bool, done: Deferred[None]
+    ) -> Deferred[None]:
+        """Wait for ``card``'s lease, then hold it until ``done``; fires once held.
 
-    def _take(self, request: CardRequest[R]) -> None:
-        for card in request.cards:
-            self._holders[card] = request.rid
-        self._granted.append(request.rid)
+        Cancelling the wait leaves that card's queue; a refusal (queue full,
+        timed out) fails it.
+        """
+        runs: list[Deferred[None]] = []  # the card's run, once asked for
+        admitted: Deferred[None] = Deferred(lambda _: runs[0].cancel())
 
-    def _free(self, request: CardRequest[R]) -> None:
-        for card in request.cards:
-            del self._holders[card]
+        def hold(lease: Lease) -> Deferred[None]:
+            lease.reached_consumer = False  # the last card's lease counts the use
+            admitted.callback(None)
+            return done
+
+        def refused(failure: Any) -> None:
+            if not admitted.called:
+                admitted.errback(failure)
+
+        lane = self.lanes[card]
+        run = lane.run(
+            consumer, hold, exclusive=exclusive, prepare=False, count=False, holding=True
+        )
+        runs.append(run.addErrback(refused))
+        return admitted
+
+    def stop(self) -> None:
+        for lane in self.lanes.values():
+            lane.stop()
+
+    def card_json(self, card: int) -> dict[str, object]:
+        """The lease part of one card's entry in ``gpus[]``."""
+        lane = self.lanes[card]
+        return {"holder": lane.holder, "queued": lane.queued, "running": lane.running}
+
+    def to_json(self) -> dict[str, object]:
+        return {**self.first.to_json(), "queued": self.queued, "running": self.running}

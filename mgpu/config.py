@@ -35,6 +35,10 @@ RESERVED_SEGMENTS: Final = ("v1", "audio", "healthz", "metrics")
 MAX_NODES: Final = 10_000
 MAX_DEPTH: Final = 64
 MAX_DIGITS: Final = 18
+#: Cards one daemon manages at most, and the largest card index (NVML's own limits
+#: are far below; these keep a typo from building thousands of pollers).
+MAX_CARDS: Final = 64
+MAX_CARD_INDEX: Final = 1023
 
 
 class ConfigError(Exception):
@@ -192,6 +196,8 @@ class ConsumerConfig:
     idle_unload_s: float | None = None
     #: Loaded at start, highest priority first, as room allows (SPEC 9.6).
     preload: bool = False
+    #: The cards it runs on, in index order (SPEC 9.5); empty: the first device.
+    gpus: tuple[int, ...] = ()
     #: Its unload stops its process (SPEC 9.6): a failing health probe then means
     #: "unloaded", not "unhealthy", and a load waits for health to answer.
     stopped_when_unloaded: bool = False
@@ -214,6 +220,14 @@ class GpuConfig:
     cushion_mib: int = 256
     poll_interval_s: float = 2.0
     total_mib: int | None = None
+    #: The cards managed, each with its own lease, queue order and ledger (SPEC 9.5);
+    #: empty: ``index`` alone.
+    devices: tuple[int, ...] = ()
+
+    @property
+    def cards(self) -> tuple[int, ...]:
+        """The managed cards' indexes, in index order."""
+        return self.devices or (self.index,)
 
 
 @frozen
@@ -448,6 +462,7 @@ class _Parser:
 
     def __init__(self, source: str) -> None:
         self.source = source
+        self._cards: tuple[int, ...] = (0,)
 
     def fail(self, where: str, reason: str) -> ConfigError:
         return ConfigError(self.source, where, reason)
@@ -584,6 +599,8 @@ class _Parser:
         )  # fmt: skip
         if "consumers" not in top:
             raise self.fail("consumers", "is required")
+        gpu = self.gpu(top.get("gpu"))
+        self._cards = gpu.cards  # each consumer's ``gpus`` must name managed cards
         consumers = self.consumers(top["consumers"])
         routing = self.routing(top.get("routing"), consumers)
         audio_proxy = top.get("audio_proxy")
@@ -595,7 +612,7 @@ class _Parser:
             audio_proxy=audio_proxy,
             listen=self.string(top.get("listen", DEFAULT_LISTEN), "listen"),
             auth=self.auth(top.get("auth")),
-            gpu=self.gpu(top.get("gpu")),
+            gpu=gpu,
             scheduler=self.scheduler(top.get("scheduler")),
             health=self.health(top.get("health")),
             limits=self.limits(top.get("limits")),
@@ -618,8 +635,11 @@ class _Parser:
         data = self.mapping(
             value,
             "gpu",
-            ("source", "index", "nvidia_smi", "cushion_mib", "poll_interval_s", "total_mib"),
-        )
+            (
+                "source", "index", "nvidia_smi", "cushion_mib", "poll_interval_s", "total_mib",
+                "devices",
+            ),
+        )  # fmt: skip
         source = self.one_of(data.get("source", d.source), "gpu.source", GPU_SOURCES)
         total = data.get("total_mib")
         if total is not None:
@@ -635,7 +655,33 @@ class _Parser:
                 data.get("poll_interval_s", d.poll_interval_s), "gpu.poll_interval_s"
             ),
             total_mib=total,
+            devices=self.devices(data.get("devices"), "gpu.devices"),
         )
+
+    def devices(self, value: object, where: str) -> tuple[int, ...]:
+        """A non-empty list of distinct card indexes, returned in index order (None: empty)."""
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, f"must be a non-empty list of card indexes, not {value!r}")
+        if len(value) > MAX_CARDS:
+            raise self.fail(where, f"lists {len(value)} cards; at most {MAX_CARDS}")
+        indexes = [self.integer(item, f"{where}[{i}]", 0, MAX_CARD_INDEX)
+                   for i, item in enumerate(value)]  # fmt: skip
+        if len(set(indexes)) != len(indexes):
+            raise self.fail(where, f"names a card twice: {indexes}")
+        return tuple(sorted(indexes))
+
+    def gpus(self, value: object, where: str) -> tuple[int, ...]:
+        """A consumer's cards: among ``gpu.devices``; by default the first of them."""
+        if value is None:
+            return self._cards[:1]
+        cards = self.devices(value, where)
+        unknown = [card for card in cards if card not in self._cards]
+        if unknown:
+            managed = ", ".join(map(str, self._cards))
+            raise self.fail(where, f"names card {unknown[0]}, not in gpu.devices ({managed})")
+        return cards
 
     def scheduler(self, value: object) -> SchedulerConfig:
         d = SchedulerConfig()
@@ -769,7 +815,7 @@ class _Parser:
                 "url", "health", "paths", "vram_resident_mib", "unload", "load",
                 "can_coexist_with", "vram_managed", "priority", "max_concurrency", "timeout_s",
                 "keepalive", "process", "ollama", "native", "openai",
-                "idle_unload_s", "preload", "stopped_when_unloaded",
+                "idle_unload_s", "preload", "stopped_when_unloaded", "gpus",
             ),
         )  # fmt: skip
         for required in ("url", "paths", "vram_resident_mib"):
@@ -816,6 +862,7 @@ class _Parser:
             ),
             preload=self.boolean(data.get("preload", d.preload), f"{where}.preload"),
             stopped_when_unloaded=self.stopped_when_unloaded(data, where),
+            gpus=self.gpus(data.get("gpus"), f"{where}.gpus"),
         )
 
     def process(self, value: object, where: str) -> ProcessConfig:

@@ -31,7 +31,7 @@ from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay, RelayResult
-from mgpu.scheduler import GpuScheduler, Lease
+from mgpu.scheduler import Lease, Leases
 from mgpu.tunnel import Tunnels
 
 log = Logger()
@@ -50,7 +50,7 @@ class Facade:
     config: Config
     registry: Registry
     prober: HealthProber
-    scheduler: GpuScheduler
+    scheduler: Leases
     relay: Relay
     control: ConsumerControl
     clock: IReactorTime

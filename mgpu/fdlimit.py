@@ -41,13 +41,9 @@ class FdLimit:
 
     @property
     def for_clients(self) -> int:
-        """Client connections served before new ones are answered 503.
-
-        A quarter of the limit (at least the reserve) stays between this and
-        ``ceiling``: Twisted accepts a burst in loops of a hundred and more,
-        and what one loop brings past the budget must still fit.
-        """
-        return max(1, self.soft - max(RESERVE_FDS, self.soft // 4))
+        """Client connections served before new ones are answered 503: three quarters of
+        the ceiling, so that the last quarter can answer the clients past it."""
+        return max(1, self.ceiling * 3 // 4)
 
     @property
     def ceiling(self) -> int:

@@ -774,21 +774,23 @@ class AutoReader:
             shutdown()
 
 
-def reader_for(config: GpuConfig, reactor: ReactorProcess) -> GpuReader:
-    """The reader ``gpu.source`` asks for, reading time and spawning through ``reactor``."""
+def reader_for(config: GpuConfig, reactor: ReactorProcess, index: int | None = None) -> GpuReader:
+    """The reader ``gpu.source`` asks for, of card ``index`` (default ``gpu.index``),
+    reading time and spawning through ``reactor``."""
     clock = reactor
+    card = config.index if index is None else index
 
     def smi() -> SmiReader:
-        return SmiReader(config.index, clock, ProcessRunner(reactor), config.nvidia_smi)
+        return SmiReader(card, clock, ProcessRunner(reactor), config.nvidia_smi)
 
     if config.source == "nvml":
-        return NvmlReader(config.index, clock)
+        return NvmlReader(card, clock)
     if config.source == "nvidia-smi":
         return smi()
     if config.source == "none":
-        return NoReader(config.index, clock)
+        return NoReader(card, clock)
     if config.source == "auto":
-        return AutoReader(NvmlReader(config.index, clock), smi())
+        return AutoReader(NvmlReader(card, clock), smi())
     raise ValueError(f"unknown gpu.source {config.source!r}")
 
 

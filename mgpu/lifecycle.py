@@ -22,8 +22,8 @@ from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.events import EventBus
 from mgpu.registry import ConsumerState, HealthProber, Registry
-from mgpu.room import RoomMaker
-from mgpu.scheduler import GpuScheduler, Lease
+from mgpu.room import Room
+from mgpu.scheduler import Lease, Leases
 
 log = Logger()
 
@@ -49,7 +49,7 @@ class IdleUnloader(Service):
     def __init__(
         self,
         registry: Registry,
-        scheduler: GpuScheduler,
+        scheduler: Leases,
         control: ConsumerControl,
         clock: IReactorTime,
         events: EventBus,
@@ -168,8 +168,8 @@ class Preloader(Service):
     def __init__(
         self,
         registry: Registry,
-        scheduler: GpuScheduler,
-        room: RoomMaker,
+        scheduler: Leases,
+        room: Room,
         prober: HealthProber,
     ) -> None:
         self._registry = registry

@@ -12,7 +12,7 @@ processes of no consumer is shown, and counted as unmovable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from attrs import frozen
@@ -24,7 +24,7 @@ from mgpu.config import ConsumerConfig
 from mgpu.control import ConsumerControl
 from mgpu.errors import BrokerError
 from mgpu.footprints import LearnedSizes
-from mgpu.gpu import GpuSnapshot
+from mgpu.gpu import GpuProcess, GpuSnapshot
 from mgpu.ollama import OllamaModel, read_ps
 from mgpu.procs import Attribution, ProcessTable, attribute
 
@@ -146,6 +146,57 @@ class Readings(Protocol):
     def latest(self) -> GpuSnapshot: ...
 
 
+class MergedReadings:
+    """Several cards' readings as one (SPEC 9.5), for looking at consumers: sizes and each
+    process's memory summed over the cards, so a consumer's memory is what it holds on
+    all of its cards. Room is made per card, from each card's own reading."""
+
+    def __init__(self, cards: Sequence[Readings]) -> None:
+        self._cards = tuple(cards)
+        self._merged: tuple[tuple[GpuSnapshot, ...], GpuSnapshot] | None = None
+
+    @property
+    def latest(self) -> GpuSnapshot:
+        readings = tuple(card.latest for card in self._cards)
+        kept = self._merged
+        if kept is None or any(a is not b for a, b in zip(kept[0], readings, strict=True)):
+            kept = self._merged = (readings, merge(readings))
+        return kept[1]
+
+
+def merge(readings: Sequence[GpuSnapshot]) -> GpuSnapshot:
+    """One reading of several cards: the first card's name and index, sizes summed."""
+    first = readings[0]
+    failed = next((r for r in readings if not r.ok), None)
+
+    def total(values: Iterable[int | None]) -> int | None:
+        known = list(values)
+        return None if None in known else sum(v for v in known if v is not None)
+
+    processes: dict[int, int | None] = {}
+    lists = [r.processes for r in readings]
+    for listed in lists:
+        for p in listed or ():
+            before = processes.get(p.pid, 0)
+            processes[p.pid] = None if before is None or p.used_mib is None else before + p.used_mib
+    times = [r.read_at for r in readings if r.read_at is not None]
+    return GpuSnapshot(
+        source=first.source,
+        ok=failed is None,
+        error=None if failed is None else failed.error,
+        index=first.index,
+        name=first.name,
+        total_mib=total(r.total_mib for r in readings),
+        used_mib=total(r.used_mib for r in readings),
+        free_mib=total(r.free_mib for r in readings),
+        read_at=min(times) if len(times) == len(readings) else None,
+        processes=None
+        if None in lists
+        else tuple(GpuProcess(pid, mib) for pid, mib in sorted(processes.items())),
+        processes_error=next((r.processes_error for r in readings if r.processes_error), None),
+    )
+
+
 class MemoryWatch:
     """Looks at a consumer's processes, memory and models at each probe; learns sizes."""
 
@@ -182,7 +233,9 @@ class MemoryWatch:
         memory = measure(found, snapshot)
         loaded = memory.holds_model(config.vram_resident_mib)
         if loaded and memory.used_mib is not None:
-            self.learned.observe(config.name, memory.used_mib, config.vram_resident_mib)
+            # Sizes are per card: a consumer on several cards holds its size on each.
+            per_card = memory.used_mib // max(1, len(config.gpus))
+            self.learned.observe(config.name, per_card, config.vram_resident_mib)
         elif loaded is False and self.learned.get(config.name) is None:
             loaded = False if self._accounts_for(snapshot) else None
         read_at = None if snapshot.read_at is None else snapshot.read_at.timestamp()

@@ -20,7 +20,7 @@ own ``CollectorRegistry``: nothing goes to prometheus_client's global one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final
 
 from attrs import frozen
@@ -29,11 +29,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
 
+from mgpu.cards import Card
 from mgpu.events import Event, EventBus
-from mgpu.gpu import MIB, GpuPoller
+from mgpu.gpu import MIB, GpuPoller, GpuSnapshot
 from mgpu.memory import MemoryWatch
 from mgpu.registry import Registry
-from mgpu.scheduler import GpuScheduler
+from mgpu.scheduler import GpuScheduler, Leases
 from mgpu.site import TimedRequest, route_label
 from mgpu.sse import EventStreams
 from mgpu.tunnel import Tunnels
@@ -86,12 +87,13 @@ class BrokerMetrics:
         bus: EventBus,
         gpu: GpuPoller,
         registry: Registry,
-        scheduler: GpuScheduler,
+        scheduler: Leases,
         streams: EventStreams,
         *,
         clock: IReactorTime,
         watch: MemoryWatch | None = None,
         tunnels: Tunnels | None = None,
+        cards: Sequence[Card] = (),
     ) -> None:
         self._clock = clock
         reg = self._prometheus = CollectorRegistry(auto_describe=False)
@@ -181,7 +183,8 @@ class BrokerMetrics:
             ["consumer", "reason"],
             registry=reg,
         )
-        reg.register(_LiveState(gpu, registry, scheduler, streams, watch, tunnels))
+        live = _LiveState(gpu, registry, scheduler, streams, watch, tunnels, tuple(cards))
+        reg.register(live)
         self._handlers: Mapping[str, Callable[[Mapping[str, object]], None]] = {
             "evict": self._evicted,
             "load": self._loaded,
@@ -276,10 +279,11 @@ class _LiveState:
 
     gpu: GpuPoller
     registry: Registry
-    scheduler: GpuScheduler
+    scheduler: Leases
     streams: EventStreams
     watch: MemoryWatch | None = None
     tunnels: Tunnels | None = None
+    cards: Sequence[Card] = ()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._scheduler()
@@ -314,14 +318,16 @@ class _LiveState:
 
     def _consumers(self) -> Iterator[Metric]:
         states = self.registry.states
-        holder = self.scheduler.holder
+        holders = {card.lane.holder for card in self.cards} or {self.scheduler.holder}
         queued = _per_consumer(
             "mgpu_consumer_queue_depth", "Requests waiting for the GPU lease, by consumer."
         )
         running = _per_consumer(
             "mgpu_consumer_running_requests", "Requests admitted under the GPU lease, by consumer."
         )
-        lease = _per_consumer("mgpu_lease_holder", "1 for the consumer holding the GPU lease.")
+        lease = _per_consumer(
+            "mgpu_lease_holder", "1 for a consumer holding a GPU lease (of any card)."
+        )
         up = _per_consumer(
             "mgpu_consumer_up", "1 if the last health probe succeeded (absent before the first)."
         )
@@ -350,61 +356,75 @@ class _LiveState:
                 learned.add_metric([name], learned_mib * MIB)
             queued.add_metric([name], state.queued)
             running.add_metric([name], state.in_flight)
-            lease.add_metric([name], 1 if name == holder else 0)
+            lease.add_metric([name], 1 if name in holders else 0)
             if state.healthy is not None:
                 up.add_metric([name], 1 if state.healthy else 0)
             if state.loaded is not None:
                 loaded.add_metric([name], 1 if state.loaded else 0)
         yield from (queued, running, lease, up, loaded, memory, learned)
 
+    def _readings(self) -> list[tuple[GpuSnapshot, MemoryWatch | None, GpuScheduler | None]]:
+        """Each card's latest reading, what holds it and its lease (one card: the poller)."""
+        if self.cards:
+            return [(card.poller.latest, card.watch, card.lane) for card in self.cards]
+        return [(self.gpu.latest, self.watch, None)]
+
     def _gpu(self) -> Iterator[Metric]:
-        """The poller's latest reading; sizes are absent while it has none (never NaN)."""
-        snapshot = self.gpu.latest
+        """Each card's latest reading, labelled ``gpu``; sizes are absent while a card has
+        none (never NaN)."""
         info = GaugeMetricFamily(
             "mgpu_gpu_info",
             "The GPU read and how (source: nvml, nvidia-smi, sim or none); always 1.",
-            labels=["index", "name", "source"],
+            labels=["gpu", "index", "name", "source"],
         )
-        info.add_metric([str(snapshot.index), snapshot.name or "", snapshot.source], 1)
-        yield info
-        yield GaugeMetricFamily(
+        ok = _per_gpu(
             "mgpu_gpu_reading_ok",
             "1 if the latest GPU memory reading succeeded; 0 while there is none.",
-            value=1 if snapshot.ok else 0,
         )
-        if snapshot.read_at is not None:
-            yield GaugeMetricFamily(
-                "mgpu_gpu_reading_timestamp_seconds",
-                "When the latest GPU reading (or failed attempt) was taken, Unix time.",
-                value=snapshot.read_at.timestamp(),
+        read_at = _per_gpu(
+            "mgpu_gpu_reading_timestamp_seconds",
+            "When the latest GPU reading (or failed attempt) was taken, Unix time.",
+        )
+        sizes = {
+            key: _per_gpu(
+                f"mgpu_gpu_memory_{key}_bytes", f"{word} GPU memory at the latest reading."
             )
-        if not snapshot.ok:
-            return
-        sizes = (
-            ("total", "Total", snapshot.total_mib),
-            ("used", "Used", snapshot.used_mib),
-            ("free", "Free", snapshot.free_mib),
+            for key, word in (("total", "Total"), ("used", "Used"), ("free", "Free"))
+        }
+        other = _per_gpu(
+            "mgpu_gpu_other_memory_bytes",
+            "GPU memory held by processes of no consumer (unmovable).",
         )
-        for key, word, mib in sizes:
-            if mib is not None:
-                yield GaugeMetricFamily(
-                    f"mgpu_gpu_memory_{key}_bytes",
-                    f"{word} GPU memory at the latest reading.",
-                    value=mib * MIB,
-                )
-        other_mib = (
-            None if self.watch is None else self.watch.others(self.registry.attributed_pids())[0]
-        )
-        if other_mib is not None:
-            yield GaugeMetricFamily(
-                "mgpu_gpu_other_memory_bytes",
-                "GPU memory held by processes of no consumer (unmovable).",
-                value=other_mib * MIB,
-            )
+        queued = _per_gpu("mgpu_gpu_queue_depth", "Requests waiting for this card's lease.")
+        pids = self.registry.attributed_pids()
+        for snapshot, watch, lane in self._readings():
+            gpu = [str(snapshot.index)]
+            info.add_metric([*gpu, str(snapshot.index), snapshot.name or "", snapshot.source], 1)
+            ok.add_metric(gpu, 1 if snapshot.ok else 0)
+            if lane is not None:
+                queued.add_metric(gpu, lane.queued)
+            if snapshot.read_at is not None:
+                read_at.add_metric(gpu, snapshot.read_at.timestamp())
+            if not snapshot.ok:
+                continue
+            figures = {"total": snapshot.total_mib, "used": snapshot.used_mib,
+                       "free": snapshot.free_mib}  # fmt: skip
+            for key, mib in figures.items():
+                if mib is not None:
+                    sizes[key].add_metric(gpu, mib * MIB)
+            other_mib = None if watch is None else watch.others(pids)[0]
+            if other_mib is not None:
+                other.add_metric(gpu, other_mib * MIB)
+        families = (info, ok, read_at, *sizes.values(), other, queued)
+        yield from (family for family in families if family.samples)
 
 
 def _per_consumer(name: str, documentation: str) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, labels=["consumer"])
+
+
+def _per_gpu(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, labels=["gpu"])
 
 
 def _tunnels(tunnels: Tunnels) -> Iterator[Metric]:

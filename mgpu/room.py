@@ -63,6 +63,16 @@ class FreshReadings(Protocol):
     def latest(self) -> GpuSnapshot: ...
 
 
+class Room(Protocol):
+    """What the rest of the daemon asks of room-making: one card's ``RoomMaker``, or
+    ``CardRooms`` over several cards (SPEC 9.5)."""
+
+    def prepare(self, name: str) -> Deferred[None]: ...
+    async def fits_now(self, name: str) -> bool: ...
+    async def load(self, name: str, reason: str) -> None: ...
+    def swap_cost(self, name: str) -> int: ...
+
+
 @define
 class RoomMaker:
     """Prepares a consumer for the GPU lease: ``prepare`` is the scheduler's hook."""
@@ -77,11 +87,22 @@ class RoomMaker:
     events: EventBus
     #: What holds the card; None: sizes as configured, no reclaim, holders unnamed.
     watch: MemoryWatch | None = None
+    #: The card this room is made on (SPEC 9.5): only consumers on it are unloaded,
+    #: reclaimed or counted; None: every consumer (one card).
+    card: int | None = None
     learned: LearnedSizes = field(init=False)
 
     @learned.default
     def _learned(self) -> LearnedSizes:
         return self.watch.learned if self.watch is not None else LearnedSizes(None)
+
+    def _here(self) -> list[ConsumerState]:
+        """The consumers on this card (a consumer naming no card is on every card)."""
+        card = self.card
+        states = self.registry.states.values()
+        if card is None:
+            return list(states)
+        return [s for s in states if not s.config.gpus or card in s.config.gpus]
 
     def footprint(self, config: ConsumerConfig) -> int:
         """The MiB room is made for: configured, or learned if larger (``footprint: max``)."""
@@ -215,7 +236,7 @@ class RoomMaker:
         """Ollamas with ``reclaim``, holding models, with no request in flight or queued."""
         return [
             state
-            for state in self.registry.states.values()
+            for state in self._here()
             if state.config.ollama is not None
             and state.config.ollama.reclaim
             and state.models
@@ -265,7 +286,7 @@ class RoomMaker:
         holders: list[str] = []
         retry_s: list[float] = []
         now = self.clock.seconds()
-        for state in self.registry.states.values():
+        for state in self._here():
             if state.config.name == target.name or not state.loaded:
                 continue
             held = f"{state.config.name} ({self._holding(state)}"
@@ -281,6 +302,8 @@ class RoomMaker:
         )
         holders += [f"pid {p.pid}{f' {p.name}' if p.name else ''} ({p.used_mib} MiB, "
                     "not a consumer)" for p in other[:5]]  # fmt: skip
+        if self.card is not None:
+            message += f" (GPU {self.card})"
         if holders:
             message += "; the memory is held by " + ", ".join(holders)
         headers = {"Retry-After": str(max(1, math.ceil(min(retry_s))))} if retry_s else None
@@ -379,7 +402,7 @@ class RoomMaker:
             (
                 Resident(s.config, s.loaded is True, s.in_flight > 0, s.last_used_at, s.loaded_at,
                          s.load_times.mean)
-                for s in self.registry.states.values()
+                for s in self._here()
             ),
             self._young_since(),
             self.config.eviction,
@@ -400,5 +423,5 @@ class RoomMaker:
                 f"for {target.name}'s {target.vram_resident_mib} MiB",
                 target.name,
             )
-        resident = sum(self.footprint(s.config) for s in self.registry.states.values() if s.loaded)
+        resident = sum(self.footprint(s.config) for s in self._here() if s.loaded)
         return total - resident

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from attrs import define, field
 from twisted.internet.defer import (
@@ -64,6 +64,9 @@ class Lease:
     consumer: str
     holds: list[Deferred[Any]] = field(factory=list)
     reached_consumer: bool = False
+    #: Only holds this card for a request that runs on another card too (SPEC 9.5):
+    #: the consumer's counts (in flight, last use) are kept by that card's lease.
+    holding: bool = False
 
     def hold_until(self, work: Deferred[Any]) -> None:
         """Keep the GPU until ``work`` ends, even after the job's own Deferred fired."""
@@ -81,14 +84,15 @@ class _Ticket:
     exclusive: bool = False
     prepare: bool = True
     count: bool = True
+    holding: bool = False
     timer: IDelayedCall | None = None
     waiting: bool = False  # in the queue (set by WaitQueue)
     order: int = 0  # arrival order (set by WaitQueue)
 
     @property
-    def group(self) -> tuple[str, int, bool, bool]:
+    def group(self) -> tuple[str, int, bool, bool, bool]:
         """Requests that arrive in the order of every rule: one consumer, priority, kind."""
-        return (self.consumer, self.priority, self.exclusive, self.prepare)
+        return (self.consumer, self.priority, self.exclusive, self.prepare, self.holding)
 
 
 class _Shared:
@@ -129,6 +133,35 @@ class _Shared:
         else:
             self._waiters.append(waiter)
         return waiter
+
+
+class Leases(Protocol):
+    """What the rest of the daemon asks of the GPU leases: one card's ``GpuScheduler``,
+    or ``CardSchedulers`` over several cards (SPEC 9.5)."""
+
+    config: SchedulerConfig
+
+    @property
+    def stats(self) -> SchedulerStats: ...
+    @property
+    def holder(self) -> str | None: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+
+    def run(
+        self,
+        consumer: str,
+        job: Callable[[Lease], Deferred[T]],
+        *,
+        exclusive: bool = False,
+        prepare: bool = True,
+        count: bool = True,
+    ) -> Deferred[T]: ...
+    def reject(self, reason: str, consumer: str | None = None) -> None: ...
+    def stop(self) -> None: ...
+    def to_json(self) -> dict[str, object]: ...
 
 
 #: How many of the holder's usual gaps between requests a drained lease waits.
@@ -187,6 +220,7 @@ class GpuScheduler:
         self._lingering: IDelayedCall | None = None
         self._arrivals = _Arrivals()
         self.running = 0
+        self.holding = 0  # of them, requests that only hold this card (Lease.holding)
 
     def _resident_or_not(self, consumer: str) -> int:
         """Without a room maker's estimate: a loaded consumer needs no swap."""
@@ -209,27 +243,29 @@ class GpuScheduler:
         exclusive: bool = False,
         prepare: bool = True,
         count: bool = True,
+        holding: bool = False,
     ) -> Deferred[T]:
         """Wait for the GPU, then run ``job``; cancel the result to leave the queue.
 
         ``exclusive`` work (an admin unload) waits until the lease is free and
         holds it alone; ``prepare=False`` skips making room and loading;
-        ``count=False`` (admin work) leaves the request counters alone.
+        ``count=False`` (admin work) leaves the request counters alone;
+        ``holding`` takes this card for a request running on another card too
+        (see ``Lease.holding``).
         """
         try:
-            admitted = self._admission(consumer, exclusive, prepare, count)
+            admitted = self._admission(consumer, exclusive, prepare, count, holding)
         except BrokerError as e:
             return fail(e)
 
         def start(_: object) -> Deferred[T]:
-            return Deferred.fromCoroutine(self._run(consumer, job, count))
+            return Deferred.fromCoroutine(self._run(Lease(consumer, holding=holding), job, count))
 
         # A queued request is a plain Deferred until admitted: leaving the queue
         # costs no coroutine (cancelling 20,000 waiters is the queue's cost alone).
         return start(None) if admitted.called else admitted.addCallback(start)
 
-    async def _run(self, consumer: str, job: Callable[[Lease], Deferred[T]], count: bool) -> T:
-        lease = Lease(consumer)
+    async def _run(self, lease: Lease, job: Callable[[Lease], Deferred[T]], count: bool) -> T:
         started = self._clock.seconds()
         preparation = self._preparation
         collected = False
@@ -264,7 +300,7 @@ class GpuScheduler:
     # -- the queue -----------------------------------------------------------
 
     def _admission(
-        self, consumer: str, exclusive: bool, prepare: bool, count: bool
+        self, consumer: str, exclusive: bool, prepare: bool, count: bool, holding: bool
     ) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
         state = self._registry.get(consumer)
@@ -274,7 +310,7 @@ class GpuScheduler:
             self._arrivals.note(consumer, self._clock.seconds(), self.config.max_skip_s)
         self._dispatch()  # aging may have let a waiting request in since the last event
         if self._may_start(consumer, state.config.priority, exclusive):
-            self._admit(consumer, exclusive, prepare)
+            self._admit(consumer, exclusive, prepare, holding)
             return succeed(None)
         if len(self._waiting) >= self.config.max_queue:
             if count:
@@ -294,6 +330,7 @@ class GpuScheduler:
             exclusive,
             prepare,
             count,
+            holding,
         )
         ticket.timer = self._clock.callLater(self.config.queue_timeout_s, self._timed_out, ticket)
         self._waiting.add(ticket)
@@ -308,8 +345,9 @@ class GpuScheduler:
             return False
         if self._preparation is not None and self._preparation.failed:
             return False  # the lease drains; a later request gets a fresh preparation
+        # Every request running under the lease is the holder's.
         state = self._registry[self.holder]
-        return consumer == self.holder and state.in_flight < state.config.max_concurrency
+        return consumer == self.holder and self.running < state.config.max_concurrency
 
     def _may_start(self, consumer: str, priority: int, exclusive: bool) -> bool:
         """Whether a new request may start at once (called right after ``_dispatch``).
@@ -383,10 +421,10 @@ class GpuScheduler:
     def _dispatch(self) -> None:
         while (ticket := self._next()) is not None:
             self._dequeue(ticket)
-            self._admit(ticket.consumer, ticket.exclusive, ticket.prepare)
+            self._admit(ticket.consumer, ticket.exclusive, ticket.prepare, ticket.holding)
             ticket.admitted.callback(None)
 
-    def _admit(self, consumer: str, exclusive: bool, prepare: bool) -> None:
+    def _admit(self, consumer: str, exclusive: bool, prepare: bool, holding: bool) -> None:
         self._stop_lingering()  # the lease was kept for this very request
         if self.holder is None:
             self.holder = consumer
@@ -395,7 +433,10 @@ class GpuScheduler:
                 # maybeDeferred: a hook that raises must fail its requests, not strand the lease
                 self._preparation = _Shared(maybeDeferred(self._prepare, consumer))
         self.running += 1
-        self._registry[consumer].in_flight += 1
+        if holding:
+            self.holding += 1
+        else:
+            self._registry[consumer].in_flight += 1
 
     def _dequeue(self, ticket: _Ticket) -> bool:
         """Out of the queue; True if it was the oldest of its group (see WaitQueue)."""
@@ -446,9 +487,12 @@ class GpuScheduler:
     def _release(self, lease: Lease, started: float) -> None:
         took = self._clock.seconds() - started
         self._mean_s = _running_mean(self._mean_s, took)
-        self._registry[lease.consumer].in_flight -= 1
-        if lease.reached_consumer:  # LRU order counts real use only
-            self._registry.mark_used(lease.consumer)
+        if lease.holding:
+            self.holding -= 1
+        else:
+            self._registry[lease.consumer].in_flight -= 1
+            if lease.reached_consumer:  # LRU order counts real use only
+                self._registry.mark_used(lease.consumer)
         self.running -= 1
         if self.running == 0 and not self._linger(lease.consumer):
             self._free_lease()
@@ -477,6 +521,9 @@ class GpuScheduler:
             or not self._waiting
             or state is None
             or not state.loaded
+            # On several cards, the holder of one it left may unload it meanwhile,
+            # and a request joining the kept lease would skip the load.
+            or len(state.config.gpus) > 1
         ):
             return False
         now = self._clock.seconds()

@@ -47,6 +47,14 @@ class _Pausable(_Interface):
     def startReading(self) -> None: ...
 
 
+class _Accepting(_Pausable, _Interface):
+    """``tcp.Port``'s accept loop: each ``doRead`` accepts up to ``numberAccepts``."""
+
+    numberAccepts: int
+
+    def doRead(self) -> object: ...
+
+
 class ConnectionCap:
     """Counts client connections against a budget and a ceiling (None: no limit)."""
 
@@ -70,10 +78,28 @@ class ConnectionCap:
         self._logged_at: float | None = None
 
     def watch(self, port: object) -> object:
-        """Pause and resume this listening port at the ceiling (a ``listening`` callback)."""
+        """Pause and resume this listening port at the ceiling (a ``listening`` callback).
+
+        Pausing alone is not enough: one ``doRead`` of a Twisted port goes on
+        accepting a hundred connections and more, past the ceiling into the
+        reserve, and at EMFILE Twisted accepts and closes them, resetting the
+        clients. So each accept loop is bounded by the room left below the ceiling.
+        """
         if hasattr(port, "stopReading") and hasattr(port, "startReading"):
             self._port = cast(_Pausable, port)
+        if self.ceiling is not None and hasattr(port, "doRead") and hasattr(port, "numberAccepts"):
+            self._bound_accepts(cast(_Accepting, port))
         return port
+
+    def _bound_accepts(self, port: _Accepting) -> None:
+        accept = port.doRead
+
+        def bounded() -> object:
+            assert self.ceiling is not None
+            port.numberAccepts = max(0, self.ceiling - self.open - self.shedding)
+            return accept()
+
+        port.doRead = bounded  # type: ignore[method-assign]  # the reactor calls it on the instance
 
     def opened(self, shed: bool = False) -> None:
         """A connection began; at the ceiling the port stops accepting."""

@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from mgpu.admin import Admin
 from mgpu.api import BrokerResource, Operations
+from mgpu.cards import Card, CardRooms, CardSchedulers
 from mgpu.config import Config, ConfigError, load_config, read_token
 from mgpu.control import ConsumerControl
 from mgpu.events import EventBus
@@ -28,7 +29,7 @@ from mgpu.fdlimit import FdLimit, describe, fds_needed, raise_fd_limit
 from mgpu.footprints import LearnedSizes, StateDirError
 from mgpu.gpu import GpuPoller, GpuReader, reader_for
 from mgpu.lifecycle import IdleUnloader, Preloader
-from mgpu.memory import MemoryWatch
+from mgpu.memory import MemoryWatch, MergedReadings
 from mgpu.metrics import BrokerMetrics
 from mgpu.openai_api import ModelDiscovery, ModelIndex, OpenAIRoutes
 from mgpu.procs import ProcessTable, ProcTable
@@ -36,7 +37,7 @@ from mgpu.registry import HealthProber, Registry
 from mgpu.relay import Relay
 from mgpu.reload import LiveParts, Reloader, SighupReload
 from mgpu.room import RoomMaker
-from mgpu.scheduler import GpuScheduler, SchedulerStats
+from mgpu.scheduler import GpuScheduler, Leases, SchedulerStats
 from mgpu.shed import ConnectionCap
 from mgpu.site import AccessLog, BrokerSite
 from mgpu.sse import EventStreams
@@ -58,8 +59,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", "config/consumers.yaml", "The configuration file (YAML)."],
         ["listen", "l", None, "A Twisted server endpoint; overrides listen: in the file."],
+        ["demo-gpus", None, 1, "How many simulated cards the demo runs (1 or 2).", int],
     ]
     optFlags = [["demo", None, "Run simulated consumers and a simulated GPU inside the daemon."]]
+
+    def postOptions(self) -> None:
+        if self["demo-gpus"] not in (1, 2):
+            raise usage.UsageError(f"--demo-gpus must be 1 or 2, not {self['demo-gpus']}")
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -69,9 +75,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     try:
         table: ProcessTable | None = None
         if options["demo"]:
-            config, gpu_reader, demo, table = _demo(reactor)
+            config, gpu_readers, demo, table = _demo(reactor, options["demo-gpus"])
         else:
-            config, gpu_reader, demo = load_config(options["config"]), None, None
+            config, gpu_readers, demo = load_config(options["config"]), None, None
         listen = with_backlog(options["listen"] or config.listen)
         try:
             endpoint = serverFromString(reactor, listen)
@@ -95,7 +101,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     line, short = describe(fd_limit, fds_needed(config))
     (log.warn if short else log.info)("{line}", line=line)
     return build_service(
-        config, reactor, endpoint, gpu_reader, demo, token, config_path,
+        config, reactor, endpoint, gpu_readers, demo, token, config_path,
         listen_override=bool(options["listen"]), fd_limit=fd_limit, learned=learned,
         process_table=table,
     )  # fmt: skip
@@ -118,7 +124,7 @@ def build_service(
     config: Config,
     reactor: Any,
     endpoint: Any,
-    gpu_reader: GpuReader | None = None,
+    gpu_readers: Mapping[int, GpuReader] | None = None,
     extra: IService | None = None,
     token: bytes | None = None,
     config_path: str | None = None,
@@ -143,23 +149,18 @@ def build_service(
     events = EventBus(reactor)
     registry = Registry(config.consumers, reactor, events)
     control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
-    poller = GpuPoller(
-        gpu_reader or reader_for(config.gpu, reactor), reactor, config.gpu.poll_interval_s
+    table, learned = process_table or ProcTable(), learned or LearnedSizes(None)
+    cards, rooms, scheduler = _cards(
+        config, reactor, registry, control, events, gpu_readers or {}, table, learned
     )
-    watch = MemoryWatch(
-        process_table or ProcTable(), poller, learned or LearnedSizes(None), control
-    )
+    # Consumers are looked at on all their cards at once; room is made per card.
+    watch = cards[0].watch
+    if len(cards) > 1:
+        watch = MemoryWatch(table, MergedReadings([c.poller for c in cards]), learned, control)
     # The index reads the facade's configuration, which a reload replaces.
     models = ModelIndex(lambda: facade.config)
     prober = HealthProber(
         registry, control, reactor, config.health, watch, ModelDiscovery(models, control)
-    )
-    stats = SchedulerStats()
-    room = RoomMaker(
-        registry, poller, control, reactor, config.gpu, config.scheduler, stats, events, watch
-    )
-    scheduler = GpuScheduler(
-        registry, reactor, config.scheduler, room.prepare, stats, events, room.swap_cost
     )
     facade = Facade(
         config=config,
@@ -173,12 +174,13 @@ def build_service(
     )
     streams = EventStreams(events, reactor)
     metrics = BrokerMetrics(
-        events, poller, registry, scheduler, streams, clock=reactor, watch=watch,
+        events, cards[0].poller, registry, scheduler, streams, clock=reactor, watch=watch,
+        cards=cards,
         tunnels=facade.tunnels,
     )  # fmt: skip
     resource = BrokerResource(
         facade,
-        StatusView(poller, registry, scheduler, upstream, watch),
+        StatusView(cards[0].poller, registry, scheduler, upstream, watch, cards),
         token,
         OpenAIRoutes(facade, models),
     )
@@ -202,23 +204,24 @@ def build_service(
         config_path,
         config,
         LiveParts(
-            facade, registry, scheduler, room, prober, poller, site, resource,
-            new_reader=lambda new: reader_for(new.gpu, reactor),
+            facade, registry, scheduler, cards, prober, site, resource,
+            new_reader=lambda new, index: reader_for(new.gpu, reactor, index),
         ),
         listening_on=None if listen_override else config.listen,
     )  # fmt: skip
     resource.serve_operations(
-        Operations(Admin(registry, scheduler, room, control, events), reloader, streams, metrics)
+        Operations(Admin(registry, scheduler, rooms, control, events), reloader, streams, metrics)
     )
 
     top = MultiService()
     if extra is not None:
         extra.setServiceParent(top)
     _Cleanup(scheduler, upstream, control_pool).setServiceParent(top)
-    poller.setServiceParent(top)
+    for card in cards:
+        card.poller.setServiceParent(top)
     prober.setServiceParent(top)
     # After the prober: preloading joins its first probes (SPEC 9.6).
-    Preloader(registry, scheduler, room, prober).setServiceParent(top)
+    Preloader(registry, scheduler, rooms, prober).setServiceParent(top)
     IdleUnloader(registry, scheduler, control, reactor, events).setServiceParent(top)
     TunnelService(facade.tunnels).setServiceParent(top)  # stopped after the listener
     listener = _Listener(endpoint, site)
@@ -228,6 +231,43 @@ def build_service(
         SighupReload(reloader, reactor).setServiceParent(top)
     SystemdNotifier(reactor, listener.listening, environ).setServiceParent(top)
     return top
+
+
+def _cards(
+    config: Config,
+    reactor: Any,
+    registry: Registry,
+    control: ConsumerControl,
+    events: EventBus,
+    readers: Mapping[int, GpuReader],
+    table: ProcessTable,
+    learned: LearnedSizes,
+) -> tuple[list[Card], CardRooms, CardSchedulers]:
+    """Per managed card: a poller, a memory watch, a room maker and a lease (SPEC 9.5).
+
+    ``readers`` replaces ``gpu.source`` for the cards it names (the demo's simulated
+    cards). With one card, room-making counts every consumer as on it.
+    """
+    stats = SchedulerStats()
+    several = len(config.gpu.cards) > 1
+    parts = []
+    for index in config.gpu.cards:
+        reader = readers.get(index) or reader_for(config.gpu, reactor, index)
+        poller = GpuPoller(reader, reactor, config.gpu.poll_interval_s, index=index)
+        watch = MemoryWatch(table, poller, learned, control)
+        room = RoomMaker(
+            registry, poller, control, reactor, config.gpu, config.scheduler, stats, events,
+            watch, card=index if several else None,
+        )  # fmt: skip
+        parts.append((index, poller, watch, room))
+    rooms = CardRooms(registry, {index: room for index, _, _, room in parts})
+    cards = [
+        Card(index, poller, watch, room, GpuScheduler(
+            registry, reactor, config.scheduler, rooms.prepare, stats, events, rooms.swap_cost
+        ))
+        for index, poller, watch, room in parts
+    ]  # fmt: skip
+    return cards, rooms, CardSchedulers(registry, {card.index: card.lane for card in cards})
 
 
 class _Listener(StreamServerEndpointService):
@@ -286,7 +326,7 @@ class _Cleanup(Service):
     """On shutdown: cancel detached GPU work and close the connection pools."""
 
     def __init__(
-        self, scheduler: GpuScheduler, upstream: UpstreamClient, control: HTTPConnectionPool
+        self, scheduler: Leases, upstream: UpstreamClient, control: HTTPConnectionPool
     ) -> None:
         self._scheduler = scheduler
         self._upstream = upstream
@@ -299,14 +339,16 @@ class _Cleanup(Service):
         return gatherResults(closing)  # type: ignore[return-value]
 
 
-def _demo(reactor: Any) -> tuple[Config, GpuReader, IService, ProcessTable]:
+def _demo(
+    reactor: Any, gpus: int
+) -> tuple[Config, Mapping[int, GpuReader], IService, ProcessTable]:
     """Start the simulated consumers now, so the configuration can name their ports."""
     from mgpu.sim import start_demo
 
-    started = start_demo(reactor)
+    started = start_demo(reactor, gpus)
     result: list[Any] = []
     started.addBoth(result.append)
     if not result or isinstance(result[0], BaseException) or hasattr(result[0], "raiseException"):
         raise ConfigError("--demo", "", f"the simulated consumers could not start: {result}")
     demo = result[0]
-    return demo.config, demo.gpu_reader, demo.service(), demo.process_table
+    return demo.config, demo.gpu_readers, demo.service(), demo.process_table

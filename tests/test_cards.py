@@ -1,249 +1,275 @@
-"""Per-card leases: all-or-nothing grants in strict order per card, checked against a
-per-card queue model."""
+"""Several cards: one lease per card, and consumers on several cards taking theirs in
+index order without deadlock or starvation."""
 
 from __future__ import annotations
 
+from attrs import evolve
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mgpu.cards import CardLeases
+from mgpu.cards import CardSchedulers
+from mgpu.config import ConsumerConfig, SchedulerConfig
+from mgpu.errors import BrokerError
+from mgpu.registry import Registry
+from mgpu.scheduler import GpuScheduler, Lease, SchedulerStats
 from tests.fuzz import examples
+from tests.test_scheduler import consumer
+
+#: The consumers of these tests and their cards.
+CARDS = {"voice": (0,), "image": (1,), "llm": (0, 1), "wide": (0, 1, 2), "side": (2,)}
 
 
-class CardLeasesTests(SynchronousTestCase):
+def on_cards(name: str, cards: tuple[int, ...], **kwargs: int) -> ConsumerConfig:
+    return evolve(consumer(name, **kwargs), gpus=cards)
+
+
+def schedulers(
+    clock: Clock,
+    config: SchedulerConfig | None = None,
+    cards: dict[str, tuple[int, ...]] = CARDS,
+    prepare: list[str] | None = None,
+    priorities: dict[str, int] | None = None,
+) -> tuple[Registry, CardSchedulers]:
+    levels = priorities or {}
+    registry = Registry(
+        {n: on_cards(n, c, priority=levels.get(n, 2)) for n, c in cards.items()}, clock
+    )
+    stats = SchedulerStats()
+
+    def prepared(name: str) -> Deferred[None]:
+        if prepare is not None:
+            prepare.append(name)
+        return succeed(None)
+
+    lanes = {card: GpuScheduler(registry, clock, config, prepared, stats) for card in range(3)}
+    return registry, CardSchedulers(registry, lanes)
+
+
+class Job:
+    """A job that runs until told to finish, noting when it started."""
+
+    def __init__(self, name: str, started: list[str]) -> None:
+        self.name = name
+        self.started = started
+        self.gate: Deferred[str] = Deferred()
+
+    def __call__(self, lease: Lease) -> Deferred[str]:
+        self.started.append(self.name)
+        return self.gate
+
+    def finish(self) -> None:
+        self.gate.callback(self.name)
+
+
+class CardSchedulersTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.leases: CardLeases[str] = CardLeases(devices=[0, 1, 2])
+        self.clock = Clock()
+        self.prepared: list[str] = []
+        self.registry, self.cards = schedulers(self.clock, prepare=self.prepared)
+        self.started: list[str] = []
 
-    def ask(self, rid: str, *cards: int, key: int = 0) -> list[str]:
-        self.leases.request(rid, frozenset(cards), key)
-        return self.leases.grants()
+    def job(self, name: str) -> Job:
+        return Job(name, self.started)
 
-    def test_different_cards_run_at_once(self) -> None:
-        """Two consumers on different cards are both granted at once."""
-        self.assertEqual(self.ask("comfy", 1), ["comfy"])
-        self.assertEqual(self.ask("whisper", 0), ["whisper"])
-        self.assertEqual((self.leases.holder(0), self.leases.holder(1)), ("whisper", "comfy"))
-        self.assertIsNone(self.leases.holder(2))
+    def holders(self) -> list[str | None]:
+        return [self.cards.lanes[card].holder for card in range(3)]
 
-    def test_two_cards_wait_for_both_and_reserve_them(self) -> None:
-        """A request on {0, 1} waits while card 0 is busy, keeps card 1 from later requests,
-        leaves card 2 alone, and gets both cards in one grant."""
-        self.assertEqual(self.ask("a", 0), ["a"])
-        self.assertEqual(self.ask("vllm", 0, 1), [])
-        self.assertIsNone(self.leases.holder(1))  # no partial holding
-        self.assertEqual(self.ask("b", 1), [])  # card 1 is free but reserved for vllm
-        self.assertEqual(self.ask("c", 2), ["c"])  # a card nobody ahead waits for
-        self.assertEqual(self.leases.waiting(1), ["vllm", "b"])
-        self.leases.release("a")
-        self.assertEqual(self.leases.grants(), ["vllm"])
-        self.assertEqual((self.leases.holder(0), self.leases.holder(1)), ("vllm", "vllm"))
-        self.leases.release("vllm")
-        self.assertEqual(self.leases.grants(), ["b"])
+    def test_consumers_on_different_cards_run_at_once(self) -> None:
+        """voice on card 0 and image on card 1 both start at once, each preparing its own."""
+        voice, image = self.job("voice"), self.job("image")
+        done = [self.cards.run("voice", voice), self.cards.run("image", image)]
+        self.assertEqual(self.started, ["voice", "image"])
+        self.assertEqual(self.holders(), ["voice", "image", None])
+        self.assertEqual((self.cards.running, self.cards.queued), (2, 0))
+        voice.finish()
+        image.finish()
+        self.assertEqual([self.successResultOf(d) for d in done], ["voice", "image"])
+        self.assertEqual(self.prepared, ["voice", "image"])
 
-    def test_smaller_key_goes_first_then_arrival(self) -> None:
-        """On a busy card, the smaller order_key starts first; equal keys in arrival order."""
-        self.ask("run", 0)
-        self.ask("late", 0, key=5)
-        self.ask("first", 0, key=1)
-        self.ask("second", 0, key=1)
-        self.assertEqual(self.leases.waiting(0), ["first", "second", "late"])
+    def test_two_card_consumer_waits_for_both(self) -> None:
+        """llm on cards 0 and 1 takes card 0 while image runs on card 1, waits for card 1,
+        and starts (prepared once, counted once) when image ends."""
+        image = self.job("image")
+        self.cards.run("image", image)
+        llm = self.job("llm")
+        done = self.cards.run("llm", llm)
+        self.assertEqual(self.started, ["image"])
+        self.assertEqual(self.holders(), ["llm", "image", None])
+        self.assertEqual((self.cards.running, self.cards.queued), (1, 1))
+        self.assertEqual(self.registry["llm"].queued, 1)
+        image.finish()
+        self.assertEqual(self.started, ["image", "llm"])
+        self.assertEqual(self.holders(), ["llm", "llm", None])
+        self.assertEqual((self.cards.running, self.registry["llm"].in_flight), (1, 1))
+        self.assertEqual(self.prepared, ["image", "llm"])
+        llm.finish()
+        self.assertEqual(self.successResultOf(done), "llm")
+        self.assertEqual(self.holders(), [None, None, None])
+        self.assertEqual((self.registry["llm"].in_flight, self.cards.stats.completed), (0, 2))
 
-    def test_cancel_waiting_lifts_its_reservation(self) -> None:
-        """Cancelling the reserving request lets the later one on the freed card start."""
-        self.ask("a", 0)
-        self.ask("vllm", 0, 1)
-        self.ask("b", 1)
-        self.leases.cancel("vllm")
-        self.assertEqual(self.leases.grants(), ["b"])
-        self.assertEqual(self.leases.waiting(0), [])
-        self.leases.cancel("nobody")  # unknown: no-op
+    def test_priority_cannot_make_a_cycle(self) -> None:
+        """wide (cards 0-2) waits for card 0; llm (cards 0-1) of higher priority arrives
+        and is served first. Had wide taken cards 1 and 2 while waiting, llm would now
+        wait for card 1 while holding card 0: a cycle. Taken in index order, both run."""
+        _, self.cards = schedulers(self.clock, priorities={"llm": 4, "wide": 0})
+        voice = self.job("voice")
+        self.cards.run("voice", voice)
+        wide, llm = self.job("wide"), self.job("llm")
+        done = [self.cards.run("wide", wide), self.cards.run("llm", llm)]
+        voice.finish()
+        self.assertEqual(self.started, ["voice", "llm"])
+        llm.finish()
+        wide.finish()
+        self.assertEqual([self.successResultOf(d) for d in done], ["wide", "llm"])
 
-    def test_cancel_racing_a_grant(self) -> None:
-        """A cancel after the grant but before grants() frees its cards and withdraws it."""
-        self.ask("a", 0, 1)
-        self.leases.request("b", frozenset({1}), 0)
-        self.leases.release("a")
-        self.leases.cancel("b")
-        self.assertEqual(self.leases.grants(), [])
-        self.assertIsNone(self.leases.holder(1))
+    def test_cards_held_until_the_work_held_ends(self) -> None:
+        """Work the job holds the lease for (``hold_until``) keeps every card of the
+        consumer, not only the last one."""
+        held: Deferred[None] = Deferred()
 
-    def test_release_frees_all_cards(self) -> None:
-        """release() of a holder frees every card; of a waiting or unknown one, it's an error."""
-        self.ask("vllm", 0, 1)
-        self.ask("w", 1)
-        self.assertRaises(KeyError, self.leases.release, "w")
-        self.assertRaises(KeyError, self.leases.release, "nobody")
-        self.leases.release("vllm")
-        self.assertEqual(self.leases.grants(), ["w"])
-        self.assertIsNone(self.leases.holder(0))
+        def job(lease: Lease) -> Deferred[str]:
+            lease.hold_until(held)
+            return succeed("answered")
 
-    def test_bad_requests(self) -> None:
-        """No cards, unknown cards and a reused id are refused."""
-        self.ask("a", 0)
-        self.assertRaises(ValueError, self.leases.request, "a", frozenset({1}), 0)
-        self.assertRaises(ValueError, self.leases.request, "b", frozenset(), 0)
-        self.assertRaises(ValueError, self.leases.request, "c", frozenset({3}), 0)
+        self.assertEqual(self.successResultOf(self.cards.run("llm", job)), "answered")
+        self.assertEqual(self.holders(), ["llm", "llm", None])
+        voice = self.job("voice")
+        self.cards.run("voice", voice)
+        self.assertEqual(self.started, [])
+        held.callback(None)
+        self.assertEqual(self.started, ["voice"])
 
+    def test_leaving_while_waiting_frees_the_cards_taken(self) -> None:
+        """A client that leaves while its request waits for the second card leaves that
+        queue and gives back the first card at once."""
+        image = self.job("image")
+        self.cards.run("image", image)
+        waiting = self.cards.run("llm", self.job("llm"))
+        voice = self.job("voice")
+        self.cards.run("voice", voice)
+        self.assertEqual(self.started, ["image"])
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.started, ["image", "voice"])
+        self.assertEqual((self.cards.queued, self.registry["llm"].queued), (0, 0))
+        image.finish()
+        self.assertEqual(self.started, ["image", "voice"])
 
-class _Model:
-    """The rule as stated: a card serves its waiting requests in rank order; a request
-    starts when every card it needs is free and it is first on each."""
+    def test_refused_on_a_later_card_frees_the_earlier(self) -> None:
+        """queue_full on the second card fails the request and frees the first card."""
+        _, self.cards = schedulers(self.clock, SchedulerConfig(max_queue=1))
+        self.cards.run("image", self.job("image"))
+        self.cards.run("image", self.job("image"))  # card 1's queue is now full
+        refused = self.cards.run("llm", self.job("llm"))
+        self.assertEqual(self.failureResultOf(refused, BrokerError).value.code, "queue_full")
+        self.assertEqual(self.cards.lanes[0].holder, None)
 
-    def __init__(self) -> None:
-        self.waiting: dict[int, tuple[frozenset[int], tuple[int, int]]] = {}
-        self.held: dict[int, int] = {}
+    def test_timed_out_on_a_later_card_frees_the_earlier(self) -> None:
+        """A request that waits past queue_timeout_s for its second card fails with
+        queue_timeout, and its first card goes to the next request."""
+        _, self.cards = schedulers(self.clock, SchedulerConfig(queue_timeout_s=5))
+        self.cards.run("image", self.job("image"))
+        waiting = self.cards.run("llm", self.job("llm"))
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(waiting, BrokerError).value.code, "queue_timeout")
+        self.assertIsNone(self.cards.lanes[0].holder)
 
-    def startable(self) -> set[int]:
-        def first(card: int) -> int | None:
-            on_card = [(rank, rid) for rid, (cards, rank) in self.waiting.items() if card in cards]
-            return min(on_card)[1] if on_card else None
+    def test_exclusive_work_on_every_card(self) -> None:
+        """Exclusive (admin) work of a two-card consumer holds both cards alone."""
+        unload = self.job("llm-unload")
+        self.cards.run("llm", unload, exclusive=True, prepare=False, count=False)
+        self.assertEqual(self.holders(), ["llm", "llm", None])
+        self.cards.run("llm", self.job("llm"))
+        self.assertEqual(self.started, ["llm-unload"])
+        unload.finish()
+        self.assertEqual(self.started, ["llm-unload", "llm"])
 
-        return {
-            rid
-            for rid, (cards, _) in self.waiting.items()
-            if all(c not in self.held and first(c) == rid for c in cards)
-        }
+    def test_a_removed_consumer_is_refused(self) -> None:
+        refused = self.cards.run("gone", self.job("gone"))
+        self.assertEqual(self.failureResultOf(refused, BrokerError).value.code, "no_consumer")
 
-
-class LeasesAgreeWithTheModel(RuleBasedStateMachine):
-    """Random requests, cancels and releases on 1-4 cards: the grants are the model's, no
-    card is held twice, something runs whenever something waits, nobody ranking after a
-    waiting request is granted one of its cards, and releasing repeatedly drains all."""
-
-    @initialize(cards=st.integers(1, 4))
-    def start(self, cards: int) -> None:
-        self.devices = list(range(cards))
-        self.leases: CardLeases[int] = CardLeases(devices=self.devices)
-        self.model = _Model()
-        self.running: dict[int, frozenset[int]] = {}
-        self.count = 0
-
-    def settle(self) -> None:
-        """Take the grants; check them against the model and the no-overtaking bound."""
-        expected = self.model.startable()
-        granted = self.leases.grants()
-        assert set(granted) == expected, (granted, expected)
-        assert len(granted) == len(set(granted))
-        for rid in granted:
-            cards, rank = self.model.waiting.pop(rid)
-            for other, (other_cards, other_rank) in self.model.waiting.items():
-                if cards & other_cards:  # overtaking a waiting request on a shared card
-                    assert rank < other_rank, (rid, other)
-            for card in cards:
-                self.model.held[card] = rid
-            self.running[rid] = cards
-
-    @rule(data=st.data(), key=st.integers(0, 3))
-    def request(self, data: st.DataObject, key: int) -> None:
-        cards = data.draw(st.sets(st.sampled_from(self.devices), min_size=1).map(frozenset))
-        self.count += 1
-        self.leases.request(self.count, cards, key)
-        self.model.waiting[self.count] = (cards, (key, self.count))
-        self.settle()
-
-    @rule(pick=st.integers(0, 10**6))
-    def cancel(self, pick: int) -> None:
-        waiting = sorted(self.model.waiting)
-        if waiting:
-            rid = waiting[pick % len(waiting)]
-            self.leases.cancel(rid)
-            del self.model.waiting[rid]
-            self.settle()
-
-    @rule(pick=st.integers(0, 10**6))
-    def release(self, pick: int) -> None:
-        running = sorted(self.running)
-        if running:
-            self.end(running[pick % len(running)])
-            self.settle()
-
-    @rule()
-    def drain(self) -> None:
-        """With no more arrivals, releasing everything running, round after round, grants
-        every waiting request within as many rounds as there are waiting requests."""
-        rounds = len(self.model.waiting)
-        for _ in range(rounds):
-            for rid in sorted(self.running):
-                self.end(rid)
-            self.settle()
-        assert not self.model.waiting, self.model.waiting
-
-    def end(self, rid: int) -> None:
-        self.leases.release(rid)
-        for card in self.running.pop(rid):
-            del self.model.held[card]
-
-    @invariant()
-    def safe(self) -> None:
-        """Each card has at most one holder, and a running request holds all its cards."""
-        seen: set[int] = set()
-        for rid, cards in self.running.items():
-            assert not cards & seen
-            seen |= cards
-            assert all(self.leases.holder(c) == rid for c in cards)
-        assert all(self.leases.holder(c) is None for c in set(self.devices) - seen)
-
-    @invariant()
-    def no_deadlock(self) -> None:
-        """Whenever something waits, something runs."""
-        assert self.running or not self.model.waiting
-
-    @invariant()
-    def status_agrees(self) -> None:
-        for card in self.devices:
-            on_card = sorted(
-                (rank, rid) for rid, (cards, rank) in self.model.waiting.items() if card in cards
-            )
-            assert self.leases.waiting(card) == [rid for _, rid in on_card]
+    def test_two_card_consumer_never_lingers(self) -> None:
+        """Under affinity with linger_s, a drained two-card lease passes on at once: another
+        card's holder could unload the consumer while its lease was kept."""
+        config = SchedulerConfig(policy="affinity", linger_s=5)
+        self.registry, self.cards = schedulers(self.clock, config)
+        self.registry.mark_loaded("llm")
+        self.cards.run("llm", lambda lease: succeed("first"))
+        self.clock.advance(0.1)  # a burst: the next request of llm would come soon
+        second = self.job("llm")
+        self.cards.run("llm", second)
+        self.cards.run("image", self.job("image"))
+        second.finish()
+        self.assertEqual(self.started, ["llm", "image"])
 
 
-LeasesAgreeWithTheModel.TestCase.settings = settings(
-    max_examples=examples(200), stateful_step_count=40, deadline=None
-)
+@st.composite
+def _workloads(draw: st.DrawFn) -> list[tuple[str, str, int]]:
+    """Arrivals ("arrive", consumer, 0), finishes ("finish", "", k-th running)
+    and client departures ("leave", "", k-th waiting), in any order."""
+    steps = st.one_of(
+        st.tuples(st.just("arrive"), st.sampled_from(sorted(CARDS)), st.just(0)),
+        st.tuples(st.just("finish"), st.just(""), st.integers(0, 20)),
+        st.tuples(st.just("leave"), st.just(""), st.integers(0, 20)),
+        st.tuples(st.just("wait"), st.just(""), st.integers(1, 40)),
+    )
+    return draw(st.lists(steps, max_size=60))
 
 
-class RandomLeasesTests(LeasesAgreeWithTheModel.TestCase):  # type: ignore[valid-type,misc]
-    def test_leases_agree_with_the_model(self) -> None:
-        """Safety, no deadlock, no overtaking and draining hold whatever happens (see
-        LeasesAgreeWithTheModel)."""
-        self.runTest()
+_PRIORITIES = st.fixed_dictionaries({name: st.integers(0, 4) for name in CARDS})
 
 
-_OPS = st.lists(
-    st.one_of(
-        st.tuples(st.just("request"), st.integers(0, 3)),
-        st.tuples(st.just("cancel"), st.integers(0, 10**6)),
-        st.tuples(st.just("release"), st.just(0)),
-    ),
-    max_size=40,
-)
+class CardSchedulersProperties(SynchronousTestCase):
+    @settings(max_examples=examples(400), deadline=None)
+    @given(_workloads(), _PRIORITIES, st.sampled_from(["fifo", "affinity"]))
+    def test_no_card_shared_and_no_deadlock(
+        self, workload: list[tuple[str, str, int]], priorities: dict[str, int], policy: str
+    ) -> None:
+        """Whatever the arrival order, priorities and departures: no card ever runs two
+        consumers' jobs at once, a job runs only holding all its consumer's cards, and
+        once arrivals stop, finishing what runs drains every queue (no deadlock, nobody
+        left behind)."""
+        clock = Clock()
+        config = SchedulerConfig(policy=policy, aging_s=10, max_skip_s=15, queue_timeout_s=1e9)
+        registry, cards = schedulers(clock, config, priorities=priorities)
+        running: list[tuple[str, Deferred[str]]] = []
+        waiting: list[Deferred[str]] = []
 
+        def job_for(name: str) -> object:
+            def job(lease: Lease) -> Deferred[str]:
+                busy = {c for other, _ in running for c in CARDS[other]}
+                self.assertEqual(busy & set(CARDS[name]), set(), (name, running))
+                for card in CARDS[name]:
+                    self.assertEqual(cards.lanes[card].holder, name)
+                gate: Deferred[str] = Deferred(lambda d: running.remove((name, d)))
+                running.append((name, gate))
+                return gate
 
-class OneCardIsOneQueue(SynchronousTestCase):
-    @settings(max_examples=examples(200), deadline=None)
-    @given(_OPS)
-    def test_grants_follow_order_key(self, ops: list[tuple[str, int]]) -> None:
-        """With one card, grants come in exactly the order a single queue ordered by
-        (order_key, arrival) gives: the smallest waiting one starts when the card frees."""
-        leases: CardLeases[int] = CardLeases(devices=[0])
-        queue: list[tuple[int, int]] = []
-        running: int | None = None
-        for n, (op, arg) in enumerate(ops):
-            if op == "request":
-                leases.request(n, frozenset({0}), arg)
-                queue.append((arg, n))
-            elif op == "cancel" and queue:
-                rank = queue.pop(arg % len(queue))
-                leases.cancel(rank[1])
-            elif op == "release" and running is not None:
-                leases.release(running)
-                running = None
-            expected = []
-            if running is None and queue:
-                queue.sort()
-                running = queue.pop(0)[1]
-                expected = [running]
-            self.assertEqual(leases.grants(), expected)
-            self.assertEqual(leases.holder(0), running)
+            return job
+
+        for kind, name, k in workload:
+            if kind == "arrive":
+                waiting.append(cards.run(name, job_for(name)))  # type: ignore[arg-type]
+            elif kind == "finish" and running:
+                running.pop(k % len(running))[1].callback("done")
+            elif kind == "leave" and waiting:
+                left = waiting.pop(k % len(waiting))
+                left.cancel()
+                left.addErrback(lambda f: f.trap(CancelledError))
+            elif kind == "wait":
+                clock.advance(k)
+        for _ in range(10 * len(workload) + 10):
+            if running:
+                running.pop(0)[1].callback("done")
+            clock.advance(1)
+        self.assertEqual(running, [])
+        for d in waiting:
+            self.assertTrue(d.called)
+            d.addErrback(lambda f: f.trap(CancelledError))
+        self.assertEqual([cards.lanes[c].holder for c in range(3)], [None, None, None])
+        self.assertEqual((cards.queued, cards.running), (0, 0))
+        counts = {(s.in_flight, s.queued) for s in registry.states.values()}
+        self.assertEqual(counts, {(0, 0)})

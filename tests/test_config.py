@@ -157,6 +157,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 priority=2,
                 max_concurrency=1,
                 timeout_s=300.0,
+                gpus=(0,),
             ),
         )
 
@@ -179,6 +180,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 max_concurrency=1,
                 timeout_s=300.0,
                 native=NativeConfig(prefix="/whisper"),
+                gpus=(0,),
             ),
         )
 
@@ -203,6 +205,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                 ollama=OllamaConfig(reclaim=True),
                 native=NativeConfig(prefix="/ollama"),
                 openai=OpenAIConfig(path="/v1", models=("llama3.1:8b",)),
+                gpus=(0,),
             ),
         )
 
@@ -232,6 +235,7 @@ class ProductionConfigTests(_SpecValues, _ConfigTestCase):
                     prefix="/comfyui",
                     gpu=(GpuRoute("POST", "/prompt", HoldUntil("/history/{prompt_id}", 0.5)),),
                 ),
+                gpus=(0,),
             ),
         )
 

@@ -62,10 +62,10 @@ class FdLimitTests(SynchronousTestCase):
         self.assertIn("daemon_overloaded", line)
 
     def test_clients_get_what_the_reserve_leaves(self) -> None:
-        """Served connections stop a quarter of the limit (at least the reserve) below it,
-        the pause of accepting at the reserve below it; never below one."""
-        self.assertEqual(FdLimit(1024, 1024, 1024).for_clients, 768)
+        """Accepting pauses at the reserve below the limit (the ceiling); served connections
+        stop a quarter of the ceiling below it, so that quarter answers 503; never below one."""
+        self.assertEqual(FdLimit(1024, 1024, 1024).for_clients, (1024 - RESERVE_FDS) * 3 // 4)
         self.assertEqual(FdLimit(1024, 1024, 1024).ceiling, 1024 - RESERVE_FDS)
-        self.assertEqual(FdLimit(160, 160, 160).for_clients, 160 - RESERVE_FDS)
+        self.assertEqual(FdLimit(160, 160, 160).for_clients, 72)
         self.assertEqual(FdLimit(10, 10, 10).for_clients, 1)
         self.assertEqual(FdLimit(10, 10, 10).ceiling, 1)

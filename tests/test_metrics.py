@@ -36,6 +36,9 @@ from mgpu.sse import EventStreams
 from tests.test_api import SNAPSHOT
 from tests.test_facade import Client, _Front
 
+#: The labels of the first card's series (SPEC 9.5: GPU series carry ``gpu``).
+GPU0 = frozenset({("gpu", "0")})
+
 START = 1_795_000_000.0
 READ_AT = datetime.fromtimestamp(START, UTC)
 
@@ -391,13 +394,14 @@ class GpuGaugeTests(MetricsTestCase):
         """Total, used and free are the reading's MiB in bytes; ok is 1; info names the card."""
         self.read_gpu(OK_READING)
         samples = self.scrape()
-        self.assertEqual(samples["mgpu_gpu_memory_total_bytes"], {frozenset(): 24564 * MIB})
-        self.assertEqual(samples["mgpu_gpu_memory_used_bytes"], {frozenset(): 16012 * MIB})
-        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {frozenset(): 8552 * MIB})
-        self.assertEqual(samples["mgpu_gpu_reading_ok"], {frozenset(): 1.0})
-        self.assertEqual(samples["mgpu_gpu_reading_timestamp_seconds"], {frozenset(): START})
+        self.assertEqual(samples["mgpu_gpu_memory_total_bytes"], {GPU0: 24564 * MIB})
+        self.assertEqual(samples["mgpu_gpu_memory_used_bytes"], {GPU0: 16012 * MIB})
+        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {GPU0: 8552 * MIB})
+        self.assertEqual(samples["mgpu_gpu_reading_ok"], {GPU0: 1.0})
+        self.assertEqual(samples["mgpu_gpu_reading_timestamp_seconds"], {GPU0: START})
         self.assertEqual(samples["mgpu_gpu_info"], {
-            frozenset({("index", "0"), ("name", OK_READING.name), ("source", "nvidia-smi")}): 1.0,
+            frozenset({("gpu", "0"), ("index", "0"), ("name", OK_READING.name),
+                       ("source", "nvidia-smi")}): 1.0,
         })  # fmt: skip
 
     def test_follows_the_latest_reading(self) -> None:
@@ -410,16 +414,16 @@ class GpuGaugeTests(MetricsTestCase):
         )  # fmt: skip
         self.read_gpu(later)
         samples = self.scrape()
-        self.assertEqual(samples["mgpu_gpu_memory_used_bytes"], {frozenset(): 4000 * MIB})
-        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {frozenset(): 20564 * MIB})
-        self.assertEqual(samples["mgpu_gpu_reading_timestamp_seconds"], {frozenset(): START + 2})
+        self.assertEqual(samples["mgpu_gpu_memory_used_bytes"], {GPU0: 4000 * MIB})
+        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {GPU0: 20564 * MIB})
+        self.assertEqual(samples["mgpu_gpu_reading_timestamp_seconds"], {GPU0: START + 2})
 
     def test_failed_reading_has_no_sizes(self) -> None:
         """A failed reading gives ok=0 and no memory samples at all (not NaN, not stale ones)."""
         self.read_gpu(OK_READING)
         self.read_gpu(failed_snapshot("nvidia-smi", 0, "nvidia-smi timed out", READ_AT))
         samples = self.scrape()
-        self.assertEqual(samples["mgpu_gpu_reading_ok"], {frozenset(): 0.0})
+        self.assertEqual(samples["mgpu_gpu_reading_ok"], {GPU0: 0.0})
         for key in ("total", "used", "free"):
             self.assertNotIn(f"mgpu_gpu_memory_{key}_bytes", samples)
         for values in samples.values():
@@ -428,7 +432,7 @@ class GpuGaugeTests(MetricsTestCase):
     def test_not_read_yet(self) -> None:
         """Before the first reading: ok=0, no sizes, no reading time, the reader not called."""
         samples = self.scrape()
-        self.assertEqual(samples["mgpu_gpu_reading_ok"], {frozenset(): 0.0})
+        self.assertEqual(samples["mgpu_gpu_reading_ok"], {GPU0: 0.0})
         self.assertNotIn("mgpu_gpu_memory_total_bytes", samples)
         self.assertNotIn("mgpu_gpu_reading_timestamp_seconds", samples)
         self.assertEqual(self.reader.reads, 0)

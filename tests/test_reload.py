@@ -21,8 +21,12 @@ from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from mgpu.cards import Card
 from mgpu.config import Config, ConfigError, SchedulerConfig, load_config
+from mgpu.footprints import LearnedSizes
 from mgpu.gpu import GpuPoller, GpuReader
+from mgpu.memory import MemoryWatch
+from mgpu.procs import ProcTable
 from mgpu.reload import LiveParts, Reloader, SighupReload
 from mgpu.room import RoomMaker
 from tests.test_facade import Broker
@@ -99,13 +103,16 @@ class ReloadCase(SynchronousTestCase):
             self.config.limits.max_body_mib * 2**20, self.config.limits.header_timeout_s
         )
         self.resource = TokenRecorder()
+        watch = MemoryWatch(ProcTable(), self.poller, LearnedSizes(None), b.control)
+        card = Card(0, self.poller, watch, self.room, b.scheduler)
         self.parts = LiveParts(
-            b.facade, b.registry, b.scheduler, self.room, b.prober, self.poller,
+            b.facade, b.registry, b.scheduler, [card], b.prober,
             self.site, self.resource, new_reader=self.new_reader,
         )  # fmt: skip
         self.reloader = Reloader(self.path, self.config, self.parts)
 
-    def new_reader(self, config: Config) -> GpuReader:
+    def new_reader(self, config: Config, index: int) -> GpuReader:
+        self.assertEqual(index, 0)
         self.readers_for.append(config)
         reader = StaticReader(snapshot(source=config.gpu.source))
         self.new_readers.append(reader)
@@ -180,6 +187,16 @@ class RefusedReloadTests(ReloadCase):
 
         self.write(self.changed(change))
         self.refused("scheduler.max_queue")
+
+    def test_other_cards_refused(self) -> None:
+        """Managing other cards (SPEC 9.5) needs a restart: the reload changes nothing."""
+
+        def change(data: dict[str, Any]) -> None:
+            data["limits"].update(max_body_mib=1)
+            data["gpu"]["devices"] = [0, 1]
+
+        self.write(self.changed(change))
+        self.assertIn("only at a restart", str(self.refused("gpu.devices")))
 
     def test_missing_file(self) -> None:
         """A file that is gone changes nothing."""
@@ -398,7 +415,7 @@ class ReloadLoggedTests(ReloadCase):
     def test_unexpected_error_logged(self) -> None:
         """An unexpected exception is logged, not raised."""
 
-        def broken(config: Config) -> GpuReader:
+        def broken(config: Config, index: int) -> GpuReader:
             raise RuntimeError("reader broke")
 
         self.reloader = Reloader(self.path, self.config, evolve(self.parts, new_reader=broken))

@@ -125,6 +125,33 @@ class ShedTests(SynchronousTestCase):
         self.assertTrue(port.reading)
         self.assertEqual((self.cap.open, self.cap.shedding), (2, 0))
 
+    def test_each_accept_loop_bounded_by_the_room_left(self) -> None:
+        """Each accept loop of the port (``doRead``) may accept only as many connections as
+        fit below the ceiling: pausing does not stop a loop under way, and connections
+        accepted past the limit are reset by Twisted."""
+        loops: list[int] = []
+
+        class Port:
+            numberAccepts = 100  # Twisted grows it by 20 after each full loop
+
+            def stopReading(self) -> None: ...
+            def startReading(self) -> None: ...
+
+            def doRead(self) -> None:
+                loops.append(self.numberAccepts)
+
+        port = Port()
+        self.cap.ceiling = 5
+        self.cap.watch(port)
+        port.doRead()
+        self.connect()
+        self.connect()
+        port.numberAccepts = 120
+        port.doRead()
+        self.connect()
+        port.doRead()
+        self.assertEqual(loops, [5, 3, 2])
+
     def test_no_budget_no_shedding(self) -> None:
         """Without a budget (no limit known) every connection is served."""
         cap = ConnectionCap(self.clock)

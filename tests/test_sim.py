@@ -30,12 +30,12 @@ from twisted.internet.error import (
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from mgpu.config import Config, load_config
+from mgpu.config import Config, load_config, parse_config
 from mgpu.gpu import GpuProcess
 from mgpu.ollama import parse_ps
 from mgpu.sim import __main__ as sim_main
@@ -49,8 +49,15 @@ from mgpu.sim.consumers import (
     SimConsumer,
     make_consumer,
 )
-from mgpu.sim.demo import DEMO_TOTAL_MIB, demo_settings, start_demo
-from mgpu.sim.gpu import VIRTUAL_PID_BASE, FileLedger, MemoryLedger, SimGpuReader
+from mgpu.sim.demo import DEMO_TOTAL_MIB, demo_config, demo_settings, start_demo
+from mgpu.sim.gpu import (
+    VIRTUAL_PID_BASE,
+    FileLedger,
+    MemoryLedger,
+    SimGpuReader,
+    SpanLedger,
+    span,
+)
 from mgpu.sim.http import CHUNK, BodyProducer, SimResource, SyntheticBody, parse_range, sim_site
 from tests import fake_nvidia_smi
 
@@ -71,6 +78,22 @@ def chunks_per_step(
         sim.advance(0.1)
         seen.append(len(chunks))
     return seen, chunks, done
+
+
+SMI_GPUS: Final = "--query-gpu=index,name,memory.total,memory.used,memory.free"
+SMI_APPS: Final = "--query-compute-apps=pid,used_memory"
+
+
+def fake_smi(path: Path, *args: str) -> str:
+    """What tests/fake_nvidia_smi.py prints for the state file ``path``."""
+    out = io.StringIO()
+    with (
+        mock.patch.dict(os.environ, {"FAKE_NVIDIA_SMI_STATE": str(path)}),
+        contextlib.redirect_stdout(out),
+    ):
+        code = fake_nvidia_smi.main([*args, "--format=csv,noheader,nounits"])
+    assert code == 0, code
+    return out.getvalue()
 
 
 class _Sim:
@@ -148,6 +171,36 @@ class MemoryLedgerTests(SynchronousTestCase):
         ledger.allocate("comfyui", 20)
         self.assertEqual(ledger.processes(), {pid: 20, pid + 1: 10})
 
+    def test_cards_sharing_pids_give_an_owner_one_pid(self) -> None:
+        """Cards of one host share their pids: an owner has the same pid on each card, and
+        each card lists only the owners it holds."""
+        pids: dict[str, int] = {}
+        first, second = MemoryLedger(pids=pids), MemoryLedger(pids=pids)
+        first.allocate("mvoice", 10)
+        second.allocate("comfyui", 20)
+        second.allocate("mvoice", 30)
+        self.assertEqual(first.pid_of("comfyui"), second.pid_of("comfyui"))
+        self.assertEqual(first.processes(), {VIRTUAL_PID_BASE: 10})
+        self.assertEqual(second.processes(), {VIRTUAL_PID_BASE: 30, VIRTUAL_PID_BASE + 1: 20})
+
+
+class SpanLedgerTests(SynchronousTestCase):
+    def test_holds_its_size_on_each_card(self) -> None:
+        """A consumer on two cards allocates and releases on both; it reads the first."""
+        cards = [MemoryLedger(), MemoryLedger()]
+        cards[1].allocate("other", 5)
+        ledger = span(cards)
+        self.assertIsInstance(ledger, SpanLedger)
+        ledger.allocate("vllm", 100)
+        self.assertEqual([c.owners() for c in cards], [{"vllm": 100}, {"other": 5, "vllm": 100}])
+        self.assertEqual((ledger.used_mib(), ledger.owners()), (100, {"vllm": 100}))
+        ledger.release("vllm")
+        self.assertEqual([c.used_mib() for c in cards], [0, 5])
+
+    def test_one_card_is_its_own_ledger(self) -> None:
+        card = MemoryLedger()
+        self.assertIs(span([card]), card)
+
 
 class FileLedgerTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -156,24 +209,11 @@ class FileLedgerTests(SynchronousTestCase):
 
     def smi(self) -> str:
         """What tests/fake_nvidia_smi.py prints for the file."""
-        out = io.StringIO()
-        env = {"FAKE_NVIDIA_SMI_STATE": str(self.path)}
-        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out):
-            code = fake_nvidia_smi.main(
-                ["--query-gpu=index,name,memory.total,memory.used,memory.free",
-                 "--format=csv,noheader,nounits"]
-            )  # fmt: skip
-        self.assertEqual(code, 0)
-        return out.getvalue()
+        return fake_smi(self.path, SMI_GPUS)
 
     def smi_apps(self) -> str:
         """What tests/fake_nvidia_smi.py prints for the file's processes on GPU 0."""
-        out = io.StringIO()
-        env = {"FAKE_NVIDIA_SMI_STATE": str(self.path)}
-        args = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits", "-i", "0"]
-        with mock.patch.dict(os.environ, env), contextlib.redirect_stdout(out):
-            self.assertEqual(fake_nvidia_smi.main(args), 0)
-        return out.getvalue()
+        return fake_smi(self.path, SMI_APPS, "-i", "0")
 
     def test_allocations_record_this_process(self) -> None:
         """An allocation records the pid of the process that made it, apart from the owners;
@@ -852,6 +892,71 @@ class StartDemoTests(TestCase):
             self.assertEqual(evolve(ours, url="-"), evolve(consumer, url="-"), name)
 
 
+class TwoCardDemoTests(SynchronousTestCase):
+    """``start_demo(gpus=2)``: ComfyUI has card 1 to itself, the others share card 0."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.demo = self.successResultOf(start_demo(self.reactor, gpus=2))
+        self.addCleanup(self.demo.stop)
+
+    def used(self) -> list[int | None]:
+        """Each card's used memory, as the daemon reads it."""
+        return [self.successResultOf(r.read()).used_mib for r in self.demo.gpu_readers.values()]
+
+    def test_config_manages_both_cards(self) -> None:
+        """The configuration parses with devices 0 and 1, ComfyUI on card 1 alone."""
+        urls = {s.name: f"http://127.0.0.1:{n}" for n, s in enumerate(demo_settings(), 1000)}
+        for config in (parse_config(demo_config(urls, gpus=2), "<test>"), self.demo.config):
+            self.assertEqual(config.gpu.devices, (0, 1))
+            cards = {name: c.gpus for name, c in config.consumers.items()}
+            self.assertEqual(cards, {"mvoice": (0,), "whisper": (0,), "ollama": (0,),
+                                     "comfyui": (1,)})  # fmt: skip
+
+    def test_a_reader_and_a_ledger_per_card(self) -> None:
+        """Each card has its own reader, of its index and size; the first is also the old
+        single ``gpu_reader`` and ``ledger``."""
+        readers, ledgers = self.demo.gpu_readers, self.demo.ledgers
+        self.assertEqual((list(readers), list(ledgers)), ([0, 1], [0, 1]))
+        for index, reader in readers.items():
+            snapshot = self.successResultOf(reader.read())
+            self.assertEqual((snapshot.index, snapshot.total_mib), (index, DEMO_TOTAL_MIB))
+            self.assertIs(reader.ledger, ledgers[index])
+        self.assertIs(self.demo.gpu_reader, readers[0])
+        self.assertIs(self.demo.ledger, ledgers[0])
+
+    def test_each_consumer_allocates_on_its_own_card(self) -> None:
+        """Preloaded whisper is on card 0 and ComfyUI on card 1; the voice and language
+        models load onto card 0 beside whisper, and nothing leaves card 1."""
+        self.assertEqual(self.used(), [1500, 13000])
+        for name in ("mvoice", "ollama"):
+            Deferred.fromCoroutine(self.demo.consumers[name].load())
+        self.reactor.advance(1)
+        self.assertEqual(self.used(), [1500 + 2800 + 6000, 13000])
+        self.assertEqual(self.demo.ledgers[1].owners(), {"comfyui": 13000})
+
+    def test_process_table_finds_consumers_on_either_card(self) -> None:
+        """Each card lists its consumers' virtual pids, one pid per consumer across cards."""
+        pids = {p.pid for r in self.demo.gpu_readers.values()
+                for p in self.successResultOf(r.read()).processes or ()}  # fmt: skip
+        ledger = self.demo.ledgers[1]
+        self.assertEqual(pids, {ledger.pid_of("whisper"), ledger.pid_of("comfyui")})
+        self.assertEqual(self.demo.ledgers[0].pid_of("comfyui"), ledger.pid_of("comfyui"))
+        table = self.demo.process_table
+        self.assertEqual(table.name(ledger.pid_of("comfyui")), "sim-comfyui")
+
+    def test_one_card_is_unchanged_and_three_are_refused(self) -> None:
+        """gpus=1 (the default) manages one card with no devices listed; 3 is a ValueError."""
+        urls = {s.name: "http://127.0.0.1:1" for s in demo_settings()}
+        self.assertEqual(demo_config(urls, gpus=1), demo_config(urls))
+        self.assertNotIn("devices", demo_config(urls)["gpu"])
+        demo = self.successResultOf(start_demo(MemoryReactorClock()))
+        self.addCleanup(demo.stop)
+        self.assertEqual((list(demo.gpu_readers), demo.config.gpu.cards), ([0], (0,)))
+        self.assertEqual(self.successResultOf(demo.gpu_reader.read()).used_mib, 14500)
+        self.assertRaises(ValueError, start_demo, MemoryReactorClock(), gpus=3)
+
+
 class _FirstLine(ProcessProtocol):
     def __init__(self) -> None:
         self.line: Deferred[str] = Deferred()
@@ -903,6 +1008,38 @@ class ProcessTests(TestCase):
         self.assertIsInstance(proto.reason.value, ProcessDone, proto.err)
         self.assertEqual(FileLedger(state).owners(), {})  # a stopped process frees its memory
         self.assertEqual(FileLedger(state).processes(), {})
+
+    async def test_cli_process_on_two_cards_holds_its_size_on_each(self) -> None:
+        """`--gpus 0,1` records the model, under the process's pid, on both cards of the
+        state file, each card of `--gpu-total-mib`; fake_nvidia_smi lists it on each."""
+        state = Path(self.mktemp()).resolve()
+        state.parent.mkdir(parents=True, exist_ok=True)
+        proto = _FirstLine()
+        args = [sys.executable, "-m", "mgpu.sim", "--name", "vllm", "--port", "0", "--preload",
+                "--gpu-state", str(state), "--gpus", "0,1", "--gpu-total-mib", "24000"]  # fmt: skip
+        process = reactor.spawnProcess(proto, sys.executable, args, env=os.environ, path=str(ROOT))
+        try:
+            await proto.line
+            for index in (0, 1):
+                self.assertEqual(FileLedger(state, index).processes(), {process.pid: 11000})
+                apps = fake_smi(state, SMI_APPS, "-i", str(index))
+                self.assertEqual(apps, f"{process.pid}, 11000\n")
+            self.assertEqual(fake_smi(state, "--query-gpu=index,memory.total,memory.used"),
+                             "0, 24000, 11000\n1, 24000, 11000\n")  # fmt: skip
+        finally:
+            with contextlib.suppress(ProcessExitedAlready):
+                process.signalProcess("TERM")
+            await proto.ended
+        self.assertEqual([FileLedger(state, i).owners() for i in (0, 1)], [{}, {}])
+
+    def test_gpus_flag(self) -> None:
+        """`--gpus` takes distinct card indexes, in any order; `0` by default."""
+        base = ["--name", "vllm", "--port", "0"]
+        self.assertEqual(sim_main.parse_args(base).gpus, (0,))
+        self.assertEqual(sim_main.parse_args([*base, "--gpus", "1,0"]).gpus, (0, 1))
+        for bad in ("", "0,0", "-1", "a", "0,"):
+            with contextlib.redirect_stderr(io.StringIO()):
+                self.assertRaises(SystemExit, sim_main.parse_args, [*base, "--gpus", bad])
 
 
 class OllamaPsTests(SynchronousTestCase):

@@ -5,7 +5,7 @@
 whisper, ollama, comfyui, openai-speech, vllm). It prints ``listening
 127.0.0.1:PORT`` and serves until SIGTERM or SIGINT;
 with ``--gpu-state`` its model's memory goes into a ``FileLedger`` that
-``tests/fake_nvidia_smi.py`` reads.
+``tests/fake_nvidia_smi.py`` reads, on each card ``--gpus`` names.
 """
 
 from __future__ import annotations
@@ -21,8 +21,19 @@ from twisted.internet.task import react
 
 from mgpu.sim.consumers import SERVICES, ConsumerSettings, make_consumer
 from mgpu.sim.demo import DEMO_TOTAL_MIB, DemoReactor
-from mgpu.sim.gpu import FileLedger, GpuLedger, MemoryLedger
+from mgpu.sim.gpu import FileLedger, GpuLedger, MemoryLedger, span
 from mgpu.sim.http import sim_site
+
+
+def card_list(text: str) -> tuple[int, ...]:
+    """``--gpus``: distinct card indexes separated by commas (``0,1``), in index order."""
+    try:
+        cards = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not card indexes: {text!r}") from None
+    if min(cards) < 0 or len(set(cards)) != len(cards):
+        raise argparse.ArgumentTypeError(f"not distinct card indexes: {text!r}")
+    return tuple(sorted(cards))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,8 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
     p.add_argument("--service", choices=sorted(SERVICES), help="what it imitates (default: NAME)")
     p.add_argument("--gpu-state", type=Path, help="JSON state file shared with fake_nvidia_smi")
+    p.add_argument("--gpus", type=card_list, default=(0,),
+                   help="cards its model fills, each with its size: 0,1 (default 0)")  # fmt: skip
     p.add_argument("--gpu-total-mib", type=int, default=DEMO_TOTAL_MIB,
-                   help="card size written when the state file has no GPU 0 yet")  # fmt: skip
+                   help="each card's size, written for a card the state file lacks")  # fmt: skip
     p.add_argument("--log", type=Path, help="append each finished work request as a JSON line")
     p.add_argument("--load-s", type=float, help="load time (default: 0.1 s per 1000 MiB)")
     p.add_argument("--work-s", type=float, help="work time of every kind (default per kind)")
@@ -57,7 +70,7 @@ async def _serve(reactor: DemoReactor, args: argparse.Namespace) -> None:
     ledger: GpuLedger = (
         MemoryLedger()
         if args.gpu_state is None
-        else FileLedger(args.gpu_state, total_mib=args.gpu_total_mib)
+        else span([FileLedger(args.gpu_state, index, args.gpu_total_mib) for index in args.gpus])
     )
     settings = ConsumerSettings.make(
         args.name,

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_sim -*-
-"""The ``--demo`` world: four simulated consumers on loopback and a simulated card.
+"""The ``--demo`` world: four simulated consumers on loopback and one or two simulated cards.
 
-``start_demo`` runs them inside the daemon, sharing one ``MemoryLedger`` that
-the daemon reads through ``Demo.gpu_reader``; ``demo_config`` is the daemon's
+``start_demo`` runs them inside the daemon, each card a ``MemoryLedger`` that
+the daemon reads through ``Demo.gpu_readers``; ``demo_config`` is the daemon's
 configuration for them.
 """
 
@@ -20,11 +20,24 @@ from twisted.internet.interfaces import IListeningPort
 from mgpu.config import Config, parse_config
 from mgpu.gpu import ReactorTime
 from mgpu.sim.consumers import ConsumerSettings, SimConsumer, make_consumer
-from mgpu.sim.gpu import MemoryLedger, SimGpuReader
+from mgpu.sim.gpu import MemoryLedger, SimGpuReader, span
 from mgpu.sim.http import sim_site
 from mgpu.sim.procs import SimProcessTable
 
 DEMO_TOTAL_MIB: Final = 16384
+"""Each simulated card's memory."""
+DEMO_GPUS: Final = (1, 2)
+"""How many cards the demo can simulate."""
+TWO_CARDS: Final[Mapping[str, tuple[int, ...]]] = {"comfyui": (1,)}
+"""Where consumers go on two cards (the others stay on card 0): the image model
+gets the second card to itself, so it and the voice model no longer evict each other."""
+
+
+def demo_gpus(name: str, gpus: int) -> tuple[int, ...]:
+    """The cards the demo's consumer ``name`` runs on when the demo has ``gpus`` cards."""
+    if gpus not in DEMO_GPUS:
+        raise ValueError(f"the demo simulates {' or '.join(map(str, DEMO_GPUS))} cards, not {gpus}")
+    return TWO_CARDS.get(name, (0,)) if gpus == 2 else (0,)
 
 
 def demo_settings() -> list[ConsumerSettings]:
@@ -49,6 +62,9 @@ def demo_settings() -> list[ConsumerSettings]:
       ComfyUI cold-starts on the prompt, 14500 used. Three evictions so far;
     - tts: mvoice needs 3056, 1884 free: ComfyUI is evicted (its memory frees
       once its job has ended), mvoice loads: 4300 used. Four evictions.
+
+    On two cards (``TWO_CARDS``) ComfyUI has the second to itself and the
+    others fit together on the first (10300 used): nothing is evicted.
     """
     return [
         ConsumerSettings.make("mvoice", load_s=0.3),
@@ -121,14 +137,15 @@ PRODUCTION_CONSUMERS: Final[Mapping[str, Mapping[str, Any]]] = {
 }
 
 
-def demo_config(urls: Mapping[str, str]) -> dict[str, Any]:
+def demo_config(urls: Mapping[str, str], gpus: int = 1) -> dict[str, Any]:
     """``config/consumers.yaml``'s consumers at ``urls``, with a short health and GPU poll.
 
-    ``gpu.source`` is ``none`` (with the card's size) because the daemon reads
-    ``Demo.gpu_reader`` (source ``sim``) instead: a daemon wired wrongly would
-    fall back to its own accounting, never read a real card.
+    ``gpu.source`` is ``none`` (with a card's size) because the daemon reads
+    ``Demo.gpu_readers`` (source ``sim``) instead: a daemon wired wrongly would
+    fall back to its own accounting, never read a real card.  With ``gpus=2``
+    it manages cards 0 and 1 and places consumers as ``TWO_CARDS`` says.
     """
-    return {
+    config: dict[str, Any] = {
         "gpu": {"source": "none", "total_mib": DEMO_TOTAL_MIB, "poll_interval_s": 1},
         "health": {"interval_s": 1, "timeout_s": 1},
         "routing": {"tts": "mvoice", "stt": "mvoice", "llm": "ollama", "image": "comfyui"},
@@ -138,6 +155,11 @@ def demo_config(urls: Mapping[str, str]) -> dict[str, Any]:
             for name, block in PRODUCTION_CONSUMERS.items()
         },
     }
+    if gpus != 1:
+        config["gpu"]["devices"] = list(range(gpus))
+        for name, block in config["consumers"].items():
+            block["gpus"] = list(demo_gpus(name, gpus))
+    return config
 
 
 class DemoReactor(ReactorTime, Protocol):
@@ -150,17 +172,32 @@ class DemoReactor(ReactorTime, Protocol):
 
 @define
 class Demo:
-    """The running demo: its configuration, simulated GPU and consumers."""
+    """The running demo: its configuration, simulated cards and consumers."""
 
     config: Config
-    gpu_reader: SimGpuReader
-    ledger: MemoryLedger
+    gpu_readers: Mapping[int, SimGpuReader]
+    """Each card's reader by index, what the daemon polls instead of NVML."""
+    ledgers: Mapping[int, MemoryLedger]
+    """Each card's ledger by index."""
     consumers: Mapping[str, SimConsumer]
     ports: Sequence[IListeningPort]
 
     @property
+    def gpu_reader(self) -> SimGpuReader:
+        """The first card's reader."""
+        return self.gpu_readers[0]
+
+    @property
+    def ledger(self) -> MemoryLedger:
+        """The first card's ledger."""
+        return self.ledgers[0]
+
+    @property
     def process_table(self) -> SimProcessTable:
-        """Where the daemon finds each simulated consumer's (virtual) process."""
+        """Where the daemon finds each simulated consumer's (virtual) process.
+
+        The cards share their virtual pids, so the first card's ledger knows them all.
+        """
         numbers = {
             name: port.getHost().port  # type: ignore[attr-defined]
             for name, port in zip(self.consumers, self.ports, strict=True)
@@ -188,15 +225,24 @@ class _DemoService(Service):
         return self.demo.stop()
 
 
-def start_demo(reactor: DemoReactor) -> Deferred[Demo]:
-    """Start the four simulated consumers on loopback ports and the simulated card.
+def start_demo(reactor: DemoReactor, gpus: int = 1) -> Deferred[Demo]:
+    """Start the four simulated consumers on loopback ports and ``gpus`` simulated cards.
 
     Fires at once (binding a port is synchronous), so ``makeService`` can use
-    the configuration before the reactor runs.  Consumers log nothing and
-    share one ``MemoryLedger``; see ``demo_settings`` for the arithmetic.
+    the configuration before the reactor runs.  Consumers log nothing; each
+    card is a ``MemoryLedger`` of ``DEMO_TOTAL_MIB``, and each consumer holds
+    its memory on its own cards (``demo_gpus``).  See ``demo_settings`` for
+    the arithmetic.  ``ValueError`` for a number of cards the demo does not
+    simulate (``DEMO_GPUS``).
     """
-    ledger = MemoryLedger()
-    consumers = {s.name: make_consumer(s, ledger, reactor) for s in demo_settings()}
+    settings = demo_settings()
+    cards = {s.name: demo_gpus(s.name, gpus) for s in settings}
+    pids: dict[str, int] = {}  # one virtual pid per consumer, on every card
+    ledgers = {index: MemoryLedger(pids=pids) for index in range(gpus)}
+    consumers = {
+        s.name: make_consumer(s, span([ledgers[i] for i in cards[s.name]]), reactor)
+        for s in settings
+    }
     ports: list[IListeningPort] = []
     try:
         for consumer in consumers.values():
@@ -205,10 +251,13 @@ def start_demo(reactor: DemoReactor) -> Deferred[Demo]:
             name: f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
             for name, port in zip(consumers, ports, strict=True)
         }
-        config = parse_config(demo_config(urls), "<demo>")
+        config = parse_config(demo_config(urls, gpus), "<demo>")
     except Exception:
         for port in ports:
             port.stopListening()
         return fail()
-    reader = SimGpuReader(ledger, reactor, DEMO_TOTAL_MIB)
-    return succeed(Demo(config, reader, ledger, consumers, ports))
+    readers = {
+        index: SimGpuReader(ledger, reactor, DEMO_TOTAL_MIB, index=index)
+        for index, ledger in ledgers.items()
+    }
+    return succeed(Demo(config, readers, ledgers, consumers, ports))

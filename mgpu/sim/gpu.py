@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_sim -*-
 """The simulated GPU: a memory ledger the simulated consumers write, and its reader.
 
-Two ledgers share one small interface (``allocate``, ``release``, ``used_mib``,
-``owners``, ``processes``):
+The ledgers share one small interface (``allocate``, ``release``, ``used_mib``,
+``owners``, ``processes``); each card has its own:
 
 - ``MemoryLedger``: everything lives in one process (``--demo``: all simulated
   consumers run inside the daemon);
 - ``FileLedger``: a JSON state file shared between processes (integration
   tests: each consumer process writes its allocation into the file that
-  ``tests/fake_nvidia_smi.py`` reads).
+  ``tests/fake_nvidia_smi.py`` reads);
+- ``SpanLedger``: a consumer on several cards, which holds its memory on each.
 
 ``SimGpuReader`` reads a ledger through the same ``GpuReader`` interface as
 NVML, so the daemon's own code paths are the ones that run, per-process
@@ -21,13 +22,13 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 
 from mgpu.gpu import GpuProcess, GpuSnapshot, ProcessList, ReactorTime, failed_snapshot
@@ -63,11 +64,13 @@ class MemoryLedger:
 
     Every simulated consumer lives in this one process, so each owner gets a
     virtual pid of its own instead (``pid_of``): the attribution of memory to
-    consumers can then tell them apart, as it would real services.
+    consumers can then tell them apart, as it would real services.  The cards
+    of one host share ``pids``, so that a consumer has one pid on all of them,
+    as a process does.
     """
 
     _owners: dict[str, int] = field(factory=dict)
-    _pids: dict[str, int] = field(factory=dict, init=False)
+    pids: dict[str, int] = field(factory=dict)
 
     def allocate(self, owner: str, mib: int) -> None:
         """Set ``owner``'s allocation to ``mib``."""
@@ -80,7 +83,7 @@ class MemoryLedger:
         ``VIRTUAL_PID_BASE`` plus the owner's order of first allocation, or of
         first asking: the demo can learn a consumer's pid before it loads.
         """
-        return self._pids.setdefault(owner, VIRTUAL_PID_BASE + len(self._pids))
+        return self.pids.setdefault(owner, VIRTUAL_PID_BASE + len(self.pids))
 
     def release(self, owner: str) -> None:
         """Drop ``owner``'s allocation."""
@@ -96,7 +99,43 @@ class MemoryLedger:
 
     def processes(self) -> dict[int, int]:
         """Each owner's allocation under its virtual pid."""
-        return {self._pids[owner]: mib for owner, mib in self._owners.items()}
+        return {self.pids[owner]: mib for owner, mib in self._owners.items()}
+
+
+@frozen
+class SpanLedger:
+    """One consumer's ledger when it spans several cards (SPEC section 9.5).
+
+    A model split over cards holds its size on each: ``allocate`` and
+    ``release`` go to every card's ledger.  Reads are the first card's, the
+    consumer's own view of what it holds.
+    """
+
+    cards: tuple[GpuLedger, ...]
+
+    def allocate(self, owner: str, mib: int) -> None:
+        """``owner`` holds ``mib`` on each card."""
+        for card in self.cards:
+            card.allocate(owner, mib)
+
+    def release(self, owner: str) -> None:
+        """``owner`` holds nothing on any card."""
+        for card in self.cards:
+            card.release(owner)
+
+    def used_mib(self) -> int:
+        return self.cards[0].used_mib()
+
+    def owners(self) -> dict[str, int]:
+        return self.cards[0].owners()
+
+    def processes(self) -> dict[int, int]:
+        return self.cards[0].processes()
+
+
+def span(ledgers: Sequence[GpuLedger]) -> GpuLedger:
+    """A consumer's ledger over its cards' ledgers: the card's own when it has one."""
+    return ledgers[0] if len(ledgers) == 1 else SpanLedger(tuple(ledgers))
 
 
 @define

@@ -206,6 +206,105 @@ window.fetch = (url, options) => {
 };
 """
 
+#: A status document of SPEC 9.5 with two cards, answered by a stand-in ``fetch`` (the daemon
+#: that serves the page has one card), then drawn at once. vllm is spread over both cards
+#: (16000 MiB in all: 8000 on each), mvoice is on card 0 with Xorg's 500 MiB, comfyui on 1.
+TWO_CARDS_JS = """
+const t = (s) => new Date(Date.now() + s * 1000).toISOString();
+const base = {healthy: true, loaded: true, last_probe: t(-1), last_error: null, vram_managed: false,
+  last_used: null, in_flight: 0, queued: 0, learned_mib: null};
+const card = (index, name, used_mib, other, rest) => ({source: "nvml", ok: true, error: null, index,
+  name, total_mib: 24564, used_mib, free_mib: 24564 - used_mib, read_at: t(0),
+  other_mib: other.reduce((a, p) => a + p.used_mib, 0), other, ...rest});
+const gpus = [
+  card(0, "Stub GPU A", 11300, [{pid: 4001, name: "Xorg", used_mib: 500}],
+    {holder: "vllm", queued: 2, running: 1, consumers: ["vllm", "mvoice", "whisper"]}),
+  card(1, "Stub GPU B", 21000, [], {holder: "comfyui", queued: 0, running: 1,
+    consumers: ["vllm", "comfyui"]}),
+];
+const consumers = {
+  vllm: {...base, gpus: [0, 1], vram_resident_mib: 16000,
+    memory: {used_mib: 16000, pids: [7001, 7002], source: "unit"}},
+  comfyui: {...base, gpus: [1], vram_resident_mib: 13000,
+    memory: {used_mib: 13000, pids: [1234], source: "port"}},
+  mvoice: {...base, gpus: [0], vram_resident_mib: 2800,
+    memory: {used_mib: 2800, pids: [3333], source: "pid_file"}},
+  whisper: {...base, gpus: [0], loaded: false, vram_resident_mib: 1500,
+    memory: {used_mib: 0, pids: [], source: "port"}},
+};
+window.__doc = {gpu: gpus[0], gpus, consumers, scheduler: {queued: 2, running: 2, holder: "vllm",
+  completed: 0, failed: 0, rejected: 0, evictions: 0, loads: 0}};
+window.fetch = async () => new Response(JSON.stringify(window.__doc),
+  {status: 200, headers: {"content-type": "application/json"}});
+poll();
+"""
+
+#: The same consumers on one card of 48 GiB: ``gpus`` with a single entry, everyone on card 0.
+ONE_CARD_JS = """
+const doc = JSON.parse(JSON.stringify(window.__doc));
+doc.gpus = [{...doc.gpus[0], total_mib: 49152, used_mib: 32300, free_mib: 16852}];
+doc.gpu = doc.gpus[0];
+for (const c of Object.values(doc.consumers)) c.gpus = [0];
+window.__doc = doc;
+poll();
+"""
+
+#: The page drawn (at one frozen instant) from the one-card document with and without the
+#: fields of SPEC 9.5: the same markup either way.
+SAME_AS_OLD_JS = """
+const realNow = Date.now, at = realNow();
+Date.now = () => at;
+try {
+  const shown = (doc) => {
+    renderGpu(doc); renderConsumers(doc); renderStats(doc);
+    const header = document.getElementById("gpu-name").textContent;
+    return document.querySelector("main").outerHTML + header;
+  };
+  const old = JSON.parse(JSON.stringify(window.__doc));
+  delete old.gpus;
+  for (const c of Object.values(old.consumers)) delete c.gpus;
+  const withGpus = shown(window.__doc), without = shown(old);
+  return {same: withGpus === without, withGpus, without};
+} finally {
+  Date.now = realNow;
+}
+"""
+
+#: Each card's memory panel, the consumers' cards and the header, as shown.
+CARDS_JS = """
+const norm = (t) => (t === null || t === undefined ? null : t.replace(/\\u00a0/g, " "));
+const shown = (root, sel) => {
+  const e = root.querySelector(sel);
+  return e && !e.closest("[hidden]") ? norm(e.textContent) : null;
+};
+return {
+  header: norm(document.getElementById("gpu-name").textContent),
+  holderStat: shown(document, '#stats [data-stat="holder"] .value'),
+  bars: document.querySelectorAll(".bar").length,
+  firstHasIds: !!document.querySelector("#memory #mem-bar")
+    && document.querySelectorAll("#mem-bar").length === 1,
+  panels: [...document.querySelectorAll("main section.card")].filter((s) => s.querySelector(".bar"))
+  .map((sec) => {
+    const bar = sec.querySelector(".bar").getBoundingClientRect().width;
+    return {
+      gpu: sec.dataset.gpu, label: norm(sec.querySelector("h2").textContent),
+      sched: shown(sec, ".sched"), holder: shown(sec, ".g-holder"), queued: shown(sec, ".g-queued"),
+      running: shown(sec, ".g-running"), used: shown(sec, ".big"),
+      aria: norm(sec.querySelector(".bar").getAttribute("aria-label")),
+      segments: [...sec.querySelectorAll(".seg")].map((s) => ({
+        consumer: s.dataset.consumer || null, classes: s.className.split(" "), title: norm(s.title),
+        share: s.getBoundingClientRect().width / bar,
+      })),
+      other: [...sec.querySelectorAll(".others tbody tr")].filter((r) => !r.closest("[hidden]"))
+        .map((r) => [...r.children].map((x) => norm(x.textContent))),
+    };
+  }),
+  cards: Object.fromEntries([...document.querySelectorAll("#consumers [data-consumer]")].map(
+    (c) => [c.dataset.consumer,
+      {gpus: shown(c, "dd.gpus"), holder: c.classList.contains("holder")}])),
+};
+"""
+
 Snapshot = dict[str, Any]
 
 
@@ -702,6 +801,109 @@ class DashboardTests(TestCase):
             self.assertIsNone(card["memory"], name)
             self.assertIsNone(card["learned"], name)
             self.assertIsNone(card["models"], name)
+        errors = [
+            e for e in await deferToThread(browser.console) if e.get("level") in ("SEVERE", "ERROR")
+        ]
+        self.assertEqual(errors, [], "the page logged errors")
+
+    async def test_several_cards(self) -> None:
+        """With a status of two cards (SPEC 9.5): a memory panel per card, labelled
+        "GPU <index> · <name>", with that card's lease holder, queue and running count, its
+        consumers' segments (one spread over both cards shows half its memory on each), its
+        other processes; each consumer's card says which GPU(s) it runs on, and the holder of
+        either card's lease is marked. With one card the page shows one bar, exactly as for a
+        daemon without ``gpus``."""
+        stack = await self.start(single_stack)
+        browser = await self.browser()
+        await deferToThread(browser.open, f"http://127.0.0.1:{stack.port}/")
+        await deferToThread(browser.wait, "the page ready", lambda snap: snap["ready"])
+        await deferToThread(browser.run, TWO_CARDS_JS)
+        await deferToThread(browser.wait, "two cards", lambda snap: "vllm" in by_name(snap), WAIT_S)
+        shown = await deferToThread(browser.run, CARDS_JS)
+
+        self.assertEqual(shown["bars"], 2, shown)
+        self.assertTrue(shown["firstHasIds"], "the first card keeps the page's ids, alone")
+        self.assertEqual(shown["header"], "2 GPUs · source nvml")
+        self.assertEqual(shown["holderStat"], "vllm, comfyui")
+        first, second = shown["panels"]
+        self.assertEqual((first["gpu"], first["label"]), ("0", "GPU 0 · Stub GPU A"))
+        self.assertEqual((second["gpu"], second["label"]), ("1", "GPU 1 · Stub GPU B"))
+        self.assertEqual(first["sched"], "lease vllm · queued 2 · running 1")
+        self.assertEqual((first["holder"], first["queued"], first["running"]), ("vllm", "2", "1"))
+        self.assertEqual(second["sched"], "lease comfyui · queued 0 · running 1")
+        self.assertEqual((second["holder"], second["queued"]), ("comfyui", "0"))
+        self.assertEqual(first["used"], "11.0 / 24.0 GiB")
+        self.assertEqual(second["used"], "20.5 / 24.0 GiB")
+        self.assertTrue(first["aria"].startswith("GPU 0 memory use: 11,300 MiB"), first["aria"])
+        self.assertTrue(second["aria"].startswith("GPU 1 memory use: 21,000 MiB"), second["aria"])
+
+        def consumers(panel: dict[str, Any]) -> list[str]:
+            return [s["consumer"] for s in panel["segments"] if s["consumer"]]
+
+        self.assertEqual(consumers(first), ["vllm", "mvoice"], first["segments"])
+        self.assertEqual(consumers(second), ["vllm", "comfyui"], second["segments"])
+        for panel in (first, second):
+            vllm = segment(panel, "vllm")
+            assert vllm is not None
+            self.assertTrue(vllm["title"].startswith("vllm: 8,000 MiB"), vllm)
+            self.assertLess(abs(vllm["share"] - 8000 / 24564), 0.01, vllm)
+            free = [s for s in panel["segments"] if "free" in s["classes"]]
+            self.assertEqual(len(free), 1, panel["segments"])
+        comfyui = segment(second, "comfyui")
+        assert comfyui is not None
+        self.assertLess(abs(comfyui["share"] - 13000 / 24564), 0.01, comfyui)
+        other = [s for s in first["segments"] if "other" in s["classes"]]
+        self.assertEqual(len(other), 1, first["segments"])
+        self.assertTrue(other[0]["title"].startswith("other processes: 500 MiB"), other)
+        self.assertEqual(first["other"], [["4001", "Xorg", "500 MiB"]])
+        self.assertFalse([s for s in second["segments"] if "other" in s["classes"]])
+        self.assertEqual(second["other"], [])
+
+        cards = shown["cards"]
+        self.assertEqual(cards["vllm"], {"gpus": "GPUs 0, 1", "holder": True})
+        self.assertEqual(cards["comfyui"], {"gpus": "GPU 1", "holder": True})
+        self.assertEqual(cards["mvoice"], {"gpus": "GPU 0", "holder": False})
+        self.assertEqual(cards["whisper"], {"gpus": "GPU 0", "holder": False})
+
+        # No figure breaks across lines with two panels either.
+        for width in (320, 480, 800, 1280):
+            await deferToThread(browser.viewport, width)
+            await deferToThread(
+                browser.run, "renderGpu(window.__doc); renderConsumers(window.__doc);"
+            )
+            wraps = await deferToThread(browser.run, NOWRAP_JS)
+            self.assertEqual(wraps["broken"], [], f"figures broken across lines at {width} px")
+        await deferToThread(browser.viewport, None)
+
+        # One card: a single bar, no per-card line, no "Runs on" row.
+        await deferToThread(browser.run, ONE_CARD_JS)
+        await deferToThread(
+            browser.wait,
+            "one card",
+            lambda snap: browser.run("return document.querySelectorAll('.bar').length;") == 1,
+        )
+        shown = await deferToThread(browser.run, CARDS_JS)
+        self.assertEqual(shown["bars"], 1, shown)
+        self.assertTrue(shown["firstHasIds"])
+        self.assertEqual(shown["header"], "Stub GPU A · source nvml")
+        self.assertEqual(shown["holderStat"], "vllm")
+        (only,) = shown["panels"]
+        vllm = segment(only, "vllm")
+        assert vllm is not None
+        self.assertEqual(only["label"], "GPU memory")
+        self.assertIsNone(only["sched"])
+        self.assertEqual(only["used"], "31.5 / 48.0 GiB")
+        self.assertLess(abs(vllm["share"] - 16000 / 49152), 0.01, vllm)
+        self.assertTrue(only["aria"].startswith("GPU memory use: "), only["aria"])
+        self.assertEqual(consumers(only), ["vllm", "comfyui", "mvoice"], only["segments"])
+        self.assertTrue(vllm["title"].startswith("vllm: 16,000 MiB"), vllm)
+        for name, card in shown["cards"].items():
+            self.assertIsNone(card["gpus"], name)
+        self.assertEqual(
+            [n for n, c in shown["cards"].items() if c["holder"]], ["vllm"], shown["cards"]
+        )
+        same = await deferToThread(browser.run, SAME_AS_OLD_JS)
+        self.assertTrue(same["same"], f"one card drawn differently with gpus: {same}")
         errors = [
             e for e in await deferToThread(browser.console) if e.get("level") in ("SEVERE", "ERROR")
         ]

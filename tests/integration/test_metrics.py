@@ -23,6 +23,9 @@ from mgpu.gpu import MIB
 from tests.integration.harness import HttpClient, set_faults, shared_stacks, sleep, wait_for
 from tests.integration.test_scheduling import SchedStack, Sim, build_stack, post
 
+#: The labels of the first card's series (SPEC 9.5: GPU series carry ``gpu``).
+GPU0 = frozenset({("gpu", "0")})
+
 Samples = dict[str, dict[frozenset[tuple[str, str]], float]]
 
 
@@ -152,18 +155,18 @@ class MetricsTests(TestCase):
 
         async def current() -> Samples | None:
             _, samples = await self.scrape()
-            used = samples.get("mgpu_gpu_memory_used_bytes", {}).get(frozenset())
+            used = samples.get("mgpu_gpu_memory_used_bytes", {}).get(GPU0)
             return samples if used == expected_used * MIB else None
 
         samples = await wait_for(current, 5, "a GPU reading after the eviction")
         gpu = self.gpu_file()
-        self.assertEqual(samples["mgpu_gpu_reading_ok"], {frozenset(): 1.0})
+        self.assertEqual(samples["mgpu_gpu_reading_ok"], {GPU0: 1.0})
         total = gpu["total_mib"]
-        self.assertEqual(samples["mgpu_gpu_memory_total_bytes"], {frozenset(): total * MIB})
+        self.assertEqual(samples["mgpu_gpu_memory_total_bytes"], {GPU0: total * MIB})
         free = (total - gpu["used_mib"]) * MIB
-        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {frozenset(): free})
+        self.assertEqual(samples["mgpu_gpu_memory_free_bytes"], {GPU0: free})
         self.assertEqual(samples["mgpu_gpu_info"], {
-            labels(index="0", name=gpu["name"], source="nvidia-smi"): 1.0,
+            labels(gpu="0", index="0", name=gpu["name"], source="nvidia-smi"): 1.0,
         })  # fmt: skip
 
     async def test_scrape_does_not_wait_for_slow_nvidia_smi(self) -> None:
@@ -172,7 +175,7 @@ class MetricsTests(TestCase):
 
         async def read_once() -> bool:
             _, samples = await self.scrape()
-            return samples["mgpu_gpu_reading_ok"] == {frozenset(): 1.0}
+            return samples["mgpu_gpu_reading_ok"] == {GPU0: 1.0}
 
         # A scrape serves the last reading: first make sure there is a good one.
         await wait_for(read_once, 10, "a first good GPU reading")
@@ -195,5 +198,5 @@ class MetricsTests(TestCase):
         elapsed = time.monotonic() - started
         self.assertIn(reading, smi_children(daemon.pid), "the reading ended before the scrape")
         self.assertLess(elapsed, 1.0)
-        self.assertEqual(samples["mgpu_gpu_reading_ok"], {frozenset(): 1.0})
-        self.assertIn(frozenset(), samples["mgpu_gpu_memory_used_bytes"])
+        self.assertEqual(samples["mgpu_gpu_reading_ok"], {GPU0: 1.0})
+        self.assertIn(GPU0, samples["mgpu_gpu_memory_used_bytes"])

@@ -198,8 +198,12 @@ class RouteTests(TestCase):
         doc: dict[str, Any] = await wait_for(
             settled, 10, "healthy consumers and current GPU figures", 0.1
         )
-        self.assertEqual(set(doc), {"gpu", "consumers", "scheduler"})
+        self.assertEqual(set(doc), {"gpu", "gpus", "consumers", "scheduler"})
         gpu = doc["gpu"]
+        [card] = doc["gpus"]  # one card: ``gpu`` is it, with its lease and consumers
+        self.assertEqual(card, {**gpu, **{k: card[k] for k in ("holder", "queued", "running")},
+                                "consumers": ["mvoice", "ollama", "comfyui"]})  # fmt: skip
+        self.assertEqual((card["queued"], card["running"]), (0, 0))
         self.assertLessEqual(STATUS_GPU_KEYS, set(gpu))
         self.assertEqual(gpu["source"], "nvidia-smi")
         self.assertIs(gpu["ok"], True)
@@ -218,6 +222,7 @@ class RouteTests(TestCase):
             self.assertIsNone(consumer["last_error"], name)
             self.assertIsInstance(consumer["in_flight"], int)
             self.assertIsInstance(consumer["queued"], int)
+            self.assertEqual(consumer["gpus"], [0], name)
         self.assertEqual(doc["consumers"]["mvoice"]["vram_resident_mib"], 2800)
         self.assertIs(doc["consumers"]["ollama"]["vram_managed"], True)
         self.assertIs(doc["consumers"]["comfyui"]["vram_managed"], False)
