@@ -418,10 +418,22 @@ def render_scheduler(scheduler: Mapping[str, Any]) -> str:
     return "scheduler: " + ", ".join(parts)
 
 
-def render_status(doc: Mapping[str, Any], now: datetime) -> list[str]:
-    """``mgpu status``: the GPU line, the consumer table, the scheduler line."""
+def render_cards(doc: Mapping[str, Any], now: datetime) -> list[str]:
+    """The GPU line; with several cards (SPEC 9.5), one per card with its lease."""
+    cards = doc.get("gpus") or []
+    if len(cards) < 2:
+        return [render_gpu(doc.get("gpu") or {}, now)]
     return [
-        render_gpu(doc.get("gpu") or {}, now),
+        f"{render_gpu(card, now)}; lease {card.get('holder') or 'free'}, "
+        f"{_num(card.get('queued'))} queued, on it: {', '.join(card.get('consumers') or [])}"
+        for card in cards
+    ]
+
+
+def render_status(doc: Mapping[str, Any], now: datetime) -> list[str]:
+    """``mgpu status``: the GPU line(s), the consumer table, the scheduler line."""
+    return [
+        *render_cards(doc, now),
         "",
         *render_consumers(doc.get("consumers") or {}, now),
         "",

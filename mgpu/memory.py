@@ -163,6 +163,10 @@ class MergedReadings:
             kept = self._merged = (readings, merge(readings))
         return kept[1]
 
+    def each(self) -> tuple[GpuSnapshot, ...]:
+        """Each card's latest reading, in order."""
+        return tuple(card.latest for card in self._cards)
+
 
 def merge(readings: Sequence[GpuSnapshot]) -> GpuSnapshot:
     """One reading of several cards: the first card's name and index, sizes summed."""
@@ -253,7 +257,13 @@ class MemoryWatch:
         return read_ps(self._control, config, timeout_s).addCallbacks(read, unread)
 
     def _accounts_for(self, snapshot: GpuSnapshot) -> bool:
-        """Whether the reading's processes all run here and explain the card's use."""
+        """Whether the reading's processes all run here and explain the card's use (each
+        card's, where several are read as one)."""
+        if isinstance(self._readings, MergedReadings):
+            return all(self._accounts_for_card(card) for card in self._readings.each())
+        return self._accounts_for_card(snapshot)
+
+    def _accounts_for_card(self, snapshot: GpuSnapshot) -> bool:
         if not snapshot.ok or snapshot.processes is None or snapshot.used_mib is None:
             return False
         listed = sum(p.used_mib or 0 for p in snapshot.processes)

@@ -127,6 +127,23 @@ class StatusRenderingTests(SynchronousTestCase):
             "GPU 0: not read (gpu.source: none), the broker's own accounting",
         )
 
+    def test_several_cards_a_line_each(self) -> None:
+        """With two cards, a line per card with its lease, queue and consumers."""
+        doc = json.loads(json.dumps(STATUS))
+        card = {**doc["gpu"], "holder": "comfyui", "queued": 2, "consumers": ["comfyui"]}
+        doc["gpus"] = [
+            {**doc["gpu"], "holder": None, "queued": 0, "consumers": ["mvoice", "ollama"]},
+            {**card, "index": 1},
+        ]
+        lines = render_status(doc, NOW)
+        self.assertTrue(lines[0].startswith("GPU 0: "), lines[0])
+        self.assertTrue(lines[0].endswith("; lease free, 0 queued, on it: mvoice, ollama"))
+        self.assertTrue(lines[1].startswith("GPU 1: "), lines[1])
+        self.assertTrue(lines[1].endswith("; lease comfyui, 2 queued, on it: comfyui"))
+        self.assertEqual(lines[2], "")
+        doc["gpus"] = doc["gpus"][:1]
+        self.assertEqual(render_status(doc, NOW), render_status(STATUS, NOW))
+
     def test_idle_scheduler_and_no_consumers(self) -> None:
         """No holder reads as none; an empty consumer map says so."""
         doc = {"gpu": {}, "consumers": {}, "scheduler": {"holder": None, "queued": 0}}

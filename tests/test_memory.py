@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from attrs import evolve
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -13,7 +14,14 @@ from mgpu.config import ConsumerConfig, KindPath, OllamaConfig, ProcessConfig
 from mgpu.control import ConsumerControl, ProbeResult
 from mgpu.footprints import LearnedSizes
 from mgpu.gpu import GpuProcess, GpuSnapshot
-from mgpu.memory import ConsumerMemory, MemoryWatch, Observation, measure, others
+from mgpu.memory import (
+    ConsumerMemory,
+    MemoryWatch,
+    MergedReadings,
+    Observation,
+    measure,
+    others,
+)
 from mgpu.ollama import OllamaModel
 from mgpu.procs import Attribution, ProcError
 from mgpu.registry import Registry
@@ -180,6 +188,47 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(
             (seen.memory.source, seen.memory.error), ("pid_file", "cannot read /run/c.pid")
         )
+
+
+class MergedReadingsTests(SynchronousTestCase):
+    """Several cards read as one for looking at consumers (SPEC 9.5)."""
+
+    def test_sizes_and_processes_summed(self) -> None:
+        """Sizes add up; a process on both cards holds the sum; one listing not known
+        (None) makes the sum not known."""
+        cards = [
+            Readings(snapshot((GpuProcess(10, 7000), GpuProcess(20, 100)))),
+            Readings(snapshot((GpuProcess(10, 7000), GpuProcess(30, None)))),
+        ]
+        merged = MergedReadings(cards).latest
+        self.assertEqual((merged.used_mib, merged.total_mib), (14100, 2 * 16384))
+        self.assertEqual(merged.processes, (GpuProcess(10, 14000), GpuProcess(20, 100),
+                                            GpuProcess(30, None)))  # fmt: skip
+        cards[1].latest = snapshot(None)
+        self.assertIsNone(MergedReadings(cards).latest.processes)
+
+    def test_consumer_on_two_cards_learns_its_size_per_card(self) -> None:
+        """A consumer holding 7000 MiB on each of two cards is loaded and learns 7000: sizes
+        are per card."""
+        cards = [Readings(snapshot((GpuProcess(10, 7000),))) for _ in range(2)]
+        control = cast(ConsumerControl, None)
+        watch = MemoryWatch(FakeTable({8188: {10}}), MergedReadings(cards), LearnedSizes(None),
+                            control)  # fmt: skip
+        seen = self.successResultOf(
+            watch.look(evolve(consumer(gpus=(0, 1)), vram_resident_mib=7000), 3)
+        )
+        self.assertEqual((seen.loaded, seen.memory.used_mib), (True, 14000))
+        self.assertEqual(watch.learned.get("comfyui"), 7000)
+
+    def test_driver_slack_counted_per_card(self) -> None:
+        """Each card shows 900 MiB no process accounts for (the driver's own): within the
+        slack on each card, so a consumer holding nothing is not loaded, although the two
+        cards together show more than the slack unlisted."""
+        cards = [Readings(snapshot((GpuProcess(20, 100),), unlisted_mib=900)) for _ in range(2)]
+        control = cast(ConsumerControl, None)
+        watch = MemoryWatch(FakeTable({8188: {10}}), MergedReadings(cards), LearnedSizes(None),
+                            control)  # fmt: skip
+        self.assertIs(self.successResultOf(watch.look(consumer(), 3)).loaded, False)
 
 
 def _probe(healthy: bool = True, loaded: bool | None = None) -> ProbeResult:

@@ -9,6 +9,7 @@ from typing import cast
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from mgpu.config import ConfigError
@@ -46,6 +47,22 @@ class MakeServiceTests(SynchronousTestCase):
         kinds = (StreamServerEndpointService, HealthProber, GpuPoller)
         for kind in kinds:
             self.assertEqual(len([s for s in children if isinstance(s, kind)]), 1, kind)
+
+    def test_a_poller_per_card(self) -> None:
+        """gpu.devices [0, 2]: one poller per card, each reading its own index."""
+        config = CONFIG.replace("total_mib: 8000}", "total_mib: 8000, devices: [2, 0]}")
+        self.assertNotEqual(config, CONFIG)
+        service = makeService(self.options(config=config), MemoryReactorClock())
+        pollers = [s for s in IServiceCollection(service) if isinstance(s, GpuPoller)]
+        self.assertEqual([p.latest.index for p in pollers], [0, 2])
+
+    def test_demo_runs_one_or_two_cards(self) -> None:
+        """--demo-gpus takes 1 (the default) or 2, and refuses anything else."""
+        self.assertEqual(self.options("--demo")["demo-gpus"], 1)
+        self.assertEqual(self.options("--demo", "--demo-gpus", "2")["demo-gpus"], 2)
+        with self.assertRaises(usage.UsageError) as raised:
+            self.options("--demo", "--demo-gpus", "3")
+        self.assertIn("must be 1 or 2", str(raised.exception))
 
     def test_site_takes_the_limits(self) -> None:
         """The web server's site takes limits.max_body_mib (in bytes) and header_timeout_s."""

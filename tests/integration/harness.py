@@ -22,6 +22,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -97,8 +98,31 @@ async def wait_for(
         await sleep(interval)
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands to ``bind(port 0)`` (Linux: ip_local_port_range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (bind port 0, close)."""
+    """A loopback TCP port that was free a moment ago, outside the kernel's ephemeral
+    range: a consumer binding port 0 meanwhile (the demo's, the simulators') can never
+    take it before the daemon listens there."""
+    ephemeral = _ephemeral_ports()
+    for _ in range(200):
+        port = random.randrange(10000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -58,12 +58,12 @@ def browser_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (data or b"")
 
 
-async def start_demo(test: TestCase) -> Daemon:
-    """A daemon with ``--demo`` for ``test`` alone, stopped at its cleanup."""
+async def start_demo(test: TestCase, *args: str) -> Daemon:
+    """A daemon with ``--demo`` (and ``args``) for ``test`` alone, stopped at its cleanup."""
     await shared_stacks.release()  # no other daemon competes for the CPUs
     workdir = Path(tempfile.mkdtemp(prefix="mgpu-demo-"))
     test.addCleanup(shutil.rmtree, workdir, True)
-    daemon = await start_daemon(workdir, extra_args=["--demo"])
+    daemon = await start_daemon(workdir, extra_args=["--demo", *args])
     test.addCleanup(lambda: ensureDeferred(daemon.process.stop()))
     return daemon
 
@@ -121,6 +121,37 @@ class DemoTests(TestCase):
         doc = await http.status()
         self.assertEqual(doc["consumers"]["mvoice"]["learned_mib"], 2800)
         self.assertEqual((doc["gpu"]["other_mib"], doc["gpu"]["other"]), (0, []), doc["gpu"])
+
+
+class TwoCardDemoTests(TestCase):
+    """``--demo --demo-gpus 2``: ComfyUI on a card of its own (SPEC 9.5)."""
+
+    timeout = 60
+
+    async def test_image_and_voice_no_longer_evict_each_other(self) -> None:
+        """tts, image, tts on two simulated cards: each consumer loads on its own card and
+        nothing is evicted; the status shows both cards and where each consumer runs."""
+        daemon = await start_demo(self, "--demo-gpus", "2")
+        http = HttpClient(daemon.url)
+        self.addCleanup(http.close)
+        for kind, payload in (("tts", {"text": "a"}), ("image", {"prompt": {}}),
+                              ("tts", {"text": "b"})):  # fmt: skip
+            response, body = await http.request("POST", f"/v1/{kind}", json_body=payload,
+                                                timeout=30)  # fmt: skip
+            self.assertEqual(response.code, 200, f"{kind}: {body[:300]!r}")
+
+        async def both_resident() -> dict[str, Any] | None:
+            doc = await http.status()
+            used = [card["used_mib"] for card in doc["gpus"]]
+            return doc if used[0] >= 2800 and used[1] >= 13000 else None
+
+        doc = await wait_for(both_resident, 10, "mvoice on card 0 and ComfyUI on card 1")
+        self.assertEqual([card["index"] for card in doc["gpus"]], [0, 1])
+        self.assertEqual(doc["consumers"]["comfyui"]["gpus"], [1])
+        self.assertEqual(doc["consumers"]["mvoice"]["gpus"], [0])
+        self.assertEqual(doc["gpus"][1]["consumers"], ["comfyui"])
+        self.assertEqual(doc["scheduler"]["evictions"], 0, doc["scheduler"])
+        self.assertIs(doc["consumers"]["mvoice"]["loaded"], True)
 
 
 class DemoComfyUITests(TestCase):
