@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 LISTEN ?= tcp:8770:interface=127.0.0.1
+DEMO_GPUS ?= 1
 
 .PHONY: run test check fuzz bench gpu-check clean deploy
 
@@ -36,7 +37,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/twistd -n --pidfile= mgpumanager --demo --listen '$(LISTEN)'
+	$(BIN)/twistd -n --pidfile= mgpumanager --demo --demo-gpus '$(DEMO_GPUS)' --listen '$(LISTEN)'
 
 test: $(BIN)/.installed
 	$(BIN)/python -m twisted.trial $(TRIAL_ARGS) tests

@@ -1260,3 +1260,40 @@ class OpenAIConfigTests(_ConfigTestCase):
         error = self.assertRaises(ConfigError, load_config, path)
         self.assertEqual(error.field, "consumers.b.openai.models[0]")
         self.assertIn(path, str(error))
+
+
+class CardsTests(_ConfigTestCase):
+    """gpu.devices and each consumer's gpus (SPEC 9.5)."""
+
+    def test_defaults(self) -> None:
+        """No devices: gpu.index alone; a consumer without gpus runs on the first card."""
+        config = parse(document(gpu={"index": 3}))
+        self.assertEqual((config.gpu.devices, config.gpu.cards), ((), (3,)))
+        self.assertEqual(config.consumers["a"].gpus, (3,))
+
+    def test_devices_in_index_order_and_gpus_among_them(self) -> None:
+        doc = document(gpu={"devices": [2, 0]})
+        doc["consumers"]["b"] = consumer(gpus=[2, 0])
+        config = parse(doc)
+        self.assertEqual(config.gpu.cards, (0, 2))
+        self.assertEqual((config.consumers["a"].gpus, config.consumers["b"].gpus), ((0,), (0, 2)))
+
+    def test_refused(self) -> None:
+        """Not a list, empty, repeated, negative, too many: refused naming the field."""
+        cases = [
+            ({"devices": 0}, "gpu.devices", "non-empty list"),
+            ({"devices": []}, "gpu.devices", "non-empty list"),
+            ({"devices": [0, 0]}, "gpu.devices", "names a card twice"),
+            ({"devices": [-1]}, "gpu.devices[0]", ""),
+            ({"devices": list(range(65))}, "gpu.devices", "at most 64"),
+        ]
+        for gpu, field, reason in cases:
+            self.assertRefused(document(gpu=gpu), field, reason)
+
+    def test_consumer_on_an_unmanaged_card_refused(self) -> None:
+        doc = document(gpu={"devices": [0, 1]})
+        doc["consumers"]["a"]["gpus"] = [1, 2]
+        error = self.assertRefused(doc, "consumers.a.gpus", "names card 2, not in gpu.devices")
+        self.assertIn("(0, 1)", str(error))
+        doc["consumers"]["a"]["gpus"] = [1, 1]
+        self.assertRefused(doc, "consumers.a.gpus", "names a card twice")

@@ -634,12 +634,18 @@ def _documents(draw: st.DrawFn) -> str:
         extra += f"    health: {{path: {draw(_mostly('/h', _paths))}}}\n"
     if draw(st.booleans()):
         extra += f"    priority: {draw(_mostly('3', _integers))}\n"
+    cards = st.one_of(_flow(2, _scalars), st.lists(_integers, max_size=70).map(", ".join))
+    if draw(st.booleans()):  # the cards it runs on (SPEC 9.5): lists, huge, repeated, odd
+        extra += f"    gpus: {draw(_mostly('[0, 1]', cards.map(lambda v: f'[{v}]')))}\n"
     text = config_text(
         url=draw(_mostly("http://127.0.0.1:9", _urls)),
         path=draw(_mostly("/t", _paths)),
         vram=draw(_mostly("1", _integers)),
         extra=extra,
     )
+    if draw(st.booleans()):  # the cards managed
+        devices = draw(_mostly("[0, 1]", cards.map(lambda v: f"[{v}]")))
+        text = text.replace("total_mib: 8000}", f"total_mib: 8000, devices: {devices}}}", 1)
     if draw(st.integers(0, 4)) == 0:  # cut or splice the file somewhere
         at = draw(st.integers(0, len(text)))
         text = text[:at] + draw(_odd_text) + text[at + draw(st.integers(0, 5)) :]

@@ -20,7 +20,9 @@ from mgpu.sim.gpu import MemoryLedger
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EXAMPLES: Final = ROOT / "config" / "examples"
-NAMES: Final = ("full-host.yaml", "ollama-comfyui.yaml", "openai-speech.yaml", "vllm.yaml")
+NAMES: Final = (
+    "full-host.yaml", "ollama-comfyui.yaml", "openai-speech.yaml", "two-cards.yaml", "vllm.yaml",
+)  # fmt: skip
 
 
 def _example(name: str) -> Config:
@@ -55,6 +57,14 @@ class CheckConfigTests(SynchronousTestCase):
 
 
 class ExampleContentTests(SynchronousTestCase):
+    def test_two_cards(self) -> None:
+        """Two cards: ComfyUI on card 1, voice and whisper on card 0, vLLM on both."""
+        config = _example("two-cards.yaml")
+        self.assertEqual(config.gpu.cards, (0, 1))
+        cards = {name: c.gpus for name, c in config.consumers.items()}
+        self.assertEqual(cards, {"mvoice": (0,), "whisper": (0,), "comfyui": (1,), "vllm": (0, 1)})
+        self.assertTrue(config.consumers["whisper"].stopped_when_unloaded)
+
     def assert_comfyui_native(self, consumer: ConsumerConfig) -> None:
         """ComfyUI's web UI under /comfyui/: only a queued prompt takes the GPU, held until
         its history shows it."""
