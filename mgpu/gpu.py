@@ -842,9 +842,11 @@ class GpuPoller(Service):
         before, self.latest = self.latest, snapshot
         if (before.ok, before.error) != (snapshot.ok, snapshot.error):
             if snapshot.ok:
-                _log.info("GPU reading ok from {source}", source=snapshot.source)
+                _log.info("GPU {index} reading ok from {source}", index=snapshot.index,
+                          source=snapshot.source)  # fmt: skip
             else:
-                _log.warn("GPU reading failed: {error}", error=snapshot.error)
+                _log.warn("GPU {index} reading failed: {error}", index=snapshot.index,
+                          error=snapshot.error)  # fmt: skip
         waiters, self._waiters = self._waiters, []
         self._reading = False
         for waiter in waiters:

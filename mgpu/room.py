@@ -202,15 +202,21 @@ class RoomMaker:
             freed_mib=free - free_before,
             free_s=round(now - answered, 3),
             age_s=None if loaded_at is None else round(answered - loaded_at, 3),
+            **self._where(),
         )
         log.info(
-            "evict for {target} (needs {need} MiB): candidates {candidates}, victim {victim}, "
+            "evict for {target} (needs {need} MiB{on}): candidates {candidates}, victim {victim}, "
             "free {before} -> {after} MiB in {took:.2f}s",
             target=target.name, need=need, victim=victim.name,
+            on="" if self.card is None else f" on GPU {self.card}",
             candidates=[c.config.name for c in candidates],
             before=free_before, after=free, took=self.clock.seconds() - started,
         )  # fmt: skip
         return free
+
+    def _where(self) -> dict[str, int]:
+        """An event's ``gpu`` field: the card room was made on, with several cards."""
+        return {} if self.card is None else {"gpu": self.card}
 
     def _held_by(self, config: ConsumerConfig) -> int:
         """What unloading ``config`` should free: its processes' memory when known."""
@@ -273,6 +279,7 @@ class RoomMaker:
             freed_mib=free - free_before,
             free_s=round(self.clock.seconds() - answered, 3),
             age_s=None if loaded_at is None else round(answered - loaded_at, 3),
+            **self._where(),
         )
         log.info("reclaim for {target} (needs {need} MiB): {victim} freed {models}, "
                  "free {before} -> {after} MiB", target=target.name, need=need,

@@ -1101,3 +1101,37 @@ class LearnedLoadTimeTests(RoomTestCase):
             self.h.registry.record_load("vllm", 1.0)
             self.successResultOf(self.h.prepare("mvoice"))
             self.assertEqual(self.h.actions("unload"), [victim], eviction)
+
+
+class CardRoomTests(RoomTestCase):
+    """Room made on one card of several (SPEC 9.5): only its consumers count."""
+
+    def test_only_consumers_on_the_card_are_unloaded(self) -> None:
+        """Room for whisper on card 1: mvoice (card 0, least recently used, enough) is left
+        alone; ComfyUI (card 1) goes. The event and the log name the card."""
+        on_one = [
+            evolve(c, gpus=(1,)) for c in (COMFYUI, evolve(WHISPER, can_coexist_with=frozenset()))
+        ]
+        self.h = Harness([evolve(MVOICE, gpus=(0,)), *on_one])
+        self.h.room.card = 1
+        self.h.resident("mvoice", last_used_at=1.0)
+        self.h.resident("comfyui", last_used_at=5.0)
+        self.h.absent("whisper")
+        self.successResultOf(self.h.prepare("whisper"))
+        self.assertEqual(self.h.actions("unload"), ["comfyui"])
+        self.assertIs(self.h.registry["mvoice"].loaded, True)
+        [evict] = [e for e in self.h.published if e.kind == "evict"]
+        self.assertEqual((evict.data["consumer"], evict.data["gpu"]), ("comfyui", 1))
+        [logged] = self.evictions_logged()
+        self.assertIn("on GPU 1", formatEvent(logged))
+
+    def test_no_room_names_the_card(self) -> None:
+        """When no consumer on the card can make room, the error says which card."""
+        self.h = Harness([evolve(MVOICE, gpus=(0,)), evolve(COMFYUI, gpus=(1,))])
+        self.h.room.card = 1
+        self.h.resident("mvoice")
+        self.h.gpu.other_mib = 14000
+        self.h.absent("comfyui")
+        error = self.scheduler_error(self.h.prepare("comfyui"), "comfyui")
+        self.assertIn("(GPU 1)", error.message)
+        self.assertEqual(self.h.actions("unload"), [])

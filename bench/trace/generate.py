@@ -17,6 +17,14 @@ under which cost orders exactly as LRU. Each kind draws from
 its own ``random.Random`` seeded with ``"<seed>:<kind>"``, so the same seed
 gives the same trace on every machine and Python, and changing one kind's
 parameters leaves the others' arrivals as they were.
+
+Scenarios (``SCENARIOS``): ``default`` is the above on a 16 GiB card;
+``warm-tier`` adds a fifth kind, ``chat``, served by a vLLM in sleep mode
+(11,000 MiB, woken from host RAM in ``WAKE_S`` 1 s, a cold load ``COLD_LOAD_S``
+30 s that the broker never pays, as it only puts vLLM to sleep at level 1),
+on a 24 GiB card: room for several small victims beside a large one, with
+reload costs per MiB that differ twentyfold. The other four kinds' arrivals
+are the default trace's, seed for seed.
 """
 
 from __future__ import annotations
@@ -49,6 +57,20 @@ LOAD_S: Mapping[str, float] = {"comfyui": 20.0, "ollama": 5.0, "whisper": 3.0, "
 
 #: ``mixed``: ``LOAD_S``; ``size``: size x ``load_s_per_gib`` (every MiB costs the same).
 LOAD_MODELS = ("mixed", "size")
+
+#: The ``warm-tier`` scenario's fifth consumer: vLLM in sleep mode (``POST
+#: /sleep?level=1`` keeps its weights in host RAM, ``POST /wake_up`` brings them
+#: back), its facade-less kind ``chat`` (OpenAI chat completions, routed by model).
+VLLM = "vllm"
+CHAT = "chat"
+VLLM_MIB = 11000
+#: Waking vLLM from host RAM: 0.09 ms per MiB freed, the cheapest reload by far.
+WAKE_S = 1.0
+#: Loading vLLM from disk: only at its start (preloaded), never during the trace.
+COLD_LOAD_S = 30.0
+
+#: Chat sessions on the vLLM: the same shape as ``llm``'s.
+CHAT_KIND = KindSpec_args = None  # replaced below, once KindSpec exists
 
 
 @dataclass(frozen=True)

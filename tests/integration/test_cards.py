@@ -181,6 +181,10 @@ class TwoCardTests(TestCase):
         doc = await self.http.status()
         loaded = {name: c["loaded"] for name, c in doc["consumers"].items()}
         self.assertEqual(loaded, {"mvoice": False, "comfyui": False, "vllm": True})
+        assert self.stack.daemon is not None
+        log = self.stack.daemon.process.stdout()
+        self.assertRegex(log, r"evict for vllm \(needs \d+ MiB on GPU 0\): .* victim mvoice")
+        self.assertRegex(log, r"evict for vllm \(needs \d+ MiB on GPU 1\): .* victim comfyui")
         owners = read_gpu_state(self.stack.gpu_state)["owners"]
         self.assertEqual((owners["0"].get("vllm"), owners["1"].get("vllm")), (VLLM_MIB,) * 2)
 
