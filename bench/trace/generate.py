@@ -69,9 +69,6 @@ WAKE_S = 1.0
 #: Loading vLLM from disk: only at its start (preloaded), never during the trace.
 COLD_LOAD_S = 30.0
 
-#: Chat sessions on the vLLM: the same shape as ``llm``'s.
-CHAT_KIND = KindSpec_args = None  # replaced below, once KindSpec exists
-
 
 @dataclass(frozen=True)
 class KindSpec:
@@ -92,6 +89,13 @@ DEFAULT_KINDS: Mapping[str, KindSpec] = {
     "image": KindSpec(work_s=3.0, rate=0.15, burst_s=30.0, idle_s=90.0),
 }
 
+#: ``warm-tier``'s chat sessions on the vLLM: the same shape as ``llm``'s.
+CHAT_KIND = KindSpec(work_s=1.0, rate=0.3, burst_s=30.0, idle_s=60.0)
+
+#: The scenarios and their cards (MiB): ``default`` (four consumers) and
+#: ``warm-tier`` (a fifth, vLLM in sleep mode, on 24 GiB).
+SCENARIOS: Mapping[str, int] = {"default": 16384, "warm-tier": 24576}
+
 
 @dataclass(frozen=True)
 class TraceParams:
@@ -105,6 +109,8 @@ class TraceParams:
     load_s_per_gib: float = LOAD_S_PER_GIB
     load_model: str = "mixed"
     load_times_s: Mapping[str, float] = field(default_factory=lambda: dict(LOAD_S))
+    #: A load from disk where it differs from ``load_s`` (vLLM: ``load_s`` is its wake).
+    cold_load_s: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.load_model not in LOAD_MODELS:
@@ -114,6 +120,10 @@ class TraceParams:
         """The same kinds with idle periods ``factor`` times shorter: bursts overlap more."""
         kinds = {k: replace(spec, idle_s=spec.idle_s / factor) for k, spec in self.kinds.items()}
         return replace(self, kinds=kinds)
+
+    def cold_s(self, consumer: str) -> float:
+        """How long a load from disk takes (real-life seconds): ``load_s`` unless set apart."""
+        return float(self.cold_load_s.get(consumer, self.load_s(consumer)))
 
     def load_s(self, consumer: str) -> float:
         """How long loading ``consumer``'s model takes (real-life seconds)."""
@@ -131,6 +141,8 @@ class TraceParams:
             "load_s_per_gib": self.load_s_per_gib,
             "load_model": self.load_model,
             "load_times_s": dict(self.load_times_s),
+            # Only where set: the default trace's file stays as it was.
+            **({"cold_load_s": dict(self.cold_load_s)} if self.cold_load_s else {}),
         }
 
     @classmethod
@@ -145,7 +157,31 @@ class TraceParams:
             # A trace written before per-consumer load times: the size model.
             load_model=str(data.get("load_model", "size")),
             load_times_s={k: float(v) for k, v in data.get("load_times_s", LOAD_S).items()},
+            cold_load_s={k: float(v) for k, v in data.get("cold_load_s", {}).items()},
         )
+
+
+def scenario_params(
+    scenario: str, seed: int = 1, duration_s: float = 600.0, load_model: str = "mixed"
+) -> TraceParams:
+    """The trace parameters of a scenario (``SCENARIOS``); its card is ``SCENARIOS[scenario]``.
+
+    ``warm-tier``: the default four kinds plus ``chat`` -> ``vllm`` (11,000 MiB,
+    loaded in ``WAKE_S`` from host RAM, ``COLD_LOAD_S`` from disk).
+    """
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {tuple(SCENARIOS)}, not {scenario!r}")
+    params = TraceParams(seed=seed, duration_s=duration_s, load_model=load_model)
+    if scenario == "default":
+        return params
+    return replace(
+        params,
+        kinds={**params.kinds, CHAT: CHAT_KIND},
+        routing={**params.routing, CHAT: VLLM},
+        sizes_mib={**params.sizes_mib, VLLM: VLLM_MIB},
+        load_times_s={**params.load_times_s, VLLM: WAKE_S},
+        cold_load_s={VLLM: COLD_LOAD_S},
+    )
 
 
 @dataclass(frozen=True)
