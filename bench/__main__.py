@@ -109,7 +109,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g = p.add_argument_group("trace")
     g.add_argument("--seed", type=int, default=tr.seed, help="the trace's seed")
     g.add_argument(
-        "--card-mib", type=int, default=tr.card_mib, choices=[16384, 24576], help="the GPU's size"
+        "--scenario",
+        choices=list(trace.SCENARIOS),
+        default=tr.scenario,
+        help="default: four consumers, 16 GiB; warm-tier: a fifth, vLLM in sleep mode, 24 GiB",
+    )
+    g.add_argument(
+        "--card-mib",
+        type=int,
+        default=tr.card_mib,
+        choices=[16384, 24576],
+        help="the GPU's size (default: the scenario's)",
     )
     g.add_argument(
         "--scale", type=float, default=tr.scale, help="replay time per trace second (0.1: 10x)"
@@ -236,6 +246,7 @@ def options(name: str, args: argparse.Namespace) -> Any:
     if name == "trace":
         return trace.Options(
             seed=args.seed,
+            scenario=args.scenario,
             card_mib=args.card_mib,
             scale=args.scale,
             duration_s=args.duration,

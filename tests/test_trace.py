@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from bench import __main__ as bench_main
 from bench.trace import render
 from bench.trace.belady import Card, Rules, belady, exhaustive
 from bench.trace.bound import reorder_bound
@@ -25,13 +26,15 @@ from bench.trace.generate import (
     DEFAULT_KINDS,
     LOAD_S,
     ROUTING,
+    SCENARIOS,
     KindSpec,
     Trace,
     TraceParams,
     generate,
+    scenario_params,
 )
 from bench.trace.plot import residency
-from bench.trace.replay import StackSettings, daemon_config
+from bench.trace.replay import StackSettings, consumer_block, daemon_config, raw_request
 from bench.trace.report import (
     busy_fraction,
     eviction_ratios,
@@ -225,6 +228,82 @@ class BusierTests(SynchronousTestCase):
             self.assertEqual(dataclasses.replace(busy.kinds[kind], idle_s=spec.idle_s), spec)
         self.assertEqual((busy.seed, busy.duration_s), (params.seed, params.duration_s))
         self.assertGreater(len(generate(busy).arrivals), len(generate(params).arrivals))
+
+
+class ScenarioTests(SynchronousTestCase):
+    """``--scenario``: the default trace as it was; ``warm-tier``: vLLM in sleep mode, 24 GiB."""
+
+    def test_default_is_the_trace_as_it_was(self) -> None:
+        """The default scenario is ``TraceParams()``'s trace, and its file has no new field."""
+        for seed in (1, 2):
+            params = scenario_params("default", seed=seed)
+            self.assertEqual(params, TraceParams(seed=seed))
+            self.assertEqual(generate(params).to_json(), generate(TraceParams(seed=seed)).to_json())
+        self.assertNotIn("cold_load_s", TraceParams().to_json())
+        self.assertEqual(SCENARIOS["default"], 16384)
+
+    def test_warm_tier_adds_vllm_on_24_gib(self) -> None:
+        """warm-tier: a fifth kind, ``chat``, served by an 11,000 MiB vLLM that wakes in 1 s
+        (30 s from disk), on a 24 GiB card; the other four consumers are the default's."""
+        params = scenario_params("warm-tier", seed=1)
+        self.assertEqual(SCENARIOS["warm-tier"], 24576)
+        self.assertEqual(params.routing, {**ROUTING, "chat": "vllm"})
+        self.assertEqual(params.sizes_mib["vllm"], 11000)
+        self.assertEqual((params.load_s("vllm"), params.cold_s("vllm")), (1.0, 30.0))
+        self.assertEqual({c: params.load_s(c) for c in ROUTING.values()}, dict(LOAD_S))
+        self.assertEqual(params.cold_s("comfyui"), params.load_s("comfyui"))
+        # The cheapest reload per MiB by far: cost eviction has a real choice to make.
+        per_mib = {c: params.load_s(c) / params.sizes_mib[c] for c in params.routing.values()}
+        self.assertEqual(min(per_mib, key=per_mib.__getitem__), "vllm")
+        # ComfyUI and the vLLM fit together (with the cushion), not all five.
+        sizes = params.sizes_mib
+        self.assertLessEqual(sizes["comfyui"] + sizes["vllm"] + 256, 24576)
+        self.assertGreater(sum(sizes.values()) + 256, 24576)
+
+    def test_warm_tier_trace(self) -> None:
+        """The generated trace has chat requests, the default's others arrival for arrival,
+        and reads back equal from its file."""
+        trace = generate(scenario_params("warm-tier", seed=1))
+        default = generate(TraceParams(seed=1))
+        self.assertIn("vllm", trace.consumers())
+        self.assertGreater(sum(1 for a in trace.arrivals if a.kind == "chat"), 0)
+        self.assertEqual([a for a in trace.arrivals if a.kind != "chat"], list(default.arrivals))
+        doc = json.loads(json.dumps(trace.to_json()))
+        self.assertEqual(doc["params"]["cold_load_s"], {"vllm": 30.0})
+        self.assertEqual(Trace.from_json(doc).params, trace.params)
+
+    def test_unknown_scenario(self) -> None:
+        self.assertRaises(ValueError, scenario_params, "huge")
+
+    def test_vllm_block_and_routing(self) -> None:
+        """The vLLM sleeps at level 1 and wakes; it serves its model by the OpenAI route,
+        and ``chat``, no facade kind, stays out of the daemon's routing."""
+        block = consumer_block("vllm", "chat", 8000, 11000, 0.05)
+        self.assertEqual(block["unload"]["path"], "/sleep?level=1")
+        self.assertEqual(block["load"]["path"], "/wake_up")
+        self.assertEqual(block["openai"]["models"], ["Qwen/Qwen2.5-7B-Instruct"])
+        self.assertEqual(block["vram_resident_mib"], 11000)
+        settings = StackSettings(policy="fifo", card_mib=24576, cushion_mib=256,
+                                 max_skip_s=3.0, min_residency_s=1.0, linger_s=0.0, aging_s=3.0,
+                                 queue_timeout_s=60.0, hold_interval_s=0.05)  # fmt: skip
+        routing = scenario_params("warm-tier").routing
+        doc = json.loads(daemon_config(settings, routing, {}).split("\n", 1)[1])
+        self.assertEqual(doc["routing"], dict(ROUTING))
+        head, _, body = raw_request("chat", 8770).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"POST /v1/chat/completions HTTP/1.1"))
+        self.assertEqual(json.loads(body)["model"], "Qwen/Qwen2.5-7B-Instruct")
+
+    def test_command_line(self) -> None:
+        """``--scenario warm-tier`` reaches the options; the card follows the scenario unless
+        ``--card-mib`` is given."""
+        opts = bench_main.options(
+            "trace", bench_main.parse_args(["trace", "--scenario", "warm-tier"])
+        )
+        self.assertEqual((opts.scenario, opts.card_mib), ("warm-tier", None))
+        opts = bench_main.options("trace", bench_main.parse_args(["trace"]))
+        self.assertEqual((opts.scenario, opts.card_mib), ("default", None))
+        args = bench_main.parse_args(["trace", "--card-mib", "16384", "--scenario", "warm-tier"])
+        self.assertEqual(bench_main.options("trace", args).card_mib, 16384)
 
 
 class BeladyTests(SynchronousTestCase):

@@ -17,6 +17,7 @@ replay seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 from bench.common import OUT_DIR, Bench, CommonOptions, Session, busy_note, fmt, passed, verdict
 from bench.trace.belady import Card, Rules, belady, exhaustive
 from bench.trace.bound import reorder_bound
-from bench.trace.generate import LOAD_MODELS, Trace, TraceParams, generate
+from bench.trace.generate import LOAD_MODELS, SCENARIOS, Trace, generate, scenario_params
 from bench.trace.replay import Stack, StackSettings
 from bench.trace.report import (
     COST_P99_LIMIT,
@@ -40,7 +41,7 @@ from bench.trace.report import (
 POLICIES = ("fifo", "affinity")
 EVICTIONS = ("lru", "cost")
 
-__all__ = ["EVICTIONS", "LOAD_MODELS", "POLICIES", "Options", "render", "run"]
+__all__ = ["EVICTIONS", "LOAD_MODELS", "POLICIES", "SCENARIOS", "Options", "render", "run"]
 
 
 def run_name(policy: str, eviction: str) -> str:
@@ -53,7 +54,8 @@ class Options(CommonOptions):
     """What to run; the defaults take about 2 min 10 s per run on the 2-core VM (4 runs)."""
 
     seed: int = 1
-    card_mib: int = 16384
+    scenario: str = "default"  # SCENARIOS: "warm-tier" adds vLLM in sleep mode, on 24 GiB
+    card_mib: int | None = None  # None: the scenario's card (default 16384, warm-tier 24576)
     scale: float = 0.1
     duration_s: float = 600.0  # of trace (real-life) time
     busy: float = 1.0  # idle periods this many times shorter: more overlapping bursts
@@ -86,6 +88,7 @@ class _Run(Bench):
         self.budget_s = trace.params.duration_s * opts.scale * 3 + 30.0
         super().__init__(tmp, log, self.budget_s + 120.0)
         s = opts.scale
+        assert opts.card_mib is not None  # resolved by ``run``
         self.stack = Stack(
             trace,
             StackSettings(
@@ -120,8 +123,13 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
     session = Session(log)
     if opts.load_model not in LOAD_MODELS:
         raise ValueError(f"load_model: one of {LOAD_MODELS}")
-    params = TraceParams(
-        seed=opts.seed, duration_s=opts.duration_s, load_model=opts.load_model
+    if opts.scenario not in SCENARIOS:
+        raise ValueError(f"scenario: one of {tuple(SCENARIOS)}")
+    if opts.card_mib is None:
+        opts = dataclasses.replace(opts, card_mib=SCENARIOS[opts.scenario])
+    assert opts.card_mib is not None
+    params = scenario_params(
+        opts.scenario, seed=opts.seed, duration_s=opts.duration_s, load_model=opts.load_model
     ).busier(opts.busy)
     trace = generate(params)
     trace_path = opts.out_dir / "trace.arrivals.json"
@@ -178,6 +186,8 @@ def run(opts: Options, log: Callable[[str], None] = print) -> tuple[dict[str, An
         "trace",
         {},
         params={
+            # Only off the default scenario: the default's document stays as it was.
+            **({"scenario": opts.scenario} if opts.scenario != "default" else {}),
             "seed": opts.seed,
             "duration_s": opts.duration_s,
             "requests": len(trace.arrivals),
@@ -244,7 +254,8 @@ def render(result: dict[str, Any]) -> str:
     sched = p["scheduler_replay_s"]
     out = [
         "",
-        f"trace: seed {p['seed']}, {p['requests']} requests over {p['duration_s']:g} s of "
+        f"trace: {p['scenario'] + ' scenario, ' if 'scenario' in p else ''}"
+        f"seed {p['seed']}, {p['requests']} requests over {p['duration_s']:g} s of "
         f"trace time, replayed at x{p['scale']:g}; {p['card_mib']:,} MiB card, cushion "
         f"{p['cushion_mib']} MiB; " + ", ".join(f"{k}->{c}" for k, c in p["routing"].items()),
         f"scheduler (replay s): max_skip_s {sched['max_skip_s']:g}, min_residency_s "

@@ -21,6 +21,7 @@ COLORS: Mapping[str, str] = {
     "whisper": "#2ca02c",
     "ollama": "#ff7f0e",
     "comfyui": "#9467bd",
+    "vllm": "#d62728",
 }
 
 
