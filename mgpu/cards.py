@@ -114,10 +114,6 @@ class CardRooms:
         except BrokerError:
             return NO_SWAP  # removed by a reload: its requests fail on admission
 
-    def reconfigure(self, apply: Callable[[RoomMaker], None]) -> None:
-        for room in self.rooms.values():
-            apply(room)
-
 
 class CardSchedulers:
     """Runs each request under the leases of all its consumer's cards."""
