@@ -138,10 +138,15 @@ class Child:
         self._protocol.processEnded(reason)
 
     def signalProcess(self, name: str | int) -> None:
-        """Send ``"KILL"``, ``"TERM"`` or a signal number; ``ProcessExitedAlready`` once reaped."""
+        """Send ``"KILL"``, ``"TERM"`` or a signal number to the child and what it started
+        (its process group: a script's own children do not outlive a timeout);
+        ``ProcessExitedAlready`` once reaped."""
         if self.pid is None:
             raise ProcessExitedAlready()
         number = name if isinstance(name, int) else getattr(signal, f"SIG{name}")
+        # Not reaped yet, the child still leads its group: its pid names the group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, number)
         signal.pidfd_send_signal(self._pidfd, number)
 
     def loseConnection(self) -> None:
@@ -169,6 +174,7 @@ def spawn_child(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         close_fds=True,
+        process_group=0,  # its own group, so a kill reaches what it started too
     )
     try:
         child = Child(reactor, protocol, popen)

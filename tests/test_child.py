@@ -10,6 +10,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -35,6 +36,16 @@ class _Gather(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         assert reason.value is not None
         self.ended.callback(reason.value)  # the exception: a Failure would errback
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (killed, not yet reaped by its parent)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 class SpawnChildTests(TestCase):
@@ -82,6 +93,29 @@ class SpawnChildTests(TestCase):
         self.assertEqual(reason.signal, 9)
         self.assertRaises(ProcessExitedAlready, started.signalProcess, "KILL")
         self.assertIsNone(started.pid)
+
+    async def test_killed_with_what_it_started(self) -> None:
+        """Killing a child kills the processes it started too (its process group): a
+        load command's script leaves nothing running after its timeout."""
+        sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+        code = (
+            "import subprocess, time\n"
+            f"grandchild = subprocess.Popen({sleeper!r})\n"
+            "print(grandchild.pid, flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        gather, started = self.spawn(code)
+        while not gather.out.endswith(b"\n") and not gather.ended.called:
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(gather.ended.called, bytes(gather.err))
+        grandchild = int(gather.out)
+        started.signalProcess("KILL")
+        await gather.ended
+        for _ in range(250):  # its end is its new parent's to reap: wait until it is
+            if not _running(grandchild):
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertFalse(_running(grandchild), f"pid {grandchild} outlived its parent's kill")
 
     async def test_descriptors_not_inherited(self) -> None:
         """A descriptor the daemon made inheritable is still closed in the child."""
