@@ -8,7 +8,8 @@ so a guess that is too low no longer overcommits the card. The sizes are
 kept in ``<state_dir>/learned.json``, written atomically (a temporary file in
 the same directory, ``fsync``, ``os.replace``) whenever one grows, so a
 restart starts from what was learned. Without ``state_dir`` they live only
-in memory.
+in memory. The daemon writes from a thread (``background``), one write at a
+time, the last one with the newest sizes: a slow disk never stalls the reactor.
 
 A size can only grow: a consumer that moved to a smaller model keeps its
 larger footprint until the file's entry is removed (or the file is).
@@ -20,11 +21,13 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -38,13 +41,28 @@ class StateDirError(Exception):
     """``state_dir`` cannot be used: the daemon stops before it listens."""
 
 
-class LearnedSizes:
-    """Per consumer, the learned footprint in MiB; ``observe`` as readings come."""
+#: Runs a blocking call off the reactor, firing with its result (``deferToThread``).
+Background = Callable[[Callable[[], object]], "Deferred[Any]"]
 
-    def __init__(self, path: Path | None, sizes: Mapping[str, int] | None = None) -> None:
+
+class LearnedSizes:
+    """Per consumer, the learned footprint in MiB; ``observe`` as readings come.
+
+    ``background`` runs the file's writes (None: at once, in the caller).
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        sizes: Mapping[str, int] | None = None,
+        background: Background | None = None,
+    ) -> None:
         self._path = path
         self._sizes: dict[str, int] = dict(sizes or {})
         self._warned: set[str] = set()
+        self.background = background
+        self._writing = False  # a write is under way
+        self._stale = False  # sizes grew since that write took its copy
 
     @classmethod
     def open(cls, state_dir: str | None) -> LearnedSizes:
@@ -89,13 +107,39 @@ class LearnedSizes:
         self._save()
 
     def _save(self) -> None:
-        if self._path is None:
+        """Write the sizes now, or once the write under way ends (then with the newest)."""
+        path = self._path
+        if path is None:
             return
-        try:
-            _write_atomically(self._path, {"learned_mib": dict(sorted(self._sizes.items()))})
-        except OSError as e:
+        if self._writing:
+            self._stale = True
+            return
+        document = {"learned_mib": dict(sorted(self._sizes.items()))}
+        if self.background is None:
+            self._written(_attempt(path, document))
+            return
+        self._writing = True
+        self.background(lambda: _attempt(path, document)).addBoth(self._written)
+
+    def _written(self, outcome: object) -> None:
+        self._writing = False
+        if isinstance(outcome, Failure):
+            log.failure("writing learned sizes failed", outcome)
+        elif isinstance(outcome, OSError):
             log.warn("cannot keep learned sizes in {path}: {error}", path=self._path,
-                     error=e.strerror or e)  # fmt: skip
+                     error=outcome.strerror or outcome)  # fmt: skip
+        if self._stale:
+            self._stale = False
+            self._save()
+
+
+def _attempt(path: Path, document: object) -> OSError | None:
+    """Write ``document`` to ``path``; the error rather than raising it."""
+    try:
+        _write_atomically(path, document)
+    except OSError as e:
+        return e
+    return None
 
 
 def _read(path: Path) -> dict[str, int]:

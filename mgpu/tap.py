@@ -14,6 +14,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
@@ -150,6 +151,8 @@ def build_service(
     registry = Registry(config.consumers, reactor, events)
     control = ConsumerControl(HTTPClient(Agent(reactor, pool=control_pool)), reactor)
     table, learned = process_table or ProcTable(), learned or LearnedSizes(None)
+    if hasattr(reactor, "getThreadPool"):  # the file is written off the reactor thread
+        learned.background = lambda work: deferToThreadPool(reactor, reactor.getThreadPool(), work)
     cards, rooms, scheduler = _cards(
         config, reactor, registry, control, events, gpu_readers or {}, table, learned
     )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -43,6 +45,36 @@ class LearnedSizesTests(SynchronousTestCase):
         self.assertIsNone(again.get("mvoice"))
         document = json.loads((self.dir / FILE_NAME).read_text())
         self.assertEqual(document, {"learned_mib": {"comfyui": 12000}})
+
+    def test_written_in_the_background_one_write_at_a_time(self) -> None:
+        """With a background runner the file is written there, never two writes at once; peaks
+        seen meanwhile are written after, once, the newest."""
+        pending: list[tuple[Callable[[], object], Deferred[object]]] = []
+
+        def background(work: Callable[[], object]) -> Deferred[object]:
+            d: Deferred[object] = Deferred()
+            pending.append((work, d))
+            return d
+
+        def finish() -> None:
+            work, d = pending.pop(0)
+            d.callback(work())
+
+        path = Path(self.mktemp())
+        path.mkdir()
+        sizes = LearnedSizes.open(str(path))
+        sizes.background = background
+        sizes.observe("mvoice", 3000, 2800)
+        sizes.observe("mvoice", 3100, 2800)
+        sizes.observe("whisper", 1600, 1500)
+        self.assertEqual(len(pending), 1)
+        self.assertFalse((path / FILE_NAME).exists())
+        finish()
+        self.assertEqual(len(pending), 1)  # the peaks seen meanwhile, in one write
+        finish()
+        self.assertEqual(pending, [])
+        written = json.loads((path / FILE_NAME).read_text())
+        self.assertEqual(written, {"learned_mib": {"mvoice": 3100, "whisper": 1600}})
 
     def test_footprint_rule(self) -> None:
         """max: the larger of configured and learned; configured: the configured size."""
