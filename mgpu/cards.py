@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from mgpu.config import SchedulerConfig
 from mgpu.errors import BrokerError
@@ -118,8 +119,11 @@ class CardRooms:
 class CardSchedulers:
     """Runs each request under the leases of all its consumer's cards."""
 
-    def __init__(self, registry: Registry, lanes: Mapping[int, GpuScheduler]) -> None:
+    def __init__(
+        self, registry: Registry, lanes: Mapping[int, GpuScheduler], clock: IReactorTime
+    ) -> None:
         self._registry = registry
+        self._clock = clock
         self.lanes = dict(sorted(lanes.items()))
         self.first = next(iter(self.lanes.values()))
         self._first_card = next(iter(self.lanes))
@@ -191,6 +195,11 @@ class CardSchedulers:
     ) -> T:
         done: Deferred[None] = Deferred()  # fired when the last card's lease is released
         last: list[Lease] = []
+        # queue_timeout_s bounds the whole wait: each later card gets what is left of it.
+        deadline = self._clock.seconds() + self.config.queue_timeout_s
+
+        def left() -> float:
+            return deadline - self._clock.seconds()
 
         def on_last(lease: Lease) -> Deferred[T]:
             last.append(lease)
@@ -198,10 +207,11 @@ class CardSchedulers:
 
         try:
             for card in cards[:-1]:
-                await self._take(card, consumer, exclusive, done)
+                await self._take(card, consumer, exclusive, done, left())
             return await self.lanes[cards[-1]].run(
-                consumer, on_last, exclusive=exclusive, prepare=prepare, count=count
-            )
+                consumer, on_last, exclusive=exclusive, prepare=prepare, count=count,
+                wait_s=left(),
+            )  # fmt: skip
         finally:
             holds = last[0].holds if last else []
             if holds:
@@ -210,7 +220,7 @@ class CardSchedulers:
                 done.callback(None)
 
     def _take(
-        self, card: int, consumer: str, exclusive: bool, done: Deferred[None]
+        self, card: int, consumer: str, exclusive: bool, done: Deferred[None], wait_s: float
     ) -> Deferred[None]:
         """Wait for ``card``'s lease, then hold it until ``done``; fires once held.
 
@@ -231,8 +241,9 @@ class CardSchedulers:
 
         lane = self.lanes[card]
         run = lane.run(
-            consumer, hold, exclusive=exclusive, prepare=False, count=False, holding=True
-        )
+            consumer, hold, exclusive=exclusive, prepare=False, count=False, holding=True,
+            wait_s=wait_s,
+        )  # fmt: skip
         runs.append(run.addErrback(refused))
         return admitted
 

@@ -244,6 +244,7 @@ class GpuScheduler:
         prepare: bool = True,
         count: bool = True,
         holding: bool = False,
+        wait_s: float | None = None,
     ) -> Deferred[T]:
         """Wait for the GPU, then run ``job``; cancel the result to leave the queue.
 
@@ -251,10 +252,11 @@ class GpuScheduler:
         holds it alone; ``prepare=False`` skips making room and loading;
         ``count=False`` (admin work) leaves the request counters alone;
         ``holding`` takes this card for a request running on another card too
-        (see ``Lease.holding``).
+        (see ``Lease.holding``); ``wait_s`` bounds its wait in the queue instead of
+        ``queue_timeout_s`` (what is left of it for a request's later cards).
         """
         try:
-            admitted = self._admission(consumer, exclusive, prepare, count, holding)
+            admitted = self._admission(consumer, exclusive, prepare, count, holding, wait_s)
         except BrokerError as e:
             return fail(e)
 
@@ -300,7 +302,13 @@ class GpuScheduler:
     # -- the queue -----------------------------------------------------------
 
     def _admission(
-        self, consumer: str, exclusive: bool, prepare: bool, count: bool, holding: bool
+        self,
+        consumer: str,
+        exclusive: bool,
+        prepare: bool,
+        count: bool,
+        holding: bool,
+        wait_s: float | None = None,
     ) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
         state = self._registry.get(consumer)
@@ -332,7 +340,8 @@ class GpuScheduler:
             count,
             holding,
         )
-        ticket.timer = self._clock.callLater(self.config.queue_timeout_s, self._timed_out, ticket)
+        limit = self.config.queue_timeout_s if wait_s is None else max(0.0, wait_s)
+        ticket.timer = self._clock.callLater(limit, self._timed_out, ticket)
         self._waiting.add(ticket)
         state.queued += 1
         return ticket.admitted

@@ -270,7 +270,8 @@ def _cards(
         ))
         for index, poller, watch, room in parts
     ]  # fmt: skip
-    return cards, rooms, CardSchedulers(registry, {card.index: card.lane for card in cards})
+    lanes = {card.index: card.lane for card in cards}
+    return cards, rooms, CardSchedulers(registry, lanes, reactor)
 
 
 class _Listener(StreamServerEndpointService):

@@ -45,7 +45,7 @@ def schedulers(
         return succeed(None)
 
     lanes = {card: GpuScheduler(registry, clock, config, prepared, stats) for card in range(3)}
-    return registry, CardSchedulers(registry, lanes)
+    return registry, CardSchedulers(registry, lanes, clock)
 
 
 class Job:
@@ -174,6 +174,23 @@ class CardSchedulersTests(SynchronousTestCase):
         self.cards.run("image", self.job("image"))
         waiting = self.cards.run("llm", self.job("llm"))
         self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(waiting, BrokerError).value.code, "queue_timeout")
+        self.assertIsNone(self.cards.lanes[0].holder)
+
+    def test_queue_timeout_bounds_the_whole_wait(self) -> None:
+        """queue_timeout_s bounds a two-card request's whole wait, not each card's: 3 s for
+        card 0 and the 2 s left for card 1 make 5, then queue_timeout."""
+        _, self.cards = schedulers(self.clock, SchedulerConfig(queue_timeout_s=5))
+        voice = self.job("voice")
+        self.cards.run("voice", voice)
+        self.cards.run("image", self.job("image"))
+        waiting = self.cards.run("llm", self.job("llm"))
+        self.clock.advance(3)
+        voice.finish()  # card 0 is llm's now; card 1 stays busy
+        self.assertEqual(self.cards.lanes[0].holder, "llm")
+        self.clock.advance(1.9)
+        self.assertNoResult(waiting)
+        self.clock.advance(0.1)
         self.assertEqual(self.failureResultOf(waiting, BrokerError).value.code, "queue_timeout")
         self.assertIsNone(self.cards.lanes[0].holder)
 
