@@ -23,11 +23,13 @@ last card's, ``hold_until`` work included.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from attrs import frozen
-from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mgpu.config import SchedulerConfig
 from mgpu.errors import BrokerError
@@ -39,6 +41,8 @@ from mgpu.room import RoomMaker
 from mgpu.scheduler import GpuScheduler, Lease, SchedulerStats
 
 T = TypeVar("T")
+
+log = Logger()
 
 
 @frozen(eq=False)
@@ -193,39 +197,40 @@ class CardSchedulers:
         prepare: bool,
         count: bool,
     ) -> T:
-        done: Deferred[None] = Deferred()  # fired when the last card's lease is released
-        last: list[Lease] = []
-        # queue_timeout_s bounds the whole wait: each later card gets what is left of it.
-        deadline = self._clock.seconds() + self.config.queue_timeout_s
+        done: Deferred[None] = Deferred()  # the other cards are held until it fires
+        arrived_at = self._clock.seconds()  # every card's wait and aging count from here
 
-        def left() -> float:
-            return deadline - self._clock.seconds()
-
-        def on_last(lease: Lease) -> Deferred[T]:
-            last.append(lease)
-            return job(lease)
-
-        try:
-            for card in cards[:-1]:
-                await self._take(card, consumer, exclusive, done, left())
-            return await self.lanes[cards[-1]].run(
-                consumer, on_last, exclusive=exclusive, prepare=prepare, count=count,
-                wait_s=left(),
-            )  # fmt: skip
-        finally:
-            holds = last[0].holds if last else []
-            if holds:
-                DeferredList(holds, consumeErrors=True).addBoth(lambda _: done.callback(None))
-            else:
+        def release() -> None:
+            if not done.called:
                 done.callback(None)
 
+        # The last card's lease says when it is released: after the job and the work
+        # it holds, or after a preparation a leaving client could not stop.
+        last = Lease(consumer, on_release=release)
+        try:
+            for card in cards[:-1]:
+                await self._take(card, consumer, exclusive, count, done, arrived_at)
+            return await self.lanes[cards[-1]].run(
+                consumer, job, exclusive=exclusive, prepare=prepare, count=count,
+                lease=last, arrived_at=arrived_at,
+            )  # fmt: skip
+        finally:
+            if not last.admitted:  # refused or left before the last card: no release comes
+                release()
+
     def _take(
-        self, card: int, consumer: str, exclusive: bool, done: Deferred[None], wait_s: float
+        self,
+        card: int,
+        consumer: str,
+        exclusive: bool,
+        count: bool,
+        done: Deferred[None],
+        arrived_at: float,
     ) -> Deferred[None]:
         """Wait for ``card``'s lease, then hold it until ``done``; fires once held.
 
         Cancelling the wait leaves that card's queue; a refusal (queue full,
-        timed out) fails it.
+        timed out; counted as the request's) fails it.
         """
         runs: list[Deferred[None]] = []  # the card's run, once asked for
         admitted: Deferred[None] = Deferred(lambda _: runs[0].cancel())
@@ -235,16 +240,19 @@ class CardSchedulers:
             admitted.callback(None)
             return done
 
-        def refused(failure: Any) -> None:
+        def ended(outcome: object) -> None:
             if not admitted.called:
-                admitted.errback(failure)
+                admitted.errback(outcome)  # type: ignore[arg-type]  # a Failure
+            elif isinstance(outcome, Failure):
+                log.failure("holding card {card} for {consumer} failed", outcome, card=card,
+                            consumer=consumer)  # fmt: skip
 
-        lane = self.lanes[card]
-        run = lane.run(
-            consumer, hold, exclusive=exclusive, prepare=False, count=False, holding=True,
-            wait_s=wait_s,
+        holding = Lease(consumer, holding=True)
+        run = self.lanes[card].run(
+            consumer, hold, exclusive=exclusive, prepare=False, count=count, lease=holding,
+            arrived_at=arrived_at,
         )  # fmt: skip
-        runs.append(run.addErrback(refused))
+        runs.append(run.addBoth(ended))
         return admitted
 
     def stop(self) -> None:

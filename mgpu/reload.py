@@ -71,6 +71,19 @@ class LiveParts:
         return fresh
 
 
+def _same_cards(path: str, running: Config, new: Config) -> None:
+    """Refuse a reload that moves cards (SPEC 9.5): the managed ones, or a running
+    consumer's, whose requests and memory are on the old cards until a restart."""
+    if new.gpu.cards != running.gpu.cards:
+        why = "the cards managed change only at a restart (SPEC 9.5)"
+        raise ConfigError(path, "gpu.devices", why)
+    for name, consumer in new.consumers.items():
+        before = running.consumers.get(name)
+        if before is not None and before.gpus != consumer.gpus:
+            why = "a consumer's cards change only at a restart (SPEC 9.5)"
+            raise ConfigError(path, f"consumers.{name}.gpus", why)
+
+
 def _reading_part(config: Config) -> tuple[object, ...]:
     gpu = config.gpu
     return (gpu.source, gpu.index, gpu.nvidia_smi)
@@ -98,9 +111,7 @@ class Reloader:
                 raise ConfigError("--demo", "", "the demo has no configuration file to reload")
             new = load_config(self.path)
             token = read_token(new.auth.token_file, self.path)
-            if new.gpu.cards != self.running.gpu.cards:
-                why = "the cards managed change only at a restart (SPEC 9.5)"
-                raise ConfigError(self.path, "gpu.devices", why)
+            _same_cards(self.path, self.running, new)
         except ConfigError as e:
             log.error("reload refused, the running configuration stays: {error}", error=str(e))
             raise

@@ -65,8 +65,11 @@ class Lease:
     holds: list[Deferred[Any]] = field(factory=list)
     reached_consumer: bool = False
     #: Only holds this card for a request that runs on another card too (SPEC 9.5):
-    #: the consumer's counts (in flight, last use) are kept by that card's lease.
+    #: the consumer's counts (in flight, last use, completed) are kept by that card's lease.
     holding: bool = False
+    #: Called once the lease is released (its held work ended), if it was admitted.
+    on_release: Callable[[], object] | None = None
+    admitted: bool = False
 
     def hold_until(self, work: Deferred[Any]) -> None:
         """Keep the GPU until ``work`` ends, even after the job's own Deferred fired."""
@@ -243,25 +246,30 @@ class GpuScheduler:
         exclusive: bool = False,
         prepare: bool = True,
         count: bool = True,
-        holding: bool = False,
-        wait_s: float | None = None,
+        lease: Lease | None = None,
+        arrived_at: float | None = None,
     ) -> Deferred[T]:
         """Wait for the GPU, then run ``job``; cancel the result to leave the queue.
 
         ``exclusive`` work (an admin unload) waits until the lease is free and
         holds it alone; ``prepare=False`` skips making room and loading;
-        ``count=False`` (admin work) leaves the request counters alone;
-        ``holding`` takes this card for a request running on another card too
-        (see ``Lease.holding``); ``wait_s`` bounds its wait in the queue instead of
-        ``queue_timeout_s`` (what is left of it for a request's later cards).
+        ``count=False`` (admin work) leaves the request counters alone. A
+        request on several cards (``mgpu.cards``) brings its own ``lease`` (to
+        hear of its release; ``Lease.holding`` on the cards it only holds) and
+        the time it ``arrived_at`` its first card: its wait, its aging and its
+        ``queue_timeout_s`` count from then.
         """
+        mine = lease or Lease(consumer)
         try:
-            admitted = self._admission(consumer, exclusive, prepare, count, holding, wait_s)
+            admitted = self._admission(
+                consumer, exclusive, prepare, count, mine.holding, arrived_at
+            )
         except BrokerError as e:
             return fail(e)
 
         def start(_: object) -> Deferred[T]:
-            return Deferred.fromCoroutine(self._run(Lease(consumer, holding=holding), job, count))
+            mine.admitted = True
+            return Deferred.fromCoroutine(self._run(mine, job, count))
 
         # A queued request is a plain Deferred until admitted: leaving the queue
         # costs no coroutine (cancelling 20,000 waiters is the queue's cost alone).
@@ -290,10 +298,10 @@ class GpuScheduler:
                 lease.hold_until(preparation.wait())
             raise  # the client left: neither completed nor a broker failure
         except BaseException:
-            self.stats.failed += count
+            self.stats.failed += count and not lease.holding
             raise
         else:
-            self.stats.completed += count
+            self.stats.completed += count and not lease.holding
             return result
         finally:
             if not collected:
@@ -308,7 +316,7 @@ class GpuScheduler:
         prepare: bool,
         count: bool,
         holding: bool,
-        wait_s: float | None = None,
+        arrived_at: float | None = None,
     ) -> Deferred[None]:
         """Admit at once if the rules allow, else queue; raises ``queue_full``."""
         state = self._registry.get(consumer)
@@ -323,24 +331,26 @@ class GpuScheduler:
         if len(self._waiting) >= self.config.max_queue:
             if count:
                 self.reject("queue_full", consumer)
-            wait_s = max(1, math.ceil(self._mean_s * (len(self._waiting) + self.running)))
+            retry_s = max(1, math.ceil(self._mean_s * (len(self._waiting) + self.running)))
             raise BrokerError(
                 "queue_full",
                 f"{len(self._waiting)} requests are waiting for the GPU",
                 consumer,
-                headers={"Retry-After": str(wait_s)},
+                headers={"Retry-After": str(retry_s)},
             )
+        now = self._clock.seconds()
+        since = now if arrived_at is None else min(arrived_at, now)
         ticket = _Ticket(
             consumer,
             state.config.priority,
-            self._clock.seconds(),
+            since,
             Deferred(lambda _: self._leave(ticket)),
             exclusive,
             prepare,
             count,
             holding,
         )
-        limit = self.config.queue_timeout_s if wait_s is None else max(0.0, wait_s)
+        limit = max(0.0, self.config.queue_timeout_s - (now - since))
         ticket.timer = self._clock.callLater(limit, self._timed_out, ticket)
         self._waiting.add(ticket)
         state.queued += 1
@@ -506,6 +516,8 @@ class GpuScheduler:
         if self.running == 0 and not self._linger(lease.consumer):
             self._free_lease()
         self._dispatch()
+        if lease.on_release is not None:
+            lease.on_release()
 
     def _free_lease(self) -> None:
         self.holder = None

@@ -194,6 +194,65 @@ class CardSchedulersTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(waiting, BrokerError).value.code, "queue_timeout")
         self.assertIsNone(self.cards.lanes[0].holder)
 
+    def test_leaving_during_preparation_keeps_every_card(self) -> None:
+        """A client that leaves while its two-card consumer is being prepared (room on both
+        cards, then the load) does not stop that preparation: both cards stay leased until
+        it ends, so no other consumer prepares on card 0 meanwhile."""
+        preparing: dict[str, Deferred[None]] = {}
+
+        def prepare(name: str) -> Deferred[None]:
+            preparing[name] = Deferred()
+            return preparing[name]
+
+        registry = Registry({n: on_cards(n, c) for n, c in CARDS.items()}, self.clock)
+        stats = SchedulerStats()
+        lanes = {
+            card: GpuScheduler(registry, self.clock, None, prepare, stats) for card in range(3)
+        }
+        self.cards = CardSchedulers(registry, lanes, self.clock)
+        leaving = self.cards.run("llm", self.job("llm"))
+        leaving.cancel()
+        self.failureResultOf(leaving, CancelledError)
+        self.cards.run("voice", self.job("voice"))
+        self.assertEqual(self.holders(), ["llm", "llm", None])
+        self.assertNotIn("voice", preparing)
+        preparing["llm"].callback(None)
+        self.assertEqual(self.holders(), ["voice", None, None])
+        self.assertIn("voice", preparing)
+
+    def test_arrival_kept_on_later_cards(self) -> None:
+        """Under fifo, llm (arrived first, waiting for card 0) goes before image (arrived
+        later, waiting for card 1) once both cards free: its arrival counts on every card."""
+        _, self.cards = schedulers(self.clock, SchedulerConfig(policy="fifo"))
+        voice, image = self.job("voice"), self.job("image")
+        self.cards.run("voice", voice)
+        self.cards.run("image", image)
+        self.clock.advance(1)
+        self.cards.run("llm", self.job("llm"))
+        self.clock.advance(1)
+        self.cards.run("image", self.job("image again"))
+        self.clock.advance(1)
+        voice.finish()
+        image.finish()
+        self.assertEqual(self.started, ["voice", "image", "llm"])
+
+    def test_refusals_on_any_card_counted(self) -> None:
+        """A two-card request timed out on its first card or on its last is a rejection
+        (counted, published) like any other, and never counted completed or failed."""
+        _, self.cards = schedulers(self.clock, SchedulerConfig(queue_timeout_s=5))
+        voice = self.job("voice")
+        self.cards.run("voice", voice)
+        on_first = self.cards.run("llm", self.job("llm"))
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(on_first, BrokerError).value.code, "queue_timeout")
+        voice.finish()
+        self.cards.run("image", self.job("image"))
+        on_last = self.cards.run("llm", self.job("llm"))
+        self.clock.advance(5)
+        self.assertEqual(self.failureResultOf(on_last, BrokerError).value.code, "queue_timeout")
+        stats = self.cards.stats
+        self.assertEqual((stats.rejected, stats.completed, stats.failed), (2, 1, 0))
+
     def test_exclusive_work_on_every_card(self) -> None:
         """Exclusive (admin) work of a two-card consumer holds both cards alone."""
         unload = self.job("llm-unload")

@@ -198,6 +198,23 @@ class RefusedReloadTests(ReloadCase):
         self.write(self.changed(change))
         self.assertIn("only at a restart", str(self.refused("gpu.devices")))
 
+    def test_consumer_moved_to_other_cards_refused(self) -> None:
+        """A running consumer's cards change only at a restart (its requests and memory
+        are on the old ones); the file changes nothing."""
+        name = next(iter(self.config.consumers))
+
+        def on_card(card: int) -> Callable[[dict[str, Any]], None]:
+            def change(data: dict[str, Any]) -> None:
+                data["gpu"]["devices"] = [0, 1]
+                data["consumers"][name]["gpus"] = [card]
+
+            return change
+
+        self.write(self.changed(on_card(0)))
+        self.reloader = Reloader(self.path, load_config(self.path), self.parts)
+        self.write(self.changed(on_card(1)))
+        self.assertIn("only at a restart", str(self.refused(f"consumers.{name}.gpus")))
+
     def test_missing_file(self) -> None:
         """A file that is gone changes nothing."""
         os.remove(self.path)
