@@ -3,6 +3,8 @@ index order without deadlock or starvation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from attrs import evolve
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -32,6 +34,7 @@ def schedulers(
     cards: dict[str, tuple[int, ...]] = CARDS,
     prepare: list[str] | None = None,
     priorities: dict[str, int] | None = None,
+    prepare_with: Callable[[str], Deferred[None]] | None = None,
 ) -> tuple[Registry, CardSchedulers]:
     levels = priorities or {}
     registry = Registry(
@@ -42,7 +45,7 @@ def schedulers(
     def prepared(name: str) -> Deferred[None]:
         if prepare is not None:
             prepare.append(name)
-        return succeed(None)
+        return succeed(None) if prepare_with is None else prepare_with(name)
 
     lanes = {card: GpuScheduler(registry, clock, config, prepared, stats) for card in range(3)}
     return registry, CardSchedulers(registry, lanes, clock)
@@ -291,6 +294,8 @@ def _workloads(draw: st.DrawFn) -> list[tuple[str, str, int]]:
         st.tuples(st.just("finish"), st.just(""), st.integers(0, 20)),
         st.tuples(st.just("leave"), st.just(""), st.integers(0, 20)),
         st.tuples(st.just("wait"), st.just(""), st.integers(1, 40)),
+        st.tuples(st.just("ready"), st.just(""), st.integers(0, 20)),
+        st.tuples(st.just("break"), st.just(""), st.integers(0, 20)),
     )
     return draw(st.lists(steps, max_size=60))
 
@@ -299,24 +304,51 @@ _PRIORITIES = st.fixed_dictionaries({name: st.integers(0, 4) for name in CARDS})
 
 
 class CardSchedulersProperties(SynchronousTestCase):
-    @settings(max_examples=examples(400), deadline=None)
-    @given(_workloads(), _PRIORITIES, st.sampled_from(["fifo", "affinity"]))
+    @settings(max_examples=examples(1000), deadline=None)
+    @given(
+        _workloads(),
+        _PRIORITIES,
+        st.sampled_from(["fifo", "affinity"]),
+        st.frozensets(st.sampled_from(sorted(CARDS))),
+    )
     def test_no_card_shared_and_no_deadlock(
-        self, workload: list[tuple[str, str, int]], priorities: dict[str, int], policy: str
+        self,
+        workload: list[tuple[str, str, int]],
+        priorities: dict[str, int],
+        policy: str,
+        refusing: frozenset[str],
     ) -> None:
-        """Whatever the arrival order, priorities and departures: no card ever runs two
-        consumers' jobs at once, a job runs only holding all its consumer's cards, and
-        once arrivals stop, finishing what runs drains every queue (no deadlock, nobody
-        left behind)."""
+        """Whatever the arrival order, priorities and departures, with preparations that
+        take their time, consumers that refuse to load (``refusing``) and jobs that fail:
+        no card ever runs two consumers' jobs at once, a job runs only holding all its
+        consumer's cards, and once arrivals stop, finishing what runs drains every queue
+        (no deadlock, nobody left behind, every count back to zero)."""
         clock = Clock()
         config = SchedulerConfig(policy=policy, aging_s=10, max_skip_s=15, queue_timeout_s=1e9)
-        registry, cards = schedulers(clock, config, priorities=priorities)
+        preparing: list[tuple[str, Deferred[None]]] = []
         running: list[tuple[str, Deferred[str]]] = []
+
+        def prepare(name: str) -> Deferred[None]:
+            # Room is made on a card by one preparation at a time, never beside a job.
+            busy = {c for other, _ in preparing + running for c in CARDS[other]}
+            self.assertEqual(busy & set(CARDS[name]), set(), (name, preparing, running))
+            d: Deferred[None] = Deferred()
+            preparing.append((name, d))
+            return d
+
+        def ready(k: int) -> None:
+            name, d = preparing.pop(k % len(preparing))
+            if name in refusing:
+                d.errback(BrokerError("scheduler_error", f"{name} would not load", name))
+            else:
+                d.callback(None)
+
+        registry, cards = schedulers(clock, config, priorities=priorities, prepare_with=prepare)
         waiting: list[Deferred[str]] = []
 
         def job_for(name: str) -> object:
             def job(lease: Lease) -> Deferred[str]:
-                busy = {c for other, _ in running for c in CARDS[other]}
+                busy = {c for other, _ in preparing + running for c in CARDS[other]}
                 self.assertEqual(busy & set(CARDS[name]), set(), (name, running))
                 for card in CARDS[name]:
                     self.assertEqual(cards.lanes[card].holder, name)
@@ -334,17 +366,23 @@ class CardSchedulersProperties(SynchronousTestCase):
             elif kind == "leave" and waiting:
                 left = waiting.pop(k % len(waiting))
                 left.cancel()
-                left.addErrback(lambda f: f.trap(CancelledError))
+                left.addErrback(lambda f: f.trap(CancelledError, BrokerError))
             elif kind == "wait":
                 clock.advance(k)
+            elif kind == "ready" and preparing:
+                ready(k)
+            elif kind == "break" and running:
+                running.pop(k % len(running))[1].errback(BrokerError("bad_answer", "garbage"))
         for _ in range(10 * len(workload) + 10):
+            while preparing:
+                ready(0)
             if running:
                 running.pop(0)[1].callback("done")
             clock.advance(1)
-        self.assertEqual(running, [])
+        self.assertEqual((running, preparing), ([], []))
         for d in waiting:
             self.assertTrue(d.called)
-            d.addErrback(lambda f: f.trap(CancelledError))
+            d.addErrback(lambda f: f.trap(CancelledError, BrokerError))
         self.assertEqual([cards.lanes[c].holder for c in range(3)], [None, None, None])
         self.assertEqual((cards.queued, cards.running), (0, 0))
         counts = {(s.in_flight, s.queued) for s in registry.states.values()}

@@ -499,6 +499,17 @@ class BoundPropertyTests(SynchronousTestCase):
         )
 
 
+def _params(**more: object) -> dict[str, object]:
+    """A rendered result's ``params``: a small trace on a 16 GiB card, plus ``more``."""
+    return {
+        "seed": 1, "requests": 4, "duration_s": 60.0, "scale": 0.1, "card_mib": 16384,
+        "cushion_mib": 256, "routing": {"tts": "mvoice", "image": "comfyui"},
+        "scheduler_replay_s": {"max_skip_s": 3.0, "min_residency_s": 1.0,
+                               "aging_s": 3.0, "queue_timeout_s": 60.0},
+        "one_job_s": 3.0, **more,
+    }  # fmt: skip
+
+
 def _raw() -> dict[str, Any]:
     """A replay record by hand: t0 = 100; mvoice loaded by its route, comfyui cold."""
     sent = [
@@ -707,13 +718,7 @@ class ReportTests(SynchronousTestCase):
         """The table renders a result with both policies."""
         s = summarize(_raw())
         result = {
-            "params": {
-                "seed": 1, "requests": 4, "duration_s": 60.0, "scale": 0.1, "card_mib": 16384,
-                "cushion_mib": 256, "routing": {"tts": "mvoice", "image": "comfyui"},
-                "scheduler_replay_s": {"max_skip_s": 3.0, "min_residency_s": 1.0,
-                                       "aging_s": 3.0, "queue_timeout_s": 60.0},
-                "one_job_s": 3.0,
-            },
+            "params": _params(),
             "host": {"cpu_busy_before": 0.0},
             "belady": {"loads": 3, "unloads": 2, "swaps": 3},
             "optimum_swaps": 3,
@@ -739,14 +744,10 @@ class ReportTests(SynchronousTestCase):
         cheaper = dict(s, swap_s=1.5, swap_s_after_first=0.05)
         runs = {"fifo": {"lru": s, "cost": cheaper}}
         result = {
-            "params": {
-                "seed": 1, "requests": 4, "duration_s": 60.0, "scale": 0.1, "card_mib": 16384,
-                "cushion_mib": 256, "routing": {"tts": "mvoice", "image": "comfyui"},
-                "scheduler_replay_s": {"max_skip_s": 3.0, "min_residency_s": 1.0,
-                                       "aging_s": 3.0, "queue_timeout_s": 60.0},
-                "one_job_s": 3.0, "load_model": "mixed", "evictions": ["lru", "cost"],
-                "load_s": {"mvoice": 0.2, "comfyui": 2.0},
-            },
+            "params": _params(
+                load_model="mixed", evictions=["lru", "cost"],
+                load_s={"mvoice": 0.2, "comfyui": 2.0},
+            ),
             "host": {"cpu_busy_before": 0.0},
             "belady": {"loads": 3, "unloads": 2, "swaps": 3},
             "policies": {"fifo/lru": s, "fifo/cost": cheaper},
