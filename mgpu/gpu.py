@@ -626,6 +626,10 @@ class SmiReader:
         """The process query's arguments after the executable's name."""
         return [SMI_APPS_QUERY, SMI_FORMAT, "-i", str(self.index)]
 
+    def read_memory(self) -> Deferred[GpuSnapshot]:
+        """The memory query alone (no process list): what room-making polls for."""
+        return self._run(self.arguments).addCallbacks(self._parsed, self._failed)
+
     def read(self) -> Deferred[GpuSnapshot]:
         """Run both queries at once; a memory failure is ``ok=False``, a process one
         ``processes_error``."""
@@ -827,6 +831,22 @@ class GpuPoller(Service):
                 reading = fail()
             reading.addErrback(self._crashed).addCallback(self._finished)
         return waiter
+
+    def fresh_memory(self) -> Deferred[GpuSnapshot]:
+        """Memory figures read now, for room-making, which polls them while memory frees.
+
+        A reading in flight is joined. Otherwise a reader that can read memory
+        alone (nvidia-smi: one child instead of two) does, and ``latest`` is left
+        as it was: its process list and its time stay those of one reading.
+        """
+        read_memory = getattr(self._reader, "read_memory", None)
+        if self._reading or read_memory is None:
+            return self.fresh()
+        try:
+            reading = read_memory()
+        except Exception:
+            reading = fail()
+        return reading.addErrback(self._crashed)
 
     def _join(self) -> Deferred[GpuSnapshot]:
         waiter: Deferred[GpuSnapshot] = Deferred(self._waiters.remove)

@@ -55,9 +55,9 @@ FREE_POLL_S = 0.1
 
 
 class FreshReadings(Protocol):
-    """What room-making needs of the GPU poller: a reading taken now, and the last one."""
+    """What room-making needs of the GPU poller: memory read now, and the last reading."""
 
-    def fresh(self) -> Deferred[GpuSnapshot]: ...
+    def fresh_memory(self) -> Deferred[GpuSnapshot]: ...
 
     @property
     def latest(self) -> GpuSnapshot: ...
@@ -417,7 +417,7 @@ class RoomMaker:
 
     async def _free_mib(self, target: ConsumerConfig) -> int:
         """Free memory read now; without a reading, the broker's own accounting."""
-        return self._free_from(await self.gpu.fresh(), target)
+        return self._free_from(await self.gpu.fresh_memory(), target)
 
     def _free_from(self, snapshot: GpuSnapshot, target: ConsumerConfig) -> int:
         if snapshot.ok and snapshot.free_mib is not None:

@@ -1041,6 +1041,27 @@ class GpuPollerTests(PollerCase):
         self.assertEqual(self.successResultOf(second).used_mib, 700)
         self.assertEqual(self.poller.latest.used_mib, 700)
 
+    def test_memory_alone_for_room_making(self) -> None:
+        """fresh_memory() with a reader that can read memory alone: one query, the answer
+        to the caller, latest (its process list and its time) left as it was; a reading
+        in flight is joined instead; a reader without it reads in full."""
+        clock = started_clock()
+        runner = ScriptedRunner((smi_line(used=9000), b"", 0), (b"42, 9000\n", b"", 0))
+        poller = GpuPoller(SmiReader(0, clock, runner, "nvidia-smi"), clock, 2.0)
+        full = self.successResultOf(poller.fresh())
+        self.assertEqual(len(runner.calls), 2)
+        runner.answer = (smi_line(used=1000), b"", 0)
+        memory = self.successResultOf(poller.fresh_memory())
+        self.assertEqual(len(runner.calls), 3)
+        self.assertEqual(runner.calls[-1][1][0], SMI_QUERY)
+        self.assertEqual((memory.used_mib, memory.processes), (1000, None))
+        self.assertIs(poller.latest, full)
+        pending = self.poller.fresh()
+        joined = self.poller.fresh_memory()  # the hand-driven reader has no read_memory
+        self.assertEqual(len(self.reader.pending), 1)
+        self.reader.pending[0].callback(snapshot(700))
+        self.assertEqual([self.successResultOf(d).used_mib for d in (pending, joined)], [700, 700])
+
     def test_stop_stops_polling(self) -> None:
         """After stopService no more reads are started."""
         self.start()

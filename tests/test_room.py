@@ -128,7 +128,7 @@ class FakeGpu:
     def free_mib(self) -> int:
         return self.total_mib - self.other_mib - sum(self.resident.values())
 
-    def fresh(self) -> Deferred[GpuSnapshot]:
+    def fresh_memory(self) -> Deferred[GpuSnapshot]:
         self.reads.append(self.clock.seconds())
         return succeed(self.latest)
 
